@@ -1,0 +1,180 @@
+"""`aiosfs mount|unmount|status`.
+
+`mount` runs in the background by default: the command starts the daemon, relays
+its start-up output (model loading progress included) and returns once the mount
+is ready, so the next command can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kernel import params
+
+from .model import default_model_path
+
+READY = b"\0aiosfs-ready\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aiosfs", description="An operating system for LLM agents, in the filesystem.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount aiosfs (in the background unless --foreground)")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
+    m.add_argument("--model", type=Path, default=None, help=f"GGUF model file (default: {default_model_path()})")
+    m.add_argument("--state", type=Path, default=None, help="state directory (default: ~/.local/state/aiosfs/<mountpoint>)")
+    m.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp (default: all cores)")
+    m.add_argument("--gpu-layers", type=int, default=None, help="layers to offload to a GPU (default: all when llama.cpp has GPU support)")
+    m.add_argument("--slots", type=int, default=params.DEFAULT_SLOTS, help="sequences decoded together")
+    m.add_argument("--ctx", type=int, default=params.DEFAULT_CTX_PER_SLOT, help="context tokens per agent")
+    m.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    m.add_argument("--backend", default="llama", choices=["llama", "fake"], help=argparse.SUPPRESS)
+    m.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    m.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    u = sub.add_parser("unmount", help="unmount and wait for the daemon to stop")
+    u.add_argument("mountpoint", type=Path)
+    u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+    s = sub.add_parser("status", help="print the kernel status line of a mount")
+    s.add_argument("mountpoint", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .mount import MountError
+
+    try:
+        if args.command == "mount":
+            return cmd_mount(args)
+        if args.command == "unmount":
+            return cmd_unmount(args)
+        return cmd_status(args)
+    except MountError as exc:
+        sys.stderr.write(f"aiosfs: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _options(args: argparse.Namespace) -> object:
+    from .mount import MountOptions, default_state_dir
+
+    mountpoint = args.mountpoint.absolute()
+    return MountOptions(
+        mountpoint=mountpoint,
+        state=(args.state or default_state_dir(mountpoint)).absolute(),
+        model=(args.model or default_model_path()).absolute(),
+        backend=args.backend,
+        threads=args.threads,
+        gpu_layers=args.gpu_layers,
+        slots=args.slots,
+        ctx=args.ctx,
+        fake_delay=args.fake_delay,
+    )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import MountOptions, preflight, serve
+
+    options = _options(args)
+    assert isinstance(options, MountOptions)
+    if not args.foreground:
+        preflight(options, sys.stderr)
+        return _spawn_daemon(args, options)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = os.fdopen(args.ready_fd, "wb", buffering=0) if args.ready_fd >= 0 else None
+    out = _Tee(report)
+
+    def ready(line: str) -> None:
+        out.write(line + "\n")
+        if report is not None:
+            report.write(READY)
+            report.close()
+            out.report = None
+
+    serve(options, out, ready)
+    return 0
+
+
+class _Tee:
+    """Start-up output: to stderr, and to the parent's pipe while it listens."""
+
+    def __init__(self, report: object) -> None:
+        self.report = report
+
+    def write(self, text: str) -> int:
+        sys.stderr.write(text)
+        if self.report is not None:
+            try:
+                self.report.write(text.encode())  # type: ignore[attr-defined]
+            except OSError:
+                self.report = None
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _spawn_daemon(args: argparse.Namespace, options: object) -> int:
+    from .mount import MountOptions
+
+    assert isinstance(options, MountOptions)
+    read_end, write_end = os.pipe()
+    log_path = options.state / "aiosfs.log"
+    argv = [sys.executable, "-m", "aiosfs.cli", *_daemon_argv(args, options), "--ready-fd", str(write_end)]
+    with open(log_path, "ab") as log_file:
+        subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    received = b""
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(4096):
+            received += chunk
+            sys.stderr.buffer.write(chunk.replace(READY, b""))
+            sys.stderr.flush()
+    if READY in received:
+        return 0
+    sys.stderr.write(f"aiosfs: the daemon stopped during start-up; its log is {log_path}:\n")
+    try:
+        sys.stderr.write("".join(open(log_path, errors="replace").readlines()[-15:]))
+    except OSError:
+        pass
+    return 1
+
+
+def _daemon_argv(args: argparse.Namespace, options: object) -> list[str]:
+    from .mount import MountOptions
+
+    assert isinstance(options, MountOptions)
+    argv = ["mount", str(options.mountpoint), "--foreground", "--state", str(options.state), "--model", str(options.model)]
+    argv += ["--threads", str(options.threads), "--slots", str(options.slots), "--ctx", str(options.ctx), "--log-level", args.log_level]
+    argv += ["--backend", options.backend, "--fake-delay", str(options.fake_delay)]
+    if options.gpu_layers is not None:
+        argv += ["--gpu-layers", str(options.gpu_layers)]
+    return argv
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from .mount import unmount
+
+    unmount(args.mountpoint.absolute(), args.lazy, sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = args.mountpoint / "kernel" / "status"
+    try:
+        sys.stdout.write(path.read_text())
+    except OSError as exc:
+        sys.stderr.write(f"aiosfs: {args.mountpoint} is not an aiosfs mount ({exc.strerror})\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""One small handle class per file class of the protocol.
+
+A handle is created at open() and keeps everything that must not be shared
+between clients: the caller (read/write/flush/release get no request context),
+the bound job, the pending buffer, the read cursor.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from kernel import params
+from kernel.errors import KernelError
+from kernel.jobs import Job, JobState
+from kernel.kernel import Agent, Caller, Kernel
+from kernel.syscall import Sys, syscall
+
+log = logging.getLogger(__name__)
+
+
+def signal_pending(pid: int) -> bool:
+    """True when `pid` has an unblocked signal pending, or is gone.
+
+    pyfuse3 does not forward FUSE_INTERRUPT, so a blocked read looks here
+    periodically and answers EINTR, which lets `kill` and Ctrl-C work.
+    """
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        return True
+    pending = int(fields.get("SigPnd", "0"), 16) | int(fields.get("ShdPnd", "0"), 16)
+    blocked = int(fields.get("SigBlk", "0"), 16)
+    sigkill = 1 << (9 - 1)
+    return bool(pending & (~blocked | sigkill))
+
+
+class Handle:
+    """Base: what every open file knows."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int) -> None:
+        self.kernel = kernel
+        self.caller = caller
+        self.agent = agent
+        self.flags = flags
+
+    async def read(self, off: int, size: int) -> bytes:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def write(self, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def flush(self) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+    def truncate(self) -> None:
+        return None
+
+    def poll(self) -> tuple[int, Job | None, int]:
+        """(ready mask, job to wait on, offset) for poll()."""
+        return select.POLLIN | select.POLLOUT, None, 0
+
+
+class SnapshotHandle(Handle):
+    """Text rendered at open(), so chunked reads are consistent."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, text: str) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.data = text.encode()
+
+    async def read(self, off: int, size: int) -> bytes:
+        return self.data[off : off + size]
+
+
+class StoredHandle(Handle):
+    """A whole-file buffer (config, context) committed and validated at flush.
+
+    The buffer starts as the current content (empty with O_TRUNC); writes land at
+    their offset, or at the end with O_APPEND. A failed commit keeps the old
+    content and reports its errno from flush()/close().
+    """
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, text: str, commit: Sys, limit: int) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.commit_call = commit
+        self.limit = limit
+        self.dirty = bool(flags & os.O_TRUNC)
+        self.data = bytearray() if self.dirty else bytearray(text.encode())
+
+    async def read(self, off: int, size: int) -> bytes:
+        return bytes(self.data[off : off + size])
+
+    async def write(self, off: int, buf: bytes) -> int:
+        if self.flags & os.O_APPEND:
+            off = len(self.data)
+        if off + len(buf) > self.limit:
+            raise KernelError(errno.EFBIG, f"this file is limited to {self.limit} bytes")
+        if off > len(self.data):
+            self.data += b"\0" * (off - len(self.data))
+        self.data[off : off + len(buf)] = buf
+        self.dirty = True
+        return len(buf)
+
+    def truncate(self) -> None:
+        self.data = bytearray()
+        self.dirty = True
+
+    async def flush(self) -> None:
+        if not self.dirty:
+            return
+        self.dirty = False
+        try:
+            text = self.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise KernelError(errno.EINVAL, f"not valid UTF-8 at byte {exc.start}") from None
+        assert self.agent is not None
+        await syscall(self.kernel, self.commit_call, self.caller, self.agent, text)
+
+    async def release(self) -> None:
+        try:
+            await self.flush()
+        except KernelError as exc:
+            log.info("discarded an invalid write on release: %s", exc)
+
+
+class SubmitHandle(Handle):
+    """prompt: writes collect in the handle; each flush with data pending is one job."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.pending = bytearray()
+
+    async def write(self, off: int, buf: bytes) -> int:
+        assert self.agent is not None
+        if len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
+            exc = KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
+            self.kernel.record_error(self.agent, self.caller.uid, exc)
+            self.pending.clear()
+            raise exc
+        if not self.pending:
+            try:
+                self.kernel.check_queue(self.agent)
+            except KernelError as exc:
+                self.kernel.record_error(self.agent, self.caller.uid, exc)
+                raise
+        self.pending += buf
+        return len(buf)
+
+    def truncate(self) -> None:
+        self.pending.clear()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return  # bash sends an empty FLUSH before writing: never a job
+        data, self.pending = bytes(self.pending), bytearray()
+        await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)
+
+    async def release(self) -> None:
+        try:
+            await self.flush()
+        except KernelError as exc:
+            log.info("request on release failed: %s", exc)
+
+
+@dataclass(eq=False)
+class Stream:
+    """A reader's view of one job: where it is, and whether it reported the error."""
+
+    job: Job | None
+    error_reported: bool = False
+    position: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class Waiting:
+    """Counts readers parked in the daemon per uid (each holds a FUSE task)."""
+
+    def __init__(self) -> None:
+        self.by_uid: dict[int, int] = {}
+
+    def enter(self, uid: int) -> None:
+        if self.by_uid.get(uid, 0) >= params.MAX_BLOCKED_READERS_PER_UID:
+            raise KernelError(errno.EAGAIN, f"uid {uid} has {params.MAX_BLOCKED_READERS_PER_UID} blocked readers already")
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+
+    def leave(self, uid: int) -> None:
+        self.by_uid[uid] -= 1
+
+
+async def read_stream(stream: Stream, off: int, size: int, caller: Caller, flags: int, waiting: Waiting) -> bytes:
+    """Growing semantics: bytes of the job; block at the end; EOF when done; one
+    read returns the errno of a failed job after its last byte."""
+    job = stream.job
+    if job is None:
+        return b""
+    entered = False
+    try:
+        while True:
+            if off < len(job.data):
+                chunk = bytes(job.data[off : off + size])
+                stream.position = off + len(chunk)
+                return chunk
+            if job.state.finished:
+                if job.state is not JobState.DONE and not stream.error_reported:
+                    stream.error_reported = True
+                    raise pyfuse3.FUSEError(job.errno or errno.EIO)
+                return b""
+            if flags & os.O_NONBLOCK:
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+            if not entered:
+                waiting.enter(caller.uid)
+                entered = True
+            if not await job.wait_beyond(off, params.READ_WAKE_SECONDS) and signal_pending(caller.pid):
+                raise pyfuse3.FUSEError(errno.EINTR)
+    finally:
+        if entered:
+            waiting.leave(caller.uid)
+
+
+def stream_poll(stream: Stream) -> tuple[int, Job | None, int]:
+    job = stream.job
+    if job is None or job.state.finished or stream.position < len(job.data):
+        return select.POLLIN, None, 0
+    return 0, job, stream.position
+
+
+class GrowingHandle(Handle):
+    """output: the caller uid's latest job on this agent, bound at open()."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, job: Job | None, waiting: Waiting) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.stream = Stream(job)
+        self.waiting = waiting
+
+    async def read(self, off: int, size: int) -> bytes:
+        async with self.stream.lock:
+            return await read_stream(self.stream, off, size, self.caller, self.flags, self.waiting)
+
+    def poll(self) -> tuple[int, Job | None, int]:
+        return stream_poll(self.stream)
+
+
+class RpcHandle(Handle):
+    """call: a private conversation. Writes collect; the first read after them
+    commits one turn and streams its answer to EOF; the next writes start the next
+    turn. Closing the file cancels a turn still running."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, waiting: Waiting) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.pending = bytearray()
+        self.history: list[dict[str, str]] = []
+        self.stream = Stream(None)
+        self.cursor = 0
+        self.waiting = waiting
+
+    async def write(self, off: int, buf: bytes) -> int:
+        if len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
+            self.pending.clear()
+            raise KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
+        self.pending += buf
+        return len(buf)
+
+    async def read(self, off: int, size: int) -> bytes:
+        async with self.stream.lock:
+            if self.pending:
+                data, self.pending = bytes(self.pending), bytearray()
+                job = await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data, self.history)
+                self.stream = Stream(job, lock=self.stream.lock)
+                self.cursor = 0
+            chunk = await read_stream(self.stream, self.cursor, size, self.caller, self.flags, self.waiting)
+            self.cursor += len(chunk)
+            job = self.stream.job
+            if not chunk and job is not None:
+                if job.state is JobState.DONE:
+                    self.history += [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.text}]
+                self.stream = Stream(None, lock=self.stream.lock)
+            return chunk
+
+    def poll(self) -> tuple[int, Job | None, int]:
+        if self.pending:
+            return select.POLLIN | select.POLLOUT, None, 0
+        mask, job, offset = stream_poll(Stream(self.stream.job, position=self.cursor))
+        return mask | select.POLLOUT, job, offset
+
+    async def release(self) -> None:
+        job = self.stream.job
+        if job is not None and not job.state.finished and self.agent is not None:
+            self.kernel.cancel(self.caller, self.agent, str(job.id))
+
+
+class CtlHandle(Handle):
+    """ctl: every line of a write is one command, applied inside write()."""
+
+    async def write(self, off: int, buf: bytes) -> int:
+        try:
+            text = buf.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KernelError(errno.EINVAL, "ctl commands are UTF-8 text") from None
+        for line in text.splitlines():
+            if len(line) > params.MAX_CTL_LINE:
+                raise KernelError(errno.EINVAL, "ctl line too long")
+            if line.strip():
+                await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, line)
+        return len(buf)
+
+
+def handle_kind(handle: Any) -> str:
+    return type(handle).__name__

@@ -1,0 +1,243 @@
+"""Mounting: checks with a fix for every failure, then one trio nursery that runs
+the kernel and pyfuse3's main loop, and a clean unmount however it ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from kernel import params
+from kernel.backends import Backend
+from kernel.kernel import Kernel
+from kernel.storage import Storage
+
+from .model import data_dir
+from .ops import Operations
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """A reason the mount cannot happen, worded with what to do about it."""
+
+
+@dataclass
+class MountOptions:
+    mountpoint: Path
+    state: Path
+    model: Path
+    backend: str = "llama"  # "llama", or "fake" for tests of the filesystem itself
+    threads: int = 0
+    gpu_layers: int | None = None
+    slots: int = params.DEFAULT_SLOTS
+    ctx: int = params.DEFAULT_CTX_PER_SLOT
+    fake_delay: float = 0.0
+
+
+def slug(mountpoint: Path) -> str:
+    return str(mountpoint.resolve()).strip("/").replace("/", "-") or "root"
+
+
+def default_state_dir(mountpoint: Path) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "aiosfs" / slug(mountpoint)
+
+
+def pid_file(mountpoint: Path) -> Path:
+    return data_dir() / "run" / f"{slug(mountpoint)}.pid"
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError(
+            "/dev/fuse is missing: load the module with 'modprobe fuse', or start the container with '--device /dev/fuse --cap-add SYS_ADMIN'"
+        )
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is not installed: run scripts/setup (Debian package fuse3)")
+
+
+def check_mountpoint(mountpoint: Path, out: Any) -> None:
+    """Refuse a missing or busy mountpoint; clean a dead mount left by a crash."""
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist: create it with 'mkdir -p {mountpoint}'") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from None
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, capture_output=True)
+        out.write(f"aiosfs: cleaned a dead mount at {mountpoint} (its daemon had stopped)\n")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point: run 'aiosfs unmount {mountpoint}' first, or choose another directory")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+
+
+def check_state(state: Path) -> None:
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        probe = state / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise MountError(f"cannot write the state directory {state}: {exc.strerror}; pass --state DIR with a writable directory") from None
+
+
+def check_model(options: MountOptions) -> None:
+    if options.backend == "llama" and not options.model.is_file():
+        raise MountError(f"model file {options.model} not found: run scripts/setup (it installs the default model) or pass --model PATH")
+
+
+def preflight(options: MountOptions, out: Any) -> None:
+    check_fuse()
+    check_mountpoint(options.mountpoint, out)
+    check_state(options.state)
+    check_model(options)
+
+
+def lock_state(state: Path) -> int:
+    """Hold the state directory for this daemon; a second daemon gets a clear error."""
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise MountError(f"the state directory {state} is in use by another aiosfs (pid {holder}); pass --state DIR") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def load_backend(options: MountOptions, out: Any) -> Backend:
+    if options.backend == "fake":
+        from kernel.backends.fake import FakeBackend
+
+        return FakeBackend(n_slots=options.slots, n_ctx_seq=options.ctx, step_delay=options.fake_delay)
+    from kernel.backends.llama import LlamaBackend, print_progress
+
+    out.write(f"aiosfs: loading {options.model} ({options.model.stat().st_size / 1e6:.0f} MB)\n")
+    out.flush()
+    return LlamaBackend(
+        options.model,
+        threads=options.threads or None,
+        gpu_layers=options.gpu_layers,
+        n_slots=options.slots,
+        n_ctx_seq=options.ctx,
+        progress=lambda fraction: print_progress(fraction, out),
+    )
+
+
+def fuse_options(fsname: str) -> set[str]:
+    opts = set(pyfuse3.default_options)  # includes default_permissions: the VFS enforces modes
+    opts.add(f"fsname={fsname}")
+    opts.add("subtype=aiosfs")
+    if os.geteuid() == 0 or _user_allow_other():
+        opts.add("allow_other")  # every uid may use the mount; mode bits decide what
+    return opts
+
+
+def _user_allow_other() -> bool:
+    try:
+        return any(line.strip() == "user_allow_other" for line in open("/etc/fuse.conf"))
+    except OSError:
+        return False
+
+
+def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None:
+    """Mount and serve until unmounted or signalled (blocks)."""
+    preflight(options, out)
+    lock = lock_state(options.state)
+    backend = load_backend(options, out)
+    storage = Storage(options.state / "aiosfs.db")
+    kernel = Kernel(storage, backend)
+    ops = Operations(kernel)
+    opts = fuse_options("aiosfs")
+    pids = pid_file(options.mountpoint)  # before init: resolving the path stats the mountpoint
+    pyfuse3.init(ops, str(options.mountpoint), opts)
+    try:
+        pids.parent.mkdir(parents=True, exist_ok=True)
+        pids.write_text(f"{os.getpid()}\n")
+        info = backend.info
+        ready(
+            f"aiosfs: mounted {options.mountpoint}: model {info.name} ({info.backend}), device {info.device}, "
+            f"threads {info.threads}, {info.n_slots} slots x {info.n_ctx_seq} tokens; state {options.state}"
+            + ("" if "allow_other" in opts else "; only this user can use it (no allow_other)")
+        )
+        trio.run(_main, kernel, ops)
+    finally:
+        pyfuse3.close(unmount=True)
+        kernel.stop()
+        storage.close()
+        backend.close()
+        pids.unlink(missing_ok=True)
+        os.close(lock)
+
+
+async def _main(kernel: Kernel, ops: Operations) -> None:
+    async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
+        await nursery.start(kernel.run)
+        nursery.start_soon(_terminate_on_signal)
+        try:
+            await pyfuse3.main(min_tasks=1, max_tasks=params.FUSE_MAX_TASKS)
+        finally:
+            kernel.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mountpoint: Path, lazy: bool, out: Any, timeout: float = 30.0) -> None:
+    """Unmount and wait for the daemon to finish writing its state."""
+    import time
+
+    if not os.path.ismount(mountpoint):
+        try:
+            os.stat(mountpoint)
+            raise MountError(f"{mountpoint} is not mounted")
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise MountError(f"{mountpoint} is not mounted") from None
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip()
+        hint = "; close the shells and files using it, or use 'aiosfs unmount --lazy'" if "busy" in reason.lower() else ""
+        raise MountError(f"could not unmount {mountpoint}: {reason}{hint}")
+    pids = pid_file(mountpoint)
+    try:
+        pid = int(pids.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    out.write(f"aiosfs: unmounted, but the daemon (pid {pid}) is still running\n")
+
+
+def print_err(message: str) -> None:
+    sys.stderr.write(message + "\n")

@@ -1,0 +1,360 @@
+"""The FUSE operations: one thin method per operation over the dirtab and the kernel.
+
+Every handler runs inside `_guard`: a KernelError becomes its errno, any other
+exception is logged and becomes EIO, so no bug can end `pyfuse3.main()` and take
+the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from kernel import params
+from kernel.context import render_context
+from kernel.errors import KernelError
+from kernel.kernel import Agent, Caller, Kernel
+from kernel.syscall import Sys, syscall
+
+from . import render
+from .dirtab import AGENTS_DIR, BY_KIND, PARENT, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
+from .files import CtlHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
+
+log = logging.getLogger(__name__)
+
+DIR_KINDS = (Kind.ROOT, Kind.KERNEL, Kind.AGENTS, Kind.AGENT)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guard(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except KernelError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("bug in %s%r; answering EIO", method.__name__, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+def _caller(ctx: Any) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.pid)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, kernel: Kernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.handles: dict[int, Handle] = {}
+        self.next_fh = 1
+        self.waiting = Waiting()
+        self.nursery: trio.Nursery | None = None  # set by the mount, for poll notifications
+        self.mounted_at = time.time()
+
+    # -- names and attributes ---------------------------------------------------
+    def _resolve(self, ino: int) -> tuple[Entry, Agent | None]:
+        try:
+            kind = kind_of(ino)
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        agent_id = agent_of(ino)
+        if agent_id == 0:
+            if kind >= Kind.AGENT:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return BY_KIND[kind], None
+        agent = self.kernel.agent_by_id(agent_id)
+        if agent is None or kind < Kind.AGENT:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return BY_KIND[kind], agent
+
+    def _attrs(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        entry, agent = self._resolve(ino)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.generation = 0
+        attr.entry_timeout = 0
+        attr.attr_timeout = 0
+        attr.st_blksize = 4096
+        attr.st_nlink = 2 if entry.cls is Cls.DIR else 1
+        stamp = self.mounted_at
+        if agent is None:
+            attr.st_mode = entry.st_mode
+            attr.st_uid = attr.st_gid = 0
+        else:
+            mode = agent.row.mode if entry.kind is Kind.AGENT else agent.row.file_modes.get(entry.name, entry.mode)
+            attr.st_mode = (entry.st_mode & ~0o7777) | mode
+            attr.st_uid, attr.st_gid = agent.row.uid, agent.row.gid
+            stamp = agent.row.changed or agent.row.created
+        if entry.cls is Cls.STORED and agent is not None:
+            attr.st_size = len(self._stored_text(entry.kind, agent).encode())
+        elif entry.cls is Cls.GROWING and agent is not None and ctx is not None:
+            job = self.kernel.latest_job(agent, ctx.uid)
+            attr.st_size = len(job.data) if job is not None else 0
+        ns = int(stamp * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
+        return attr
+
+    def _stored_text(self, kind: Kind, agent: Agent) -> str:
+        if kind is Kind.CONFIG:
+            return agent.config.render()
+        return render_context(agent.messages)
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, agent = self._resolve(parent_inode)
+        text = os.fsdecode(name)
+        if parent.kind is Kind.AGENTS:
+            found = self.kernel.agents.get(text)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(inode(found.row.id, Kind.AGENT), ctx)
+        entry = child(parent.kind, text)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(inode(agent.row.id if agent else 0, entry.kind), ctx)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode, ctx)
+
+    @_guard
+    async def setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        entry, agent = self._resolve(ino)
+        caller = _caller(ctx)
+        if fields.update_size:
+            await self._truncate(entry, agent, fh, attr.st_size, caller)
+        if agent is not None and (fields.update_mode or fields.update_uid or fields.update_gid):
+            await self._chattr(entry, agent, attr, fields, caller)
+        elif fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attrs(ino, ctx)
+
+    async def _truncate(self, entry: Entry, agent: Agent | None, fh: int | None, size: int, caller: Caller) -> None:
+        if size != 0 or entry.cls not in (Cls.SUBMIT, Cls.STORED):
+            raise pyfuse3.FUSEError(errno.EPERM if entry.cls is Cls.DIR else errno.EINVAL)
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is not None:
+            handle.truncate()
+        elif entry.cls is Cls.STORED and agent is not None:
+            call = Sys.CONFIG_WRITE if entry.kind is Kind.CONFIG else Sys.CONTEXT_WRITE
+            await syscall(self.kernel, call, caller, agent, "")
+
+    async def _chattr(self, entry: Entry, agent: Agent, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, caller: Caller) -> None:
+        """chmod/chown: the VFS has checked ownership (default_permissions); we persist."""
+        values: dict[str, Any] = {}
+        if entry.kind is Kind.AGENT:
+            if fields.update_mode:
+                values["mode"] = attr.st_mode & 0o7777
+            if fields.update_uid:
+                values["uid"] = attr.st_uid
+            if fields.update_gid:
+                values["gid"] = attr.st_gid
+        else:
+            if fields.update_uid or fields.update_gid:
+                raise KernelError(errno.EPERM, "files of an agent share its owner: chown the agent directory")
+            values["file_modes"] = {**agent.row.file_modes, entry.name: attr.st_mode & 0o7777}
+        await syscall(self.kernel, Sys.AGENT_SETATTR, caller, agent, **values)
+
+    # -- directories --------------------------------------------------------------
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry, _ = self._resolve(inode)
+        if entry.cls is not Cls.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entry, agent = self._resolve(fh)
+        rows: list[tuple[int, str, int]] = []  # (next id, name, inode)
+        if entry.kind is Kind.AGENTS:
+            for a in sorted(self.kernel.agents.values(), key=lambda a: a.row.id):
+                rows.append((a.row.id, a.name, inode(a.row.id, Kind.AGENT)))
+        else:
+            table = TABLES[Kind.AGENT if entry.kind is Kind.AGENT else entry.kind]
+            base = agent.row.id if agent else 0
+            rows = [(i + 1, e.name, inode(base, e.kind)) for i, e in enumerate(table)]
+        for next_id, name, ino in rows:
+            if next_id <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino), next_id):
+                break
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, _ = self._resolve(parent_inode)
+        if parent.kind is not Kind.AGENTS:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        agent = await syscall(self.kernel, Sys.AGENT_CREATE, _caller(ctx), text, mode & ~ctx.umask & 0o7777)
+        return self._attrs(inode(agent.row.id, Kind.AGENT), ctx)
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent, _ = self._resolve(parent_inode)
+        if parent.kind is not Kind.AGENTS:
+            raise pyfuse3.FUSEError(errno.EPERM if child(parent.kind, os.fsdecode(name)) else errno.ENOENT)
+        await syscall(self.kernel, Sys.AGENT_REMOVE, _caller(ctx), os.fsdecode(name))
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EPERM)  # the tree is fixed: no new files
+
+    @_guard
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- files ----------------------------------------------------------------------
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        entry, agent = self._resolve(inode)
+        if entry.cls is Cls.DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        handle = self._make_handle(entry, agent, flags, _caller(ctx))
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = handle
+        info = pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        info.nonseekable = entry.cls is Cls.RPC
+        return info
+
+    def _make_handle(self, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
+        access = flags & os.O_ACCMODE
+        reads, writes = access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
+        # The class decides what an open may do, for root too (mode bits cannot).
+        if (writes and entry.cls in (Cls.SNAPSHOT, Cls.GROWING)) or (reads and entry.cls in (Cls.SUBMIT, Cls.CTL)):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if entry.cls is Cls.SNAPSHOT:
+            return SnapshotHandle(self.kernel, caller, agent, flags, self._snapshot(entry.kind, agent, caller))
+        assert agent is not None
+        if entry.cls is Cls.STORED:
+            call, limit = (Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES) if entry.kind is Kind.CONFIG else (Sys.CONTEXT_WRITE, params.MAX_CONTEXT_BYTES)
+            return StoredHandle(self.kernel, caller, agent, flags, self._stored_text(entry.kind, agent), call, limit)
+        if entry.cls is Cls.SUBMIT:
+            return SubmitHandle(self.kernel, caller, agent, flags)
+        if entry.cls is Cls.GROWING:
+            return GrowingHandle(self.kernel, caller, agent, flags, self.kernel.latest_job(agent, caller.uid), self.waiting)
+        if entry.cls is Cls.RPC:
+            return RpcHandle(self.kernel, caller, agent, flags, self.waiting)
+        return CtlHandle(self.kernel, caller, agent, flags)
+
+    def _snapshot(self, kind: Kind, agent: Agent | None, caller: Caller) -> str:
+        k = self.kernel
+        if agent is not None:
+            return render.agent_status(k, agent, caller) if kind is Kind.STATUS else render.agent_error(agent, caller)
+        renderers: dict[Kind, Callable[[], str]] = {
+            Kind.README: lambda: render.README,
+            Kind.K_STATUS: lambda: k.status_line() + "\n",
+            Kind.K_STATS: lambda: render.kernel_stats(k),
+            Kind.K_PS: lambda: render.kernel_ps(k, caller),
+            Kind.K_MODELS: lambda: render.kernel_models(k),
+            Kind.K_SCHEDULER: lambda: k.engine.scheduler.describe() + "\n",
+            Kind.K_LOG: lambda: render.kernel_log(k),
+        }
+        return renderers[kind]()
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handle(fh).read(off, size)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handle(fh).write(off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self._handle(fh).flush()
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handle(fh).flush()
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is not None:
+            await handle.release()
+
+    @_guard
+    async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None, ctx: pyfuse3.RequestContext) -> int:
+        mask, job, offset = self._handle(fh).poll()
+        if not mask and job is not None and poll_handle is not None and self.nursery is not None:
+            self.nursery.start_soon(self._notify_when_ready, job, offset, poll_handle)
+        return mask
+
+    @staticmethod
+    async def _notify_when_ready(job: Any, offset: int, poll_handle: pyfuse3.PollHandle) -> None:
+        while not await job.wait_beyond(offset, 60.0):
+            pass
+        poll_handle.notify()
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_files = len(self.kernel.agents) * len(TABLES[Kind.AGENT]) + 16
+        data.f_namemax = params.MAX_NAME_BYTES
+        return data
+
+    @_guard
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # inode numbers are never reused, so there is nothing to free
+
+
+__all__ = ["Operations", "AGENTS_DIR", "PARENT"]

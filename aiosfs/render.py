@@ -1,0 +1,62 @@
+"""Text of the snapshot files: README, kernel/* and an agent's status/error."""
+
+from __future__ import annotations
+
+from kernel.kernel import Agent, Caller, Kernel
+
+README = """\
+aiosfs: an operating system for LLM agents, in the filesystem.
+
+  mkdir agents/NAME                      create an agent (owned by you)
+  echo "question" > agents/NAME/prompt   queue a request (returns once queued)
+  cat agents/NAME/output                 stream your latest answer; exits when done
+  cat agents/NAME/status                 "<state> <job-id>"
+  cat agents/NAME/error                  the last error of yours on this agent
+  cat agents/NAME/context                the conversation, JSON Lines; ': >' resets it
+  echo "temperature=0" >> agents/NAME/config
+  echo cancel > agents/NAME/ctl          also: "cancel all", "cancel ID", "reset"
+  exec 3<>agents/NAME/call               a private conversation per open file
+  cat kernel/status                      the kernel at a glance
+
+A request is plain text, or a JSON envelope {"prompt": ..., "temperature": ...,
+"max_tokens": ..., "seed": ..., "stop": [...]}. The full protocol is in
+docs/protocol.md of the aiosfs sources.
+"""
+
+
+def agent_status(kernel: Kernel, agent: Agent, caller: Caller) -> str:
+    job = kernel.latest_job(agent, caller.uid)
+    if job is None:
+        return "idle -\n"
+    return f"{job.state.value} {job.id}\n"
+
+
+def agent_error(agent: Agent, caller: Caller) -> str:
+    line = agent.errors.get(caller.uid, "")
+    return line + "\n" if line else ""
+
+
+def kernel_stats(kernel: Kernel) -> str:
+    return "".join(f"{key} {value}\n" for key, value in kernel.statistics().items())
+
+
+def kernel_ps(kernel: Kernel, caller: Caller) -> str:
+    """Every active job; other users' jobs are listed without their content."""
+    import time
+
+    lines = ["id agent uid state priority wait_ms tokens\n"]
+    now = time.time()
+    jobs = sorted((j for a in kernel.agents.values() for j in a.active), key=lambda j: j.id)
+    for job in jobs:
+        waited = (job.started_at or now) - job.queued_at
+        lines.append(f"{job.id} {job.agent} {job.uid} {job.state.value} {job.config.priority} {int(waited * 1000)} {job.n_generated}\n")
+    return "".join(lines)
+
+
+def kernel_models(kernel: Kernel) -> str:
+    info = kernel.backend.info
+    return f"{info.name} {info.backend} {info.path} {info.n_ctx_seq}\n"
+
+
+def kernel_log(kernel: Kernel) -> str:
+    return "".join(line + "\n" for line in kernel.audit)

@@ -1,0 +1,84 @@
+"""A deterministic stand-in for llama.cpp, for fast tests of kernel logic.
+
+Tokens are UTF-8 bytes (256 is end-of-generation). The "model" answers every
+prompt with `turn N: <last user message in upper case>`, where N counts the user
+messages it was shown, so tests can see that context reached it. `step_delay`
+makes each decode step take time, so jobs can be caught while running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import AgentConfig
+from . import BackendInfo, BatchEntry
+
+EOG = 256
+USER_TAG = "<|user|>\n"
+END_TAG = "<|end|>\n"
+
+
+class FakeBackend:
+    def __init__(self, n_slots: int = 4, n_ctx_seq: int = 2048, n_batch: int = 64, step_delay: float = 0.0) -> None:
+        self.info = BackendInfo("fake", "fake", "-", "cpu", 1, 0, n_slots, n_ctx_seq, n_batch)
+        self.step_delay = step_delay
+        self._seqs: dict[int, list[int]] = {}
+        self._last: list[tuple[int, int]] = []  # (batch index, seq) of entries with logits
+        self.decode_calls: list[list[BatchEntry]] = []  # kept for tests of batching
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        parts = [f"<|{m['role']}|>\n{m['content']}{END_TAG}" for m in messages]
+        return "".join(parts) + "<|assistant|>\n"
+
+    def piece(self, token: int) -> bytes:
+        return b"" if token == EOG else bytes([token])
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def seq_clear(self, seq: int) -> None:
+        self._seqs.pop(seq, None)
+
+    def decode(self, entries: Sequence[BatchEntry]) -> int:
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        self.decode_calls.append(list(entries))
+        self._last = []
+        for index, entry in enumerate(entries):
+            tokens = self._seqs.setdefault(entry.seq, [])
+            if entry.pos != len(tokens):
+                return -1  # a position gap is a kernel bug; fail like llama.cpp would
+            tokens.append(entry.token)
+            if entry.logits:
+                self._last.append((index, entry.seq))
+        return 0
+
+    def new_sampler(self, config: AgentConfig, seed: int) -> Any:
+        return {"reply": None}
+
+    def sample(self, sampler: Any, batch_index: int) -> int:
+        seq = dict(self._last)[batch_index]
+        tokens = self._seqs[seq]
+        if sampler["reply"] is None:
+            sampler["reply"] = self._reply(bytes(t for t in tokens if t < 256).decode(errors="replace"))
+            sampler["start"] = len(tokens)
+        produced = len(tokens) - sampler["start"]
+        reply: bytes = sampler["reply"]
+        return reply[produced] if produced < len(reply) else EOG
+
+    @staticmethod
+    def _reply(prompt: str) -> bytes:
+        turns = prompt.split(USER_TAG)[1:]
+        last = turns[-1].split(END_TAG)[0] if turns else ""
+        return f"turn {len(turns)}: {last.strip().upper()}".encode()
+
+    def free_sampler(self, sampler: Any) -> None:
+        sampler.clear()
+
+    def close(self) -> None:
+        self._seqs.clear()

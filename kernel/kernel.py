@@ -1,0 +1,275 @@
+"""The kernel: agents, their jobs and the managers that serve them.
+
+Everything here runs on the trio thread except the engine loop. Methods that
+change state take a `Caller` and raise `KernelError` for refused requests; the
+syscall table in `syscall.py` is the public way in.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import params
+from .backends import Backend
+from .config import AgentConfig, parse_config, parse_envelope
+from .context import Message, build_prompt, parse_context
+from .engine import Delivery, Engine
+from .errors import KernelError, errno_name
+from .jobs import Job, JobState
+from .scheduler import make_scheduler
+from .storage import AgentRow, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    gid: int
+    pid: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+@dataclass(eq=False)
+class Agent:
+    row: AgentRow
+    config: AgentConfig
+    messages: list[Message]
+    latest: dict[int, Job] = field(default_factory=dict)  # uid → the job its output/status follow
+    errors: dict[int, str] = field(default_factory=dict)  # uid → its `error` line
+    active: set[Job] = field(default_factory=set)  # queued or running
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+
+class Kernel:
+    def __init__(self, storage: Storage, backend: Backend, scheduler: str = "fifo") -> None:
+        self.storage = storage
+        self.backend = backend
+        self.engine = Engine(backend, make_scheduler(scheduler))
+        self.engine.on_update = self._deliver
+        self.started = time.time()
+        self.audit: collections.deque[str] = collections.deque(maxlen=params.LOG_LINES)
+        self.agents: dict[str, Agent] = {}
+        failed = storage.fail_unfinished_jobs("the kernel restarted before this job finished", errno.EIO)
+        if failed:
+            self.log_event("recovery", failed_jobs=failed)
+        for row in storage.agents():
+            config = parse_config(row.config) if row.config else AgentConfig()
+            self.agents[row.name] = Agent(row, config, storage.messages(row.id))
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.engine.run(task_status)
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    # -- lookups ---------------------------------------------------------------
+    def agent(self, name: str) -> Agent:
+        agent = self.agents.get(name)
+        if agent is None:
+            raise KernelError(errno.ENOENT, f"no agent named {name!r}")
+        return agent
+
+    def agent_by_id(self, agent_id: int) -> Agent | None:
+        for agent in self.agents.values():
+            if agent.row.id == agent_id:
+                return agent
+        return None
+
+    def latest_job(self, agent: Agent, uid: int) -> Job | None:
+        """The job `output`/`status` bind to for this uid, from RAM or the journal."""
+        job = agent.latest.get(uid)
+        if job is None:
+            row = self.storage.latest_job(agent.row.id, uid)
+            if row is not None:
+                job = self._job_from_row(agent, row)
+                agent.latest[uid] = job
+        return job
+
+    @staticmethod
+    def _job_from_row(agent: Agent, row: dict[str, Any]) -> Job:
+        job = Job(row["id"], agent.name, row["uid"], row["user_message"], [], [], agent.config, row["source"])
+        job.data = bytearray(row["output"])
+        job.state, job.errno, job.message = JobState(row["state"]), row["errno"], row["message"]
+        job.queued_at, job.finished_at = row["queued_at"], row["finished_at"]
+        return job
+
+    def known_model(self, name: str) -> bool:
+        return name == self.backend.info.name
+
+    # -- agents ------------------------------------------------------------------
+    def create_agent(self, caller: Caller, name: str, mode: int) -> Agent:
+        if name in self.agents:
+            raise KernelError(errno.EEXIST, f"agent {name!r} exists")
+        row = self.storage.create_agent(name, caller.uid, caller.gid, mode)
+        agent = Agent(row, AgentConfig(), [])
+        self.agents[name] = agent
+        self.log_event("mkdir", agent=name, uid=caller.uid)
+        return agent
+
+    def remove_agent(self, caller: Caller, name: str) -> None:
+        agent = self.agent(name)
+        self._require_owner(caller, agent, "remove")
+        if agent.active:
+            ids = " ".join(str(j.id) for j in sorted(agent.active, key=lambda j: j.id))
+            raise KernelError(errno.EBUSY, f"agent {name!r} has jobs queued or running ({ids}): echo 'cancel all' > ctl first")
+        self.storage.delete_agent(agent.row.id)
+        del self.agents[name]
+        self.log_event("rmdir", agent=name, uid=caller.uid)
+
+    def set_agent_attrs(self, caller: Caller, agent: Agent, **values: Any) -> None:
+        """Persist ownership or modes after chmod/chown (the VFS already checked them)."""
+        for key, value in values.items():
+            setattr(agent.row, key, value)
+        self.storage.update_agent(agent.row.id, **values)
+
+    @staticmethod
+    def _require_owner(caller: Caller, agent: Agent, what: str) -> None:
+        if not caller.is_root and caller.uid != agent.row.uid:
+            raise KernelError(errno.EPERM, f"only the owner of {agent.name!r} or root may {what} it")
+
+    # -- config and context ----------------------------------------------------------
+    def write_config(self, caller: Caller, agent: Agent, text: str) -> None:
+        if len(text.encode()) > params.MAX_CONFIG_BYTES:
+            raise KernelError(errno.EFBIG, f"config is over {params.MAX_CONFIG_BYTES} bytes")
+        config = parse_config(text, self.known_model)
+        agent.config = config
+        self.storage.update_agent(agent.row.id, config=config.render())
+
+    def write_context(self, caller: Caller, agent: Agent, text: str) -> None:
+        messages = parse_context(text)
+        agent.messages = messages
+        self.storage.replace_messages(agent.row.id, messages)
+
+    # -- LLM requests --------------------------------------------------------------
+    async def submit(self, caller: Caller, agent: Agent, raw: bytes, history: list[Message] | None = None) -> Job:
+        """Queue one request. `history` is a `call` session's conversation; None uses
+        the agent's own context (a `prompt` job), which the answer then extends."""
+        text = _decode_request(raw)
+        message, config = parse_envelope(text, agent.config, self.known_model)
+        message = message.rstrip("\r\n")  # `echo` adds a newline that is not part of the question
+        if not message.strip():
+            raise KernelError(errno.EINVAL, "the prompt is empty")
+        self.check_queue(agent)
+        conversation = agent.messages if history is None else history
+        messages, tokens = await trio.to_thread.run_sync(build_prompt, self.backend, config, list(conversation), message)
+        if self.agents.get(agent.name) is not agent:
+            raise KernelError(errno.ENOENT, f"agent {agent.name!r} was removed")
+        self.check_queue(agent)
+        source = "prompt" if history is None else "call"
+        queued_at = time.time()
+        job_id = self.storage.journal_job(agent.row.id, caller.uid, source, message, queued_at)
+        job = Job(job_id, agent.name, caller.uid, message, messages, tokens, config, source, queued_at=queued_at)
+        agent.latest[caller.uid] = job
+        agent.errors.pop(caller.uid, None)
+        agent.active.add(job)
+        self.engine.submit(job)
+        return job
+
+    def check_queue(self, agent: Agent) -> None:
+        if len(agent.active) >= params.MAX_QUEUED_PER_AGENT:
+            raise KernelError(errno.EAGAIN, f"agent {agent.name!r} has {len(agent.active)} jobs waiting; try again when one finishes")
+        if len(self.engine.queued()) >= params.MAX_QUEUED_TOTAL:
+            raise KernelError(errno.EAGAIN, "the kernel's queue is full; try again later")
+
+    def cancel(self, caller: Caller, agent: Agent, which: str) -> list[int]:
+        """`cancel` (the caller's latest job), `cancel all`, or `cancel ID`."""
+        if which == "all":
+            targets = [j for j in agent.active if caller.is_root or j.uid == caller.uid or caller.uid == agent.row.uid]
+        elif which == "":
+            latest = agent.latest.get(caller.uid)
+            targets = [latest] if latest is not None and latest in agent.active else []
+        else:
+            targets = self._job_by_id(caller, agent, which)
+        for job in targets:
+            if self.engine.cancel(job):
+                self._finished(job)
+        return [job.id for job in targets]
+
+    def _job_by_id(self, caller: Caller, agent: Agent, text: str) -> list[Job]:
+        if not text.isdigit():
+            raise KernelError(errno.EINVAL, f"cancel: {text!r} is not a job id (cancel [ID|all])")
+        for job in agent.active:
+            if job.id == int(text):
+                if not (caller.is_root or job.uid == caller.uid or caller.uid == agent.row.uid):
+                    raise KernelError(errno.EPERM, f"job {text} belongs to another user")
+                return [job]
+        raise KernelError(
+            errno.EBUSY if self._job_existed(agent, int(text)) else errno.ENOENT, f"job {text} is not queued or running on {agent.name!r}"
+        )
+
+    def _job_existed(self, agent: Agent, job_id: int) -> bool:
+        rows = self.storage.db.execute("SELECT 1 FROM jobs WHERE id = ? AND agent_id = ?", [job_id, agent.row.id]).fetchall()
+        return bool(rows)
+
+    def record_error(self, agent: Agent, uid: int, exc: KernelError, job_id: int | None = None) -> None:
+        """Mirror a refused request into the caller's `error` file and the log."""
+        agent.errors[uid] = f"{errno_name(exc.errno)} {job_id if job_id is not None else '-'} {int(time.time())} {exc.message}"
+        self.log_event("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
+
+    # -- results from the engine (trio thread) ----------------------------------------
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        for job, chunk, n_tokens, end in deliveries:
+            if chunk or n_tokens:
+                job.publish(chunk, n_tokens)
+            else:
+                job.mark_running()
+            if end is not None:
+                job.finish(*end)
+                self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        agent = self.agents.get(job.agent)
+        try:
+            self.storage.finish_job(job.id, job.state.value, bytes(job.data), job.errno, job.message, job.finished_at)
+        except Exception:
+            log.exception("could not journal the end of job %d", job.id)
+        if agent is None:
+            return
+        agent.active.discard(job)
+        if job.state is JobState.DONE and job.source == "prompt":
+            turn = [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.text}]
+            agent.messages = agent.messages + turn
+            self.storage.append_messages(agent.row.id, turn)
+        elif job.state is not JobState.DONE and agent.latest.get(job.uid) is job:
+            agent.errors[job.uid] = job.error_line()
+        self.log_event("job", id=job.id, agent=job.agent, uid=job.uid, state=job.state.value, tokens=job.n_generated)
+
+    # -- visibility ---------------------------------------------------------------------
+    def log_event(self, kind: str, **fields: Any) -> None:
+        self.audit.append(json.dumps({"ts": round(time.time(), 3), "event": kind, **fields}))
+
+    def status_line(self) -> str:
+        info = self.backend.info
+        return (
+            f"running={self.engine.running()} queued={len(self.engine.queued())} sched={self.engine.scheduler.describe()} "
+            f"model={info.name} device={info.device} uptime={int(time.time() - self.started)}"
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"agents": len(self.agents)}
+        stats.update(self.engine.statistics())
+        return stats
+
+
+def _decode_request(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KernelError(
+            errno.EINVAL, f"the request is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); send UTF-8 text"
+        ) from None

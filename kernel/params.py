@@ -1,0 +1,35 @@
+"""Every limit of the kernel in one place, each with a one-line reason.
+
+Values here are defaults; the mount command and per-agent config override the ones
+that say so.
+"""
+
+# -- requests -------------------------------------------------------------------
+MAX_REQUEST_BYTES = 256 * 1024  # one prompt/call turn; larger writes get EFBIG
+MAX_QUEUED_PER_AGENT = 16  # queued + running jobs of one agent; beyond → EAGAIN
+MAX_QUEUED_TOTAL = 1024  # jobs waiting in the whole kernel; beyond → EAGAIN
+MAX_BLOCKED_READERS_PER_UID = 64  # reads parked in the daemon per uid; beyond → EAGAIN
+FUSE_MAX_TASKS = 4096  # concurrent FUSE requests; pyfuse3's default of 99 freezes the mount
+
+# -- generation -----------------------------------------------------------------
+DEFAULT_MAX_TOKENS = 256  # generated tokens per job unless config/envelope says otherwise
+MAX_TOKENS_LIMIT = 8192  # the largest max_tokens anyone may ask for
+DEFAULT_TEMPERATURE = 0.7  # sampling temperature; 0 means greedy
+DEFAULT_TOP_P = 0.95  # nucleus sampling
+MAX_STOP_STRINGS = 8  # stop strings per request
+MAX_STOP_BYTES = 64  # length of one stop string
+
+# -- engine ---------------------------------------------------------------------
+DEFAULT_SLOTS = 8  # sequences decoded together in one batch (KV slots)
+DEFAULT_CTX_PER_SLOT = 2048  # tokens of context each sequence may hold
+DEFAULT_BATCH_TOKENS = 512  # tokens per llama_decode step (decode first, then prefill chunks)
+MIN_PROMPT_ROOM = 16  # tokens of generation room a prompt must leave, else E2BIG
+
+# -- files and logs -------------------------------------------------------------
+MAX_CONFIG_BYTES = 64 * 1024  # config file size; larger → EFBIG
+MAX_CONTEXT_BYTES = 4 * 1024 * 1024  # a written context file; larger → EFBIG
+MAX_CTL_LINE = 4096  # one ctl command line
+MAX_NAME_BYTES = 255  # agent names, as in every POSIX filesystem
+JOB_HISTORY = 64  # finished jobs kept in RAM per agent for output/status readers
+READ_WAKE_SECONDS = 0.25  # blocked readers look for pending signals this often
+LOG_LINES = 1000  # kernel/log keeps this many newest lines

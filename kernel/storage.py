@@ -1,0 +1,173 @@
+"""The storage manager: agents, their config and conversations, and the job journal,
+in one SQLite database (WAL) through sqlite-utils.
+
+Every multi-row change runs in one transaction. Schema changes are numbered
+migrations applied at open, recorded in `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+MIGRATIONS = [
+    # 1: agents, their conversations and the job journal.
+    """
+    CREATE TABLE agents (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is part of inode numbers
+        name TEXT NOT NULL UNIQUE,
+        uid INTEGER NOT NULL, gid INTEGER NOT NULL, mode INTEGER NOT NULL,
+        file_modes TEXT NOT NULL DEFAULT '{}',  -- JSON {file name: mode} after chmod
+        config TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL, changed REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+        role TEXT NOT NULL, content TEXT NOT NULL
+    );
+    CREATE INDEX messages_agent ON messages(agent_id, id);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+        uid INTEGER NOT NULL, source TEXT NOT NULL, state TEXT NOT NULL,
+        user_message TEXT NOT NULL, output BLOB NOT NULL DEFAULT x'',
+        errno INTEGER NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '',
+        queued_at REAL NOT NULL, finished_at REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_agent_uid ON jobs(agent_id, uid, id);
+    """,
+]
+
+
+@dataclass
+class AgentRow:
+    id: int
+    name: str
+    uid: int
+    gid: int
+    mode: int
+    file_modes: dict[str, int] = field(default_factory=dict)
+    config: str = ""
+    created: float = 0.0
+    changed: float = 0.0
+
+
+class Storage:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # acknowledged writes survive power loss
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], version + 1):
+            with self.atomic():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _table(self, name: str) -> sqlite_utils.db.Table:
+        return self.db.table(name)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- agents ---------------------------------------------------------------
+    def agents(self) -> list[AgentRow]:
+        return [self._agent(row) for row in self._table("agents").rows_where(order_by="id")]
+
+    @staticmethod
+    def _agent(row: dict[str, Any]) -> AgentRow:
+        row = dict(row)
+        row["file_modes"] = json.loads(row["file_modes"])
+        return AgentRow(**row)
+
+    def create_agent(self, name: str, uid: int, gid: int, mode: int) -> AgentRow:
+        now = time.time()
+        with self.atomic():
+            table = self._table("agents")
+            table.insert({"name": name, "uid": uid, "gid": gid, "mode": mode, "file_modes": "{}", "config": "", "created": now, "changed": now})
+            agent_id = table.last_pk
+        return self._agent(self._table("agents").get(int(agent_id or 0)))
+
+    def update_agent(self, agent_id: int, **values: Any) -> None:
+        if "file_modes" in values:
+            values["file_modes"] = json.dumps(values["file_modes"])
+        values["changed"] = time.time()
+        with self.atomic():
+            self._table("agents").update(agent_id, values)
+
+    def delete_agent(self, agent_id: int) -> None:
+        with self.atomic():
+            self.db.execute("DELETE FROM messages WHERE agent_id = ?", [agent_id])
+            self.db.execute("DELETE FROM jobs WHERE agent_id = ?", [agent_id])
+            self.db.execute("DELETE FROM agents WHERE id = ?", [agent_id])
+
+    # -- conversations ----------------------------------------------------------
+    def messages(self, agent_id: int) -> list[dict[str, str]]:
+        rows = self.db.execute("SELECT role, content FROM messages WHERE agent_id = ? ORDER BY id", [agent_id])
+        return [{"role": role, "content": content} for role, content in rows.fetchall()]
+
+    def append_messages(self, agent_id: int, messages: list[dict[str, str]]) -> None:
+        with self.atomic():
+            self._table("messages").insert_all({"agent_id": agent_id, **m} for m in messages)
+
+    def replace_messages(self, agent_id: int, messages: list[dict[str, str]]) -> None:
+        with self.atomic():
+            self.db.execute("DELETE FROM messages WHERE agent_id = ?", [agent_id])
+            if messages:
+                self._table("messages").insert_all({"agent_id": agent_id, **m} for m in messages)
+
+    # -- the job journal ----------------------------------------------------------
+    def journal_job(self, agent_id: int, uid: int, source: str, user_message: str, queued_at: float) -> int:
+        with self.atomic():
+            table = self._table("jobs")
+            table.insert(
+                {"agent_id": agent_id, "uid": uid, "source": source, "state": "queued", "user_message": user_message, "queued_at": queued_at}
+            )
+            return int(table.last_pk or 0)
+
+    def finish_job(self, job_id: int, state: str, output: bytes, errno: int, message: str, finished_at: float) -> None:
+        with self.atomic():
+            self._table("jobs").update(job_id, {"state": state, "output": output, "errno": errno, "message": message, "finished_at": finished_at})
+
+    def latest_job(self, agent_id: int, uid: int) -> dict[str, Any] | None:
+        rows = list(self._table("jobs").rows_where("agent_id = ? AND uid = ?", [agent_id, uid], order_by="id DESC", limit=1))
+        return rows[0] if rows else None
+
+    def fail_unfinished_jobs(self, message: str, errno: int) -> int:
+        """Mark jobs left queued/running by a previous daemon as failed; returns how many."""
+        with self.atomic():
+            cursor = self.db.execute(
+                "UPDATE jobs SET state = 'error', errno = ?, message = ?, finished_at = ? WHERE state IN ('queued', 'running')",
+                [errno, message, time.time()],
+            )
+            return cursor.rowcount

@@ -1,0 +1,110 @@
+"""The system call table: every request from the filesystem enters here.
+
+One enum, one table from syscall to handler, one `syscall()` entry point. Handlers
+check their arguments and call one kernel method; refused requests raise
+`KernelError` and, when they concern an agent, are mirrored into the caller's
+`error` file. An unknown syscall is ENOSYS.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import params
+from .errors import KernelError
+from .kernel import Agent, Caller, Kernel
+
+
+class Sys(enum.Enum):
+    AGENT_CREATE = "agent_create"
+    AGENT_REMOVE = "agent_remove"
+    AGENT_SETATTR = "agent_setattr"
+    AGENT_CTL = "agent_ctl"
+    LLM_SUBMIT = "llm_submit"
+    CONFIG_WRITE = "config_write"
+    CONTEXT_WRITE = "context_write"
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+async def sys_agent_create(kernel: Kernel, caller: Caller, name: str, mode: int) -> Agent:
+    check_agent_name(name)
+    return kernel.create_agent(caller, name, mode)
+
+
+async def sys_agent_remove(kernel: Kernel, caller: Caller, name: str) -> None:
+    kernel.remove_agent(caller, name)
+
+
+async def sys_agent_setattr(kernel: Kernel, caller: Caller, agent: Agent, **values: Any) -> None:
+    kernel.set_agent_attrs(caller, agent, **values)
+
+
+async def sys_llm_submit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes, history: Any = None) -> Any:
+    if len(data) > params.MAX_REQUEST_BYTES:
+        raise KernelError(errno.EFBIG, f"the request is {len(data)} bytes; the limit is {params.MAX_REQUEST_BYTES}")
+    return await kernel.submit(caller, agent, data, history)
+
+
+async def sys_config_write(kernel: Kernel, caller: Caller, agent: Agent, text: str) -> None:
+    kernel.write_config(caller, agent, text)
+
+
+async def sys_context_write(kernel: Kernel, caller: Caller, agent: Agent, text: str) -> None:
+    kernel.write_context(caller, agent, text)
+
+
+async def sys_agent_ctl(kernel: Kernel, caller: Caller, agent: Agent, line: str) -> None:
+    """One `ctl` command: `cancel [ID|all]` or `reset`."""
+    verb, _, rest = line.strip().partition(" ")
+    rest = rest.strip()
+    if verb == "cancel":
+        kernel.cancel(caller, agent, rest)
+    elif verb == "reset" and not rest:
+        kernel.write_context(caller, agent, "")
+    else:
+        raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: cancel [ID|all], reset)")
+    kernel.log_event("ctl", agent=agent.name, uid=caller.uid, command=line.strip())
+
+
+TABLE: dict[Sys, Handler] = {
+    Sys.AGENT_CREATE: sys_agent_create,
+    Sys.AGENT_REMOVE: sys_agent_remove,
+    Sys.AGENT_SETATTR: sys_agent_setattr,
+    Sys.AGENT_CTL: sys_agent_ctl,
+    Sys.LLM_SUBMIT: sys_llm_submit,
+    Sys.CONFIG_WRITE: sys_config_write,
+    Sys.CONTEXT_WRITE: sys_context_write,
+}
+
+
+async def syscall(kernel: Kernel, number: Sys, caller: Caller, *args: Any, **kwargs: Any) -> Any:
+    handler = TABLE.get(number)
+    if handler is None:
+        raise KernelError(errno.ENOSYS, f"no syscall {number}")
+    try:
+        return await handler(kernel, caller, *args, **kwargs)
+    except KernelError as exc:
+        agent = args[0] if args and isinstance(args[0], Agent) else None
+        if agent is not None:
+            kernel.record_error(agent, caller.uid, exc)
+        else:
+            kernel.log_event("error", syscall=number.value, uid=caller.uid, message=exc.message)
+        raise
+
+
+def check_agent_name(name: str) -> None:
+    """Agent names are directory names: no '/', NUL, '.' or '..', at most 255 bytes."""
+    size = len(name.encode("utf-8", errors="surrogateescape"))
+    if size > params.MAX_NAME_BYTES:
+        raise KernelError(errno.ENAMETOOLONG, f"agent names are at most {params.MAX_NAME_BYTES} bytes")
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise KernelError(errno.EINVAL, f"{name!r} is not a valid agent name")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KernelError(errno.EINVAL, "agent names must be valid UTF-8") from None
