@@ -8,9 +8,11 @@ the bound job, the pending buffer, the read cursor.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,8 @@ from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
 
 log = logging.getLogger(__name__)
+
+Waiter = Callable[[], Awaitable[Any]]
 
 
 def signal_pending(pid: int) -> bool:
@@ -69,9 +73,9 @@ class Handle:
     def truncate(self) -> None:
         return None
 
-    def poll(self) -> tuple[int, Job | None, int]:
-        """(ready mask, job to wait on, offset) for poll()."""
-        return select.POLLIN | select.POLLOUT, None, 0
+    def poll(self) -> tuple[int, Waiter | None]:
+        """(ready mask, an awaitable that returns when readiness may have changed)."""
+        return select.POLLIN | select.POLLOUT, None
 
 
 class SnapshotHandle(Handle):
@@ -230,11 +234,10 @@ async def read_stream(stream: Stream, off: int, size: int, caller: Caller, flags
             waiting.leave(caller.uid)
 
 
-def stream_poll(stream: Stream) -> tuple[int, Job | None, int]:
-    job = stream.job
-    if job is None or job.state.finished or stream.position < len(job.data):
-        return select.POLLIN, None, 0
-    return 0, job, stream.position
+def stream_poll(job: Job | None, position: int) -> tuple[int, Waiter | None]:
+    if job is None or job.state.finished or position < len(job.data):
+        return select.POLLIN, None
+    return 0, functools.partial(job.wait_beyond, position, params.POLL_WAIT_SECONDS)
 
 
 class GrowingHandle(Handle):
@@ -247,10 +250,31 @@ class GrowingHandle(Handle):
 
     async def read(self, off: int, size: int) -> bytes:
         async with self.stream.lock:
+            if self.stream.job is None:
+                await self._wait_for_first_job()
             return await read_stream(self.stream, off, size, self.caller, self.flags, self.waiting)
 
-    def poll(self) -> tuple[int, Job | None, int]:
-        return stream_poll(self.stream)
+    async def _wait_for_first_job(self) -> None:
+        """A reader opened before the uid's first request streams that request."""
+        assert self.agent is not None
+        if self.flags & os.O_NONBLOCK:
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        self.waiting.enter(self.caller.uid)
+        try:
+            while self.stream.job is None:
+                if self.kernel.agents.get(self.agent.name) is not self.agent:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                self.stream.job = await self.agent.wait_for_job(self.caller.uid, params.READ_WAKE_SECONDS)
+                if self.stream.job is None and signal_pending(self.caller.pid):
+                    raise pyfuse3.FUSEError(errno.EINTR)
+        finally:
+            self.waiting.leave(self.caller.uid)
+
+    def poll(self) -> tuple[int, Waiter | None]:
+        assert self.agent is not None
+        if self.stream.job is None and self.caller.uid not in self.agent.latest:
+            return 0, functools.partial(self.agent.wait_for_job, self.caller.uid, params.POLL_WAIT_SECONDS)
+        return stream_poll(self.stream.job or self.agent.latest[self.caller.uid], self.stream.position)
 
 
 class RpcHandle(Handle):
@@ -285,15 +309,15 @@ class RpcHandle(Handle):
             job = self.stream.job
             if not chunk and job is not None:
                 if job.state is JobState.DONE:
-                    self.history += [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.text}]
+                    self.history += [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.answer}]
                 self.stream = Stream(None, lock=self.stream.lock)
             return chunk
 
-    def poll(self) -> tuple[int, Job | None, int]:
+    def poll(self) -> tuple[int, Waiter | None]:
         if self.pending:
-            return select.POLLIN | select.POLLOUT, None, 0
-        mask, job, offset = stream_poll(Stream(self.stream.job, position=self.cursor))
-        return mask | select.POLLOUT, job, offset
+            return select.POLLIN | select.POLLOUT, None
+        mask, waiter = stream_poll(self.stream.job, self.cursor)
+        return mask | select.POLLOUT, waiter
 
     async def release(self) -> None:
         job = self.stream.job
@@ -315,7 +339,3 @@ class CtlHandle(Handle):
             if line.strip():
                 await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, line)
         return len(buf)
-
-
-def handle_kind(handle: Any) -> str:
-    return type(handle).__name__

@@ -167,6 +167,7 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     ops = Operations(kernel)
     opts = fuse_options("aiosfs")
     pids = pid_file(options.mountpoint)  # before init: resolving the path stats the mountpoint
+    os.chdir("/")  # never hold a directory busy, nor look things up in our own mount
     pyfuse3.init(ops, str(options.mountpoint), opts)
     try:
         pids.parent.mkdir(parents=True, exist_ok=True)

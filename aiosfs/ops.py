@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -333,15 +333,14 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None, ctx: pyfuse3.RequestContext) -> int:
-        mask, job, offset = self._handle(fh).poll()
-        if not mask and job is not None and poll_handle is not None and self.nursery is not None:
-            self.nursery.start_soon(self._notify_when_ready, job, offset, poll_handle)
+        mask, waiter = self._handle(fh).poll()
+        if not mask and waiter is not None and poll_handle is not None and self.nursery is not None:
+            self.nursery.start_soon(self._notify_when_ready, waiter, poll_handle)
         return mask
 
     @staticmethod
-    async def _notify_when_ready(job: Any, offset: int, poll_handle: pyfuse3.PollHandle) -> None:
-        while not await job.wait_beyond(offset, 60.0):
-            pass
+    async def _notify_when_ready(waiter: Callable[[], Awaitable[Any]], poll_handle: pyfuse3.PollHandle) -> None:
+        await waiter()  # returns on a change or after a while: the kernel then polls again
         poll_handle.notify()
 
     @_guard

@@ -52,6 +52,7 @@ class Job:
     first_token_at: float = 0.0
     finished_at: float = 0.0
     cancel_requested: bool = False  # read by the engine thread between steps
+    added_newline: bool = False  # output got a final "\n" that is not part of the answer
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
     # -- trio thread only ---------------------------------------------------
@@ -97,6 +98,18 @@ class Job:
     @property
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace")
+
+    @property
+    def answer(self) -> str:
+        """The model's text, without the newline added for terminals."""
+        text = self.text
+        return text[:-1] if self.added_newline else text
+
+    def end_line(self) -> None:
+        """End a finished answer with a newline, so `cat output` leaves a clean prompt."""
+        if self.data and not self.data.endswith(b"\n"):
+            self.data += b"\n"
+            self.added_newline = True
 
     def error_line(self) -> str:
         """The `error` file's line for a failed job, or ""."""

@@ -49,6 +49,16 @@ class Agent:
     latest: dict[int, Job] = field(default_factory=dict)  # uid → the job its output/status follow
     errors: dict[int, str] = field(default_factory=dict)  # uid → its `error` line
     active: set[Job] = field(default_factory=set)  # queued or running
+    submitted: trio.Event = field(default_factory=trio.Event, repr=False)  # replaced at every submit
+    turn: Job | None = None  # the prompt job now extending the context (in the engine)
+    next_turns: collections.deque[Job] = field(default_factory=collections.deque)  # prompt jobs waiting for it
+
+    async def wait_for_job(self, uid: int, timeout: float) -> Job | None:
+        """The uid's latest job; waits up to `timeout` for a first one."""
+        if uid not in self.latest:
+            with trio.move_on_after(timeout):
+                await self.submitted.wait()
+        return self.latest.get(uid)
 
     @property
     def name(self) -> str:
@@ -64,6 +74,7 @@ class Kernel:
         self.started = time.time()
         self.audit: collections.deque[str] = collections.deque(maxlen=params.LOG_LINES)
         self.agents: dict[str, Agent] = {}
+        self._nursery: trio.Nursery | None = None
         failed = storage.fail_unfinished_jobs("the kernel restarted before this job finished", errno.EIO)
         if failed:
             self.log_event("recovery", failed_jobs=failed)
@@ -72,7 +83,21 @@ class Kernel:
             self.agents[row.name] = Agent(row, config, storage.messages(row.id))
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.engine.run(task_status)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.engine.run)
+                task_status.started()
+        finally:
+            self._nursery = None
+            self._fail_unfinished("the kernel stopped before this job finished")
+
+    def _fail_unfinished(self, message: str) -> None:
+        for agent in list(self.agents.values()):
+            agent.next_turns.clear()
+            for job in sorted(agent.active, key=lambda j: j.id):
+                job.finish(JobState.ERROR, errno.EIO, message)
+                self._finished(job)
 
     def stop(self) -> None:
         self.engine.stop()
@@ -177,8 +202,35 @@ class Kernel:
         agent.latest[caller.uid] = job
         agent.errors.pop(caller.uid, None)
         agent.active.add(job)
-        self.engine.submit(job)
+        agent.submitted.set()
+        agent.submitted = trio.Event()
+        if source == "call":
+            self.engine.submit(job)
+        elif agent.turn is None:
+            agent.turn = job
+            self.engine.submit(job)
+        else:
+            agent.next_turns.append(job)  # it must see the answer of the turn before it
         return job
+
+    async def _start_next_turn(self, agent: Agent) -> None:
+        """Prompt jobs of one agent run in order: each is rebuilt on the context that
+        the previous one extended, then handed to the engine."""
+        while agent.turn is None and agent.next_turns:
+            job = agent.next_turns.popleft()
+            agent.turn = job
+            try:
+                job.messages, job.prompt_tokens = await trio.to_thread.run_sync(
+                    build_prompt, self.backend, job.config, list(agent.messages), job.user_message
+                )
+            except KernelError as exc:
+                job.finish(JobState.ERROR, exc.errno, exc.message)
+            if job.cancel_requested:
+                job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
+            if job.state.finished:
+                self._finished(job)
+                continue
+            self.engine.submit(job)
 
     def check_queue(self, agent: Agent) -> None:
         if len(agent.active) >= params.MAX_QUEUED_PER_AGENT:
@@ -196,7 +248,11 @@ class Kernel:
         else:
             targets = self._job_by_id(caller, agent, which)
         for job in targets:
-            if self.engine.cancel(job):
+            if job in agent.next_turns:
+                agent.next_turns.remove(job)
+                job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
+                self._finished(job)
+            elif self.engine.cancel(job):
                 self._finished(job)
         return [job.id for job in targets]
 
@@ -229,6 +285,8 @@ class Kernel:
             else:
                 job.mark_running()
             if end is not None:
+                if end[0] is JobState.DONE:
+                    job.end_line()
                 job.finish(*end)
                 self._finished(job)
 
@@ -241,8 +299,12 @@ class Kernel:
         if agent is None:
             return
         agent.active.discard(job)
+        if agent.turn is job:
+            agent.turn = None
+            if agent.next_turns and self._nursery is not None:
+                self._nursery.start_soon(self._start_next_turn, agent)
         if job.state is JobState.DONE and job.source == "prompt":
-            turn = [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.text}]
+            turn = [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.answer}]
             agent.messages = agent.messages + turn
             self.storage.append_messages(agent.row.id, turn)
         elif job.state is not JobState.DONE and agent.latest.get(job.uid) is job:

@@ -67,7 +67,7 @@ def test_prompt_gets_the_models_answer(make_kernel):
             job = await ask(kernel, agent, "hello world")
             assert job.state is JobState.DONE
             assert job.errno == 0
-            assert job.text == answer("hello world") == "turn 1: HELLO WORLD"
+            assert job.answer == answer("hello world") == "turn 1: HELLO WORLD"
             assert job.n_generated == len(answer("hello world").encode())
             assert job.source == "prompt"
             assert kernel.latest_job(agent, OWNER.uid) is job
@@ -87,10 +87,10 @@ def test_context_grows_and_is_used(make_kernel):
             agent = await mkdir(kernel, "alice")
             first = await ask(kernel, agent, "hello")
             second = await ask(kernel, agent, "and again")
-            assert first.text == answer("hello", turn=1)
-            assert second.text == answer("and again", turn=2)
-            assert second.messages == [user("hello"), assistant(first.text), user("and again")]
-            expected = [user("hello"), assistant(first.text), user("and again"), assistant(second.text)]
+            assert first.answer == answer("hello", turn=1)
+            assert second.answer == answer("and again", turn=2)
+            assert second.messages == [user("hello"), assistant(first.answer), user("and again")]
+            expected = [user("hello"), assistant(first.answer), user("and again"), assistant(second.answer)]
             assert agent.messages == expected
             assert kernel.storage.messages(agent.row.id) == expected
 
@@ -107,7 +107,7 @@ def test_system_message_from_config_reaches_the_model(make_kernel):
             job = await ask(kernel, agent, "hi")
             assert job.messages[0] == {"role": "system", "content": "be brief"}
             assert "<|system|>\nbe brief" in bytes(job.prompt_tokens).decode()
-            assert job.text == answer("hi")
+            assert job.answer == answer("hi")
 
     run(body)
 
@@ -123,12 +123,12 @@ def test_call_history_does_not_change_the_agents_context(make_kernel):
             history = [user("one"), assistant("ok"), user("two"), assistant("ok")]
             job = await ask(kernel, agent, "three", history=history)
             assert job.source == "call"
-            assert job.text == answer("three", turn=3)  # the history, not the agent's context, was shown
+            assert job.answer == answer("three", turn=3)  # the history, not the agent's context, was shown
             assert agent.messages == before
             assert kernel.storage.messages(agent.row.id) == before
             assert history == [user("one"), assistant("ok"), user("two"), assistant("ok")]
             fresh = await ask(kernel, agent, "no history", history=[])
-            assert fresh.text == answer("no history", turn=1)
+            assert fresh.answer == answer("no history", turn=1)
             assert agent.messages == before
 
     run(body)
@@ -147,7 +147,7 @@ def test_reset_clears_the_context(make_kernel):
             assert agent.messages == []
             assert kernel.storage.messages(agent.row.id) == []
             job = await ask(kernel, agent, "three")
-            assert job.text == answer("three", turn=1)
+            assert job.answer == answer("three", turn=1)
 
     run(body)
 
@@ -165,7 +165,7 @@ def test_context_write_replaces_the_conversation(make_kernel):
             assert agent.messages == [user("a"), assistant("b"), user("plain note")]
             assert kernel.storage.messages(agent.row.id) == agent.messages
             job = await ask(kernel, agent, "next")
-            assert job.text == answer("next", turn=3)
+            assert job.answer == answer("next", turn=3)
             await refused(errno.EINVAL, syscall(kernel, Sys.CONTEXT_WRITE, OWNER, agent, '{"role": "robot", "content": "x"}\n'))
             assert len(agent.messages) == 5  # a refused write changes nothing
 
@@ -179,7 +179,7 @@ def test_long_conversations_keep_the_newest_turns(make_kernel):
     async def body():
         async with running(kernel):
             agent = await mkdir(kernel, "alice")
-            answers = [(await ask(kernel, agent, f"q{n}")).text for n in range(1, 5)]
+            answers = [(await ask(kernel, agent, f"q{n}")).answer for n in range(1, 5)]
             assert answers == [answer("q1", 1), answer("q2", 2), answer("q3", 2), answer("q4", 2)]
             assert len(agent.messages) == 8  # the stored conversation is whole
 
@@ -203,7 +203,7 @@ def test_two_agents_concurrently_get_their_own_answers(make_kernel):
                     nursery.start_soon(one, name)
             for name, text in prompts.items():
                 assert results[name].state is JobState.DONE
-                assert results[name].text == answer(text)
+                assert results[name].answer == answer(text)
                 assert agents[name].messages == [user(text), assistant(answer(text))]
 
     run(body)
@@ -225,7 +225,7 @@ def test_jobs_are_decoded_in_one_batch(make_kernel):
             for job in jobs:
                 await finished(job)
         for job, agent in zip(jobs, agents, strict=True):
-            assert job.text == answer(f"message for {agent.name}")
+            assert job.answer == answer(f"message for {agent.name}")
         seqs_per_step = [len({entry.seq for entry in call}) for call in backend.decode_calls]
         assert max(seqs_per_step) == 3
         # while all three generate, one step decodes one token of each
@@ -247,8 +247,8 @@ def test_a_new_job_joins_a_running_batch(make_kernel):
             assert long_job.state is JobState.RUNNING
             late = await finished(await submit(kernel, b, "late arrival"))
             await finished(long_job)
-        assert late.text == answer("late arrival")
-        assert long_job.text == answer("x" * 150)
+        assert late.answer == answer("late arrival")
+        assert long_job.answer == answer("x" * 150)
         # the late prompt was prefilled in a step that also decoded the long job's next token
         step = backend.decode_calls[first_call_with(backend, "late arrival")]
         assert len({entry.seq for entry in step}) == 2
@@ -264,7 +264,7 @@ def test_long_prompts_are_prefilled_in_chunks(make_kernel):
         async with running(kernel):
             agent = await mkdir(kernel, "alice")
             job = await ask(kernel, agent, "a prompt much longer than one batch of eight tokens")
-        assert job.text == answer("a prompt much longer than one batch of eight tokens")
+        assert job.answer == answer("a prompt much longer than one batch of eight tokens")
         assert all(len(call) <= 8 for call in backend.decode_calls)
         assert len(job.prompt_tokens) > 40
 
@@ -282,7 +282,7 @@ def test_fifo_admission_with_one_slot(make_kernel):
         async with running(kernel):
             for job in jobs:
                 await finished(job)
-        assert [job.text for job in jobs] == [answer(word) for word in words]
+        assert [job.answer for job in jobs] == [answer(word) for word in words]
         starts = [first_call_with(backend, word) for word in words]
         assert starts == sorted(starts)
         for earlier, later in itertools.pairwise(jobs):
@@ -310,7 +310,7 @@ def test_cancel_a_queued_job(make_kernel):
             assert agent.errors[OWNER.uid].startswith(f"ECANCELED {queued.id} ")
             await finished(running_job)
             assert running_job.state is JobState.DONE
-            assert running_job.text == answer("running job " * 10)
+            assert running_job.answer == answer("running job " * 10)
             assert kernel.storage.db.execute("SELECT state, errno FROM jobs WHERE id = ?", [queued.id]).fetchone() == ("cancelled", errno.ECANCELED)
             assert [m["role"] for m in agent.messages] == ["user", "assistant"]  # the cancelled prompt left no turn
 
@@ -332,13 +332,13 @@ def test_cancel_a_running_job(make_kernel):
             await finished(victim)
             assert victim.state is JobState.CANCELLED
             assert victim.errno == errno.ECANCELED
-            assert answer(long_prompt).startswith(victim.text)
-            assert len(victim.text) < len(answer(long_prompt))
+            assert answer(long_prompt).startswith(victim.answer)
+            assert len(victim.answer) < len(answer(long_prompt))
             assert alice.messages == []
             assert alice.errors[OWNER.uid].startswith(f"ECANCELED {victim.id} ")
             await finished(waiting)
             assert waiting.state is JobState.DONE
-            assert waiting.text == answer("after you")
+            assert waiting.answer == answer("after you")
             assert kernel.storage.latest_job(alice.row.id, OWNER.uid)["state"] == "cancelled"
 
     run(body)
@@ -414,12 +414,12 @@ def test_max_tokens_stops_generation(make_kernel):
             agent = await mkdir(kernel, "alice")
             job = await ask(kernel, agent, '{"prompt": "hello world", "max_tokens": 6}')
             assert job.state is JobState.DONE
-            assert job.text == "turn 1"
+            assert job.answer == "turn 1"
             assert job.n_generated == 6
             assert job.user_message == "hello world"
             await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "max_tokens=4\n")
             job = await ask(kernel, agent, "hello again")
-            assert job.text == "turn"
+            assert job.answer == "turn"
             assert agent.messages[-2:] == [user("hello again"), assistant("turn")]
 
     run(body)
@@ -433,14 +433,14 @@ def test_stop_strings_cut_the_output(make_kernel):
             agent = await mkdir(kernel, "alice")
             job = await ask(kernel, agent, '{"prompt": "hello world", "stop": ["WOR", "zzz"]}')
             assert job.state is JobState.DONE
-            assert job.text == "turn 1: HELLO "
+            assert job.answer == "turn 1: HELLO "
             assert agent.messages[-1] == assistant("turn 1: HELLO ")
             # a partial match that does not complete is published after all
             job = await ask(kernel, agent, '{"prompt": "hello world", "stop": "HELP"}', history=[])
-            assert job.text == answer("hello world")
+            assert job.answer == answer("hello world")
             # a stop string at the very start leaves nothing
             job = await ask(kernel, agent, '{"prompt": "hello", "stop": "turn"}', history=[])
-            assert (job.state, job.text) == (JobState.DONE, "")
+            assert (job.state, job.answer) == (JobState.DONE, "")
 
     run(body)
 
@@ -461,13 +461,13 @@ def test_utf8_output_is_published_in_whole_characters(make_kernel):
         async with running(kernel):
             agent = await mkdir(kernel, "alice")
             job = await ask(kernel, agent, message)
-            assert job.text == answer(message) == "turn 1: HÉLLO WÖRLD ✓"
+            assert job.answer == answer(message) == "turn 1: HÉLLO WÖRLD ✓"
             assert job.n_generated == len(answer(message).encode()) > len(answer(message))
             for chunk in chunks:
                 chunk.decode("utf-8")  # strict: no chunk ends inside a character
             assert b"" in chunks  # some tokens held back half a character
             cut = await ask(kernel, agent, '{"prompt": "héllo wörld ✓", "stop": "WÖR"}', history=[])
-            assert cut.text == "turn 1: HÉLLO "
+            assert cut.answer == "turn 1: HÉLLO "
 
     run(body)
 
@@ -703,18 +703,29 @@ def test_restart_keeps_agents_config_and_context(make_kernel):
     assert agent.messages == [user("hello"), assistant(answer("hello"))]
     # the job that was running when the kernel stopped is marked failed
     row = second.storage.db.execute("SELECT state, errno, message FROM jobs WHERE id = ?", [state["interrupted"].id]).fetchone()
-    assert row[0] == "error" and row[1] == errno.EIO and "restarted" in row[2]
-    assert any('"recovery"' in line for line in second.audit)
+    assert row[0] == "error" and row[1] == errno.EIO and "stopped" in row[2]
     # output/status of each uid are found in the journal
     latest = second.latest_job(agent, OWNER.uid)
     assert (latest.id, latest.state) == (state["queued"].id, JobState.ERROR)
     other = second.latest_job(agent, OTHER.uid)
-    assert (other.id, other.state, other.text) == (state["other"].id, JobState.DONE, answer("from another user"))
+    assert (other.id, other.state, other.text) == (state["other"].id, JobState.DONE, answer("from another user") + "\n")
 
     async def after_restart():
         async with running(second):
             job = await ask(second, agent, "again")
-            assert job.text == answer("again", turn=2)
+            assert job.answer == answer("again", turn=2)
             assert job.messages[0] == {"role": "system", "content": "be brief"}
 
     run(after_restart)
+
+
+def test_jobs_left_by_a_crash_are_failed_at_start(make_kernel):
+    first = make_kernel()
+    agent_id = first.storage.create_agent("crashy", OWNER.uid, OWNER.gid, 0o755).id
+    job_id = first.storage.journal_job(agent_id, OWNER.uid, "prompt", "lost", 1.0)  # a daemon killed here
+    first.storage.close()
+    second = make_kernel()
+    row = second.storage.db.execute("SELECT state, errno, message FROM jobs WHERE id = ?", [job_id]).fetchone()
+    assert row[0] == "error" and row[1] == errno.EIO and "restarted" in row[2]
+    assert any('"recovery"' in line for line in second.audit)
+    assert second.latest_job(second.agents["crashy"], OWNER.uid).state is JobState.ERROR

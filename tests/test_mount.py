@@ -1,0 +1,306 @@
+"""Real mounts driven by bash and Python, with the fast deterministic backend.
+
+The fake backend answers `turn N: <LAST USER MESSAGE IN UPPER CASE>`; the real
+model is exercised in test_e2e_model.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mounting import Mount, aiosfs, mounted, needs_fuse, sh, wait_for
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+
+@pytest.fixture(scope="module")
+def fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted(tmp_path_factory.mktemp("fs"), "--backend", "fake", "--fake-delay", "0.002") as mount:
+        yield mount
+
+
+@pytest.fixture
+def agent(fs: Mount, request: pytest.FixtureRequest) -> Path:
+    return fs.agent(request.node.name.replace("[", "-").replace("]", ""))
+
+
+def test_tree_and_readme(fs: Mount) -> None:
+    assert sorted(os.listdir(fs.root)) == ["README", "agents", "kernel"]
+    assert set(os.listdir(fs.root / "kernel")) >= {"status", "stats", "ps", "models"}
+    assert "agents/NAME/prompt" in (fs.root / "README").read_text()
+    assert oct(os.stat(fs.agents).st_mode & 0o7777) == oct(0o1777)
+    status = (fs.root / "kernel" / "status").read_text()
+    assert status.startswith("running=") and "sched=fifo" in status and "model=fake" in status
+
+
+def test_mkdir_ls_rmdir(fs: Mount) -> None:
+    result = sh(f"cd {fs.agents} && mkdir alpha && ls alpha && ls -ld alpha && rmdir alpha && ls")
+    assert result.returncode == 0, result.stderr
+    assert "prompt" in result.stdout and "output" in result.stdout and "ctl" in result.stdout
+    assert "alpha" not in os.listdir(fs.agents)
+
+
+def test_echo_prompt_cat_output(agent: Path) -> None:
+    result = sh(f"cd {agent} && echo 'hello there' > prompt && cat output && cat status")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "turn 1: HELLO THERE"  # the answer ends with a newline
+    assert lines[1].startswith("done ")
+
+
+def test_multi_turn_context_and_reset(agent: Path) -> None:
+    assert sh(f"cd {agent} && echo one > prompt && cat output >/dev/null && echo two > prompt").returncode == 0
+    assert (agent / "output").read_text() == "turn 2: TWO\n"
+    messages = [json.loads(line) for line in (agent / "context").read_text().splitlines()]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "one"
+    assert sh(f": > {agent}/context").returncode == 0
+    assert (agent / "context").read_text() == ""
+    assert sh(f"echo 'remember me' >> {agent}/context && echo three > {agent}/prompt && cat {agent}/output").stdout == "turn 2: THREE\n"
+    assert sh(f"echo reset > {agent}/ctl").returncode == 0
+    assert (agent / "context").read_text() == ""
+
+
+def test_commit_rules(agent: Path) -> None:
+    script = f"""
+    cd {agent}
+    {{ echo a; echo b; }} > prompt; cat status
+    exec 3>prompt; echo c >&3; echo d >&3; exec 3>&-
+    cat status; cat output
+    """
+    result = sh(script)
+    assert result.returncode == 0, result.stderr
+    first, second, output = result.stdout.splitlines()[:3]
+    assert int(second.split()[1]) == int(first.split()[1]) + 2  # a+b one job, c and d one each
+    assert output == "turn 3: D"  # d waited for the answer to c: one conversation, in order
+
+
+def test_reader_started_before_prompt_streams_it(agent: Path) -> None:
+    reader = subprocess.Popen(["cat", str(agent / "output")], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert reader.poll() is None  # waiting for the first request, like a pipe
+    (agent / "prompt").write_text("late")
+    out, _ = reader.communicate(timeout=30)
+    assert out == "turn 1: LATE\n"
+
+
+def test_two_agents_at_once(fs: Mount) -> None:
+    names = ["twin-a", "twin-b"]
+    for name in names:
+        fs.agent(name)
+    procs = [
+        subprocess.Popen(["bash", "-c", f"cd {fs.agents / n} && echo 'i am {n}' > prompt && cat output"], stdout=subprocess.PIPE, text=True)
+        for n in names
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert outputs == [f"turn 1: I AM {n.upper()}\n" for n in names]
+
+
+def test_python_plain_syscalls_and_call_sessions(agent: Path) -> None:
+    fd = os.open(agent / "call", os.O_RDWR)
+    try:
+        os.write(fd, b"first question")
+        assert _read_all(fd) == b"turn 1: FIRST QUESTION\n"
+        os.write(fd, b"follow-up")
+        assert _read_all(fd) == b"turn 2: FOLLOW-UP\n"
+        other = os.open(agent / "call", os.O_RDWR)
+        os.write(other, b"private")
+        assert _read_all(other) == b"turn 1: PRIVATE\n"
+        os.close(other)
+        with pytest.raises(OSError) as seek:
+            os.lseek(fd, 0, os.SEEK_SET)
+        assert seek.value.errno == errno.ESPIPE
+    finally:
+        os.close(fd)
+    assert (agent / "context").read_text() == ""  # call sessions never touch the agent's context
+
+
+def _read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def test_class_rules_hold_for_root(agent: Path, fs: Mount) -> None:
+    for path, flags in [
+        (agent / "output", os.O_WRONLY),
+        (agent / "status", os.O_WRONLY),
+        (agent / "prompt", os.O_RDONLY),
+        (agent / "prompt", os.O_RDWR),
+        (agent / "ctl", os.O_RDONLY),
+        (fs.root / "kernel" / "status", os.O_WRONLY),
+    ]:
+        with pytest.raises(PermissionError):
+            os.close(os.open(path, flags))
+    result = sh(f"echo x > {agent}/output")
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+
+
+def test_bad_input_errnos_and_error_file(agent: Path, fs: Mount) -> None:
+    with pytest.raises(FileNotFoundError):
+        (fs.agents / "nobody" / "prompt").write_text("x")
+    fd = os.open(agent / "prompt", os.O_WRONLY)
+    with pytest.raises(OSError) as big:
+        os.write(fd, b"x" * (256 * 1024 + 1))
+    assert big.value.errno == errno.EFBIG
+    os.close(fd)
+    assert (agent / "error").read_text().startswith("EFBIG - ")
+    # non-UTF-8: bash cannot see the close error; the error file tells
+    result = sh(f"printf '\\xff\\xfe bad' > {agent}/prompt; cat {agent}/error")
+    assert result.stdout.startswith("EINVAL - ") and "UTF-8" in result.stdout
+    with pytest.raises(OSError) as envelope:
+        (agent / "prompt").write_text("{not json")
+    assert envelope.value.errno == errno.EINVAL
+    # config: a bad line is refused and the old config kept
+    (agent / "config").write_text("temperature=0.5\n")
+    with pytest.raises(OSError) as bad_config:
+        with open(agent / "config", "a") as config:
+            config.write("nonsense=1\n")
+    assert bad_config.value.errno == errno.EINVAL
+    assert "temperature=0.5" in (agent / "config").read_text()
+    with pytest.raises(OSError) as ctl:
+        (agent / "ctl").write_text("frobnicate\n")
+    assert ctl.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as long_name:
+        (fs.agents / ("n" * 256)).mkdir()
+    assert long_name.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError) as bad_name:
+        os.mkdir(fs.agents / "bad\udcffname")
+    assert bad_name.value.errno == errno.EINVAL
+    # and the mount still serves
+    assert sh(f"echo fine > {agent}/prompt && cat {agent}/output").stdout == "turn 1: FINE\n"
+
+
+def test_structural_changes_refused(agent: Path) -> None:
+    for script in [f"rm {agent}/prompt", f"mv {agent}/prompt {agent}/p2", f"touch {agent}/newfile", f"mkdir {agent}/sub"]:
+        result = sh(script)
+        assert result.returncode != 0 and "Operation not permitted" in result.stderr, script
+
+
+def test_config_applies_to_requests(agent: Path) -> None:
+    sh(f"echo 'max_tokens=5' >> {agent}/config")
+    assert "max_tokens=5" in (agent / "config").read_text()
+    assert sh(f"echo 'abcdefghij' > {agent}/prompt; cat {agent}/output").stdout == "turn \n"
+    (agent / "prompt").write_text(json.dumps({"prompt": "xyz", "max_tokens": 8}))
+    assert (agent / "output").read_text() == "turn 2: \n"
+
+
+@pytest.fixture(scope="module")
+def slow_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted(tmp_path_factory.mktemp("slow"), "--backend", "fake", "--fake-delay", "0.05") as mount:
+        yield mount
+
+
+def test_cancel_running_job_fails_the_reader(slow_fs: Mount) -> None:
+    agent = slow_fs.agent("slowpoke")
+    (agent / "prompt").write_text("x" * 200)  # a long answer at 50 ms a token
+    reader = subprocess.Popen(["cat", str(agent / "output")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (agent / "status").read_text().startswith("running"))
+    with pytest.raises(OSError) as busy:
+        agent.rmdir()
+    assert busy.value.errno == errno.EBUSY
+    (agent / "ctl").write_text("cancel\n")
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode != 0 and "canceled" in err.lower()
+    assert out and ("turn 1: " + "X" * 200).startswith(out)  # the partial answer, then the error
+    assert (agent / "status").read_text().startswith("cancelled")
+    assert (agent / "error").read_text().startswith("ECANCELED ")
+    agent.rmdir()
+
+
+def test_ctrl_c_and_kill_release_a_blocked_reader(agent: Path) -> None:
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        reader = subprocess.Popen(["cat", str(agent / "output")])
+        time.sleep(0.5)
+        assert reader.poll() is None
+        started = time.monotonic()
+        reader.send_signal(sig)
+        reader.wait(timeout=10)
+        assert time.monotonic() - started < 5
+
+
+def test_poll_wakes_on_output(agent: Path) -> None:
+    fd = os.open(agent / "output", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 100)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(100) == []
+        (agent / "prompt").write_text("ping")
+        assert poller.poll(10_000) != []
+    finally:
+        os.close(fd)
+
+
+def test_other_user_owns_its_agent(fs: Mount) -> None:
+    script = f"cd {fs.agents} && mkdir mine && echo hi > mine/prompt && cat mine/output && stat -c '%u %a' mine"
+    result = sh(f'setpriv --reuid 65534 --regid 65534 --clear-groups bash -c "{script}"')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "turn 1: HI" and lines[1].split()[0] == "65534"
+    root_agent = fs.agent("roots")
+    denied = sh(f"setpriv --reuid 65534 --regid 65534 --clear-groups bash -c 'echo hi > {root_agent}/prompt'")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    denied = sh(f"setpriv --reuid 65534 --regid 65534 --clear-groups rmdir {root_agent}")
+    assert denied.returncode != 0
+
+
+def test_remount_keeps_agents_config_and_context(tmp_path: Path) -> None:
+    with mounted(tmp_path, "--backend", "fake") as mount:
+        agent = mount.agent("keeper")
+        assert sh(f"cd {agent} && echo 'temperature=0.2' >> config && echo 'hold this' > prompt && cat output").returncode == 0
+        context = (agent / "context").read_text()
+        os.chmod(agent / "output", 0o600)
+    with mounted(tmp_path, "--backend", "fake") as mount:
+        agent = mount.agents / "keeper"
+        assert os.listdir(mount.agents) == ["keeper"]
+        assert "temperature=0.2" in (agent / "config").read_text()
+        assert (agent / "context").read_text() == context
+        assert (agent / "output").read_text() == "turn 1: HOLD THIS\n"
+        assert os.stat(agent / "output").st_mode & 0o777 == 0o600
+        assert sh(f"echo again > {agent}/prompt && cat {agent}/output").stdout == "turn 2: AGAIN\n"
+
+
+def test_cli_errors_say_what_to_do(tmp_path: Path) -> None:
+    missing = aiosfs("mount", str(tmp_path / "nowhere"), "--backend", "fake")
+    assert missing.returncode == 1 and "mkdir -p" in missing.stderr
+    (tmp_path / "mp").mkdir()
+    no_model = aiosfs("mount", str(tmp_path / "mp"), "--model", str(tmp_path / "none.gguf"), "--state", str(tmp_path / "s"))
+    assert no_model.returncode == 1 and "scripts/setup" in no_model.stderr
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    state = aiosfs("mount", str(tmp_path / "mp"), "--backend", "fake", "--state", str(not_a_dir / "state"))
+    assert state.returncode == 1 and "cannot write the state directory" in state.stderr and "--state" in state.stderr
+    status = aiosfs("status", str(tmp_path / "mp"))
+    assert status.returncode == 1 and "not an aiosfs mount" in status.stderr
+
+
+def test_busy_and_dead_mounts(tmp_path: Path) -> None:
+    with mounted(tmp_path, "--backend", "fake") as mount:
+        again = aiosfs("mount", str(mount.root), "--backend", "fake", "--state", str(tmp_path / "other"))
+        assert again.returncode == 1 and "already" in again.stderr
+        assert aiosfs("status", str(mount.root)).stdout.startswith("running=")
+        os.kill(mount.daemon_pid(), signal.SIGKILL)
+        wait_for(lambda: _dead(mount.root))
+        restarted = mount.start()
+        assert "cleaned a dead mount" in restarted.stderr
+        assert (mount.root / "kernel" / "status").read_text().startswith("running=")
+
+
+def _dead(path: Path) -> bool:
+    try:
+        os.stat(path / "kernel")
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
