@@ -1,0 +1,141 @@
+"""End to end on the real embedded model: a real mount driven by bash and Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mounting import Mount, mounted, needs_fuse, sh
+
+from aiosfs.model import default_model_path
+
+pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.model]
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    path = default_model_path()
+    if not path.is_file():
+        pytest.fail(f"the embedded model is not installed at {path}: run scripts/setup")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fs(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Mount]:
+    with mounted(tmp_path_factory.mktemp("model"), "--model", str(model), "--threads", "2", "--slots", "4", "--ctx", "1024") as mount:
+        yield mount
+
+
+def greedy(agent: Path, *extra: str) -> None:
+    lines = ["temperature=0", "max_tokens=48", *extra]
+    (agent / "config").write_text("\n".join(lines) + "\n")
+
+
+def test_readme_walkthrough(fs: Mount) -> None:
+    script = f"""
+    set -e
+    mkdir {fs.agents}/writer
+    echo "system=You are terse." >> {fs.agents}/writer/config
+    echo "temperature=0" >> {fs.agents}/writer/config
+    echo "Name three prime numbers." > {fs.agents}/writer/prompt
+    cat {fs.agents}/writer/output
+    cat {fs.agents}/writer/status
+    """
+    result = sh(script, timeout=300)
+    assert result.returncode == 0, result.stderr
+    *answer, status = result.stdout.strip().splitlines()
+    assert any(ch.isdigit() for ch in "".join(answer))
+    assert status.split()[0] == "done"
+    messages = [json.loads(line) for line in (fs.agents / "writer" / "context").read_text().splitlines()]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"] == "\n".join(answer)
+
+
+def test_two_agents_at_once_get_their_own_answers(fs: Mount) -> None:
+    questions = {"geo": "What is the capital of France?", "it": "What is the capital of Italy?"}
+    for name in questions:
+        greedy(fs.agent(name))
+    procs = {
+        name: subprocess.Popen(["bash", "-c", f"cd {fs.agents / name} && echo '{q}' > prompt && cat output"], stdout=subprocess.PIPE, text=True)
+        for name, q in questions.items()
+    }
+    answers = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values())
+    assert "paris" in answers["geo"].lower()
+    assert "rome" in answers["it"].lower()
+    stats = dict(line.split(" ", 1) for line in (fs.root / "kernel" / "stats").read_text().splitlines())
+    assert int(stats["generated"]) > 0 and float(stats["tokens_per_s"]) > 0
+
+
+def test_output_streams_before_the_answer_is_done(fs: Mount) -> None:
+    agent = fs.agent("streamer")
+    greedy(agent, "max_tokens=200")
+    fd = os.open(agent / "output", os.O_RDONLY)
+    try:
+        (agent / "prompt").write_text("Write a long story about a lighthouse keeper.")
+        first = os.read(fd, 4096)
+        state_at_first_bytes = (agent / "status").read_text().split()[0]
+        rest = b""
+        while chunk := os.read(fd, 4096):
+            rest += chunk
+    finally:
+        os.close(fd)
+    assert first and state_at_first_bytes == "running"
+    assert len(first + rest) > len(first)
+    assert (agent / "status").read_text().split()[0] == "done"
+
+
+def test_multi_turn_and_call_sessions(fs: Mount) -> None:
+    agent = fs.agent("talker")
+    greedy(agent)
+    assert sh(f"cd {agent} && echo 'My favourite fruit is the mango.' > prompt && cat output > /dev/null", timeout=300).returncode == 0
+    assert sh(f"cd {agent} && echo 'Which fruit did I say is my favourite?' > prompt && cat output", timeout=300).stdout.strip()
+    roles = [json.loads(line)["role"] for line in (agent / "context").read_text().splitlines()]
+    assert roles == ["user", "assistant"] * 2
+    fd = os.open(agent / "call", os.O_RDWR)
+    try:
+        for question in (b"Say hello.", b"Now say goodbye."):
+            os.write(fd, question)
+            answer = b""
+            while chunk := os.read(fd, 65536):
+                answer += chunk
+            assert answer.strip()
+    finally:
+        os.close(fd)
+    assert len((agent / "context").read_text().splitlines()) == 4  # call turns stay private
+
+
+def test_cancel_and_bad_input_keep_the_mount_serving(fs: Mount) -> None:
+    agent = fs.agent("victim")
+    greedy(agent, "max_tokens=400")
+    (agent / "prompt").write_text("Count from one to two hundred in words.")
+    reader = subprocess.Popen(["cat", str(agent / "output")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (agent / "status").read_text().split()[0] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (agent / "ctl").write_text("cancel\n")
+    _, err = reader.communicate(timeout=60)
+    assert reader.returncode != 0 and "canceled" in err.lower()
+    assert sh(f"printf '\\xff' > {agent}/prompt; cat {agent}/error").stdout.startswith("EINVAL")
+    result = sh(f"echo 'Say yes.' > {agent}/prompt && cat {agent}/output", timeout=300)
+    assert result.returncode == 0 and result.stdout.strip()
+
+
+def test_remount_keeps_the_conversation(tmp_path: Path, model: Path) -> None:
+    args = ("--model", str(model), "--threads", "2", "--slots", "2", "--ctx", "1024")
+    with mounted(tmp_path, *args) as mount:
+        agent = mount.agent("keeper")
+        greedy(agent)
+        assert sh(f"echo 'Remember the word: tangerine.' > {agent}/prompt && cat {agent}/output", timeout=300).returncode == 0
+        context = (agent / "context").read_text()
+    with mounted(tmp_path, *args) as mount:
+        agent = mount.agents / "keeper"
+        assert (agent / "context").read_text() == context
+        assert "temperature=0.0" in (agent / "config").read_text()
+        assert sh(f"echo 'And again?' > {agent}/prompt && cat {agent}/output", timeout=300).stdout.strip()
+        assert len((agent / "context").read_text().splitlines()) == 4
