@@ -148,6 +148,11 @@ async def mkdir(ops: Operations, name: str, ctx: Ctx = ALICE, mode: int = 0o755)
     return ops.kernel.agents[name]
 
 
+def said(message: str, turn: int = 1) -> bytes:
+    """What `output` holds once the job is done: the answer, ended with a newline."""
+    return (answer(message, turn) + "\n").encode()
+
+
 def journal(kernel: Kernel, agent: Agent) -> list[str]:
     """The user message of every job ever committed to the agent, oldest first."""
     rows = kernel.storage.db.execute("SELECT user_message FROM jobs WHERE agent_id = ? ORDER BY id", [agent.row.id]).fetchall()
@@ -563,15 +568,18 @@ def test_output_is_bound_per_uid(fs):
         agent = await mkdir(ops, "shared", mode=0o777)
         output = await resolve(ops, "agents/shared/output")
         await echo(ops, "agents/shared/prompt", b"from alice\n", ALICE)
-        assert await cat(ops, "agents/shared/output", ALICE) == answer("from alice").encode()
+        assert await cat(ops, "agents/shared/output", ALICE) == said("from alice")
 
         await echo(ops, "agents/shared/prompt", b"from bob\n", BOB)
-        assert await cat(ops, "agents/shared/output", BOB) == answer("from bob", 2).encode()
-        assert await cat(ops, "agents/shared/output", ALICE) == answer("from alice").encode()
-        assert await cat(ops, "agents/shared/output", ROOT) == b""  # root submitted nothing
+        assert await cat(ops, "agents/shared/output", BOB) == said("from bob", 2)
+        assert await cat(ops, "agents/shared/output", ALICE) == said("from alice")
+        quiet = await open_fh(ops, "agents/shared/output", os.O_RDONLY | os.O_NONBLOCK, ROOT)
+        with fails(errno.EAGAIN):
+            await ops.read(quiet, 0, 4096)  # root submitted nothing: not a neighbour's answer
+        await ops.release(quiet)
 
-        assert (await ops.getattr(output, ALICE)).st_size == len(answer("from alice"))
-        assert (await ops.getattr(output, BOB)).st_size == len(answer("from bob", 2))
+        assert (await ops.getattr(output, ALICE)).st_size == len(said("from alice"))
+        assert (await ops.getattr(output, BOB)).st_size == len(said("from bob", 2))
         assert (await ops.getattr(output, ROOT)).st_size == 0
         assert latest(ops, agent, ALICE).uid == ALICE.uid
 
@@ -586,15 +594,15 @@ def test_output_handle_keeps_its_job_and_streams_in_chunks(fs):
         await echo(ops, "agents/a/prompt", b"second\n")
         await finished(latest(ops, agent))
 
-        assert await read_all(ops, old, size=3) == answer("first").encode()
-        assert await ops.read(old, len(answer("first")), 3) == b""  # EOF stays EOF
+        assert await read_all(ops, old, size=3) == said("first")
+        assert await ops.read(old, len(said("first")), 3) == b""  # EOF stays EOF
         await ops.release(old)
 
         new = await open_fh(ops, "agents/a/output", os.O_RDONLY)
         chunks = []
         while chunk := await ops.read(new, sum(map(len, chunks)), 2):
             chunks.append(chunk)
-        assert b"".join(chunks) == answer("second", 2).encode()
+        assert b"".join(chunks) == said("second", 2)
         assert all(len(chunk) <= 2 for chunk in chunks)
         await ops.release(new)
 
@@ -620,9 +628,9 @@ def test_output_opened_before_the_first_prompt_streams_it(fs):
             while ALICE.uid not in got:
                 await trio.sleep(0.01)
             await trio.testing.wait_all_tasks_blocked()
-            assert got == {ALICE.uid: answer("early").encode()}  # bob's reader waits for bob's prompt
+            assert got == {ALICE.uid: said("early")}  # bob's reader waits for bob's prompt
             await echo(ops, "agents/a/prompt", b"late\n", BOB)
-        assert got[BOB.uid] == answer("late", 2).encode()
+        assert got[BOB.uid] == said("late", 2)
 
     fs(body)
 
@@ -649,8 +657,7 @@ def test_nonblocking_read_without_data_is_eagain_and_poll_follows(fs):
             await finished(job)
         assert await ops.poll(output, bound, None, ALICE) == select.POLLIN
         assert await ops.poll(output, early, None, ALICE) == select.POLLIN
-        assert await read_all(ops, bound) == answer("later").encode()
-        assert await read_all(ops, early) == answer("later").encode()
+        assert await read_all(ops, bound) == said("later")
         assert await ops.poll(output, bound, None, ALICE) == select.POLLIN  # at EOF a read does not block
 
         status = await open_fh(ops, "agents/a/status", os.O_RDONLY)
@@ -664,7 +671,7 @@ def test_nonblocking_read_without_data_is_eagain_and_poll_follows(fs):
 def test_cancelled_job_gives_partial_output_then_one_ecanceled(fs):
     async def body(ops):
         agent = await mkdir(ops, "a")
-        full = answer(LONG).encode()
+        full = said(LONG)
         await echo(ops, "agents/a/prompt", LONG.encode())
         fh = await open_fh(ops, "agents/a/output", os.O_RDONLY)
         data = await ops.read(fh, 0, 4096)  # blocks until the first token
@@ -710,18 +717,18 @@ def test_call_is_a_private_conversation_per_handle(fs):
         fh = await open_fh(ops, "agents/a/call", os.O_RDWR)
         assert await ops.write(fh, 0, b"hello\n") == 6
         assert journal(ops.kernel, agent) == []  # the read commits the turn
-        assert await read_all(ops, fh) == answer("hello").encode()
+        assert await read_all(ops, fh) == said("hello")
         assert await ops.read(fh, 0, 4096) == b""
 
         await ops.write(fh, 0, b"again")
-        assert await read_all(ops, fh, size=5) == answer("again", 2).encode()
+        assert await read_all(ops, fh, size=5) == said("again", 2)
 
         other = await open_fh(ops, "agents/a/call", os.O_RDWR)
         await ops.write(other, 0, b"other")
-        assert await read_all(ops, other) == answer("other", 1).encode()
+        assert await read_all(ops, other) == said("other", 1)
 
         await ops.write(fh, 0, b"third")
-        assert await read_all(ops, fh) == answer("third", 3).encode()
+        assert await read_all(ops, fh) == said("third", 3)
         for handle in (fh, other):
             await ops.release(handle)
 
@@ -739,7 +746,7 @@ def test_closing_a_call_cancels_its_running_turn(fs):
         fh = await open_fh(ops, "agents/a/call", os.O_RDWR)
         await ops.write(fh, 0, LONG.encode())
         first = await ops.read(fh, 0, 4096)
-        assert answer(LONG).encode().startswith(first) and first
+        assert said(LONG).startswith(first) and first
         job = latest(ops, agent)
         assert job.source == "call" and job.state is JobState.RUNNING
         await ops.release(fh)
@@ -850,8 +857,7 @@ def test_context_appends_and_truncates(fs):
         assert (await ops.getattr(context, ALICE)).st_size == len(await cat(ops, "agents/a/context"))
 
         await echo(ops, "agents/a/prompt", b"what now\n")
-        job = await finished(latest(ops, agent))
-        assert job.text == answer("what now", 2)  # the model saw the written context
+        assert await cat(ops, "agents/a/output") == said("what now", 2)  # the model saw the written context
 
         fh = await open_fh(ops, "agents/a/context", os.O_WRONLY | os.O_TRUNC)
         await ops.flush(fh)
