@@ -92,26 +92,37 @@ class SnapshotHandle(Handle):
 class StoredHandle(Handle):
     """A whole-file buffer (config, context) committed and validated at flush.
 
-    The buffer starts as the current content (empty with O_TRUNC); writes land at
-    their offset, or at the end with O_APPEND. A failed commit keeps the old
-    content and reports its errno from flush()/close().
+    Without O_APPEND the buffer starts as the content at open() (empty with
+    O_TRUNC) and writes land at their offset. With O_APPEND only the appended bytes
+    are kept and they are added to the content as it is at flush, so concurrent
+    appenders and finishing jobs lose nothing. A failed commit keeps the old content
+    and reports its errno from flush()/close() and in `error`.
     """
 
-    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, text: str, commit: Sys, limit: int) -> None:
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, current: Callable[[], str], commit: Sys, limit: int) -> None:
         super().__init__(kernel, caller, agent, flags)
+        self.current = current
         self.commit_call = commit
         self.limit = limit
         self.dirty = bool(flags & os.O_TRUNC)
-        self.data = bytearray() if self.dirty else bytearray(text.encode())
+        self.appending = bool(flags & os.O_APPEND) and not self.dirty
+        self.data = bytearray() if self.dirty or self.appending else bytearray(current().encode())
+
+    def _view(self) -> bytes:
+        return self.current().encode() + self.data if self.appending else bytes(self.data)
 
     async def read(self, off: int, size: int) -> bytes:
-        return bytes(self.data[off : off + size])
+        return self._view()[off : off + size]
 
     async def write(self, off: int, buf: bytes) -> int:
-        if self.flags & os.O_APPEND:
-            off = len(self.data)
-        if off + len(buf) > self.limit:
-            raise KernelError(errno.EFBIG, f"this file is limited to {self.limit} bytes")
+        base = len(self.current().encode()) if self.appending else 0
+        off = len(self.data) if self.flags & os.O_APPEND else off - base
+        if base + max(off, 0) + len(buf) > self.limit:
+            exc = KernelError(errno.EFBIG, f"this file is limited to {self.limit} bytes")
+            self.kernel.record_error(self.agent, self.caller.uid, exc)
+            raise exc
+        if off < 0:
+            raise KernelError(errno.EINVAL, "with O_APPEND, writes go to the end")
         if off > len(self.data):
             self.data += b"\0" * (off - len(self.data))
         self.data[off : off + len(buf)] = buf
@@ -120,18 +131,15 @@ class StoredHandle(Handle):
 
     def truncate(self) -> None:
         self.data = bytearray()
+        self.appending = False
         self.dirty = True
 
     async def flush(self) -> None:
         if not self.dirty:
             return
         self.dirty = False
-        try:
-            text = self.data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise KernelError(errno.EINVAL, f"not valid UTF-8 at byte {exc.start}") from None
-        assert self.agent is not None
-        await syscall(self.kernel, self.commit_call, self.caller, self.agent, text)
+        data, self.data = self._view(), bytearray() if self.appending else self.data
+        await syscall(self.kernel, self.commit_call, self.caller, self.agent, data)
 
     async def release(self) -> None:
         try:
@@ -257,6 +265,9 @@ class GrowingHandle(Handle):
     async def _wait_for_first_job(self) -> None:
         """A reader opened before the uid's first request streams that request."""
         assert self.agent is not None
+        self.stream.job = self.kernel.latest_job(self.agent, self.caller.uid)
+        if self.stream.job is not None:
+            return
         if self.flags & os.O_NONBLOCK:
             raise pyfuse3.FUSEError(errno.EAGAIN)
         self.waiting.enter(self.caller.uid)
@@ -293,7 +304,9 @@ class RpcHandle(Handle):
     async def write(self, off: int, buf: bytes) -> int:
         if len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
             self.pending.clear()
-            raise KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
+            exc = KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
+            self.kernel.record_error(self.agent, self.caller.uid, exc)
+            raise exc
         self.pending += buf
         return len(buf)
 
@@ -326,16 +339,9 @@ class RpcHandle(Handle):
 
 
 class CtlHandle(Handle):
-    """ctl: every line of a write is one command, applied inside write()."""
+    """ctl: the lines of one write are checked together, then applied in order,
+    inside write()."""
 
     async def write(self, off: int, buf: bytes) -> int:
-        try:
-            text = buf.decode("utf-8")
-        except UnicodeDecodeError:
-            raise KernelError(errno.EINVAL, "ctl commands are UTF-8 text") from None
-        for line in text.splitlines():
-            if len(line) > params.MAX_CTL_LINE:
-                raise KernelError(errno.EINVAL, "ctl line too long")
-            if line.strip():
-                await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, line)
+        await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, buf)
         return len(buf)

@@ -160,7 +160,7 @@ class Operations(pyfuse3.Operations):
             handle.truncate()
         elif entry.cls is Cls.STORED and agent is not None:
             call = Sys.CONFIG_WRITE if entry.kind is Kind.CONFIG else Sys.CONTEXT_WRITE
-            await syscall(self.kernel, call, caller, agent, "")
+            await syscall(self.kernel, call, caller, agent, b"")
 
     async def _chattr(self, entry: Entry, agent: Agent, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, caller: Caller) -> None:
         """chmod/chown: the VFS has checked ownership (default_permissions); we persist."""
@@ -279,7 +279,7 @@ class Operations(pyfuse3.Operations):
         assert agent is not None
         if entry.cls is Cls.STORED:
             call, limit = (Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES) if entry.kind is Kind.CONFIG else (Sys.CONTEXT_WRITE, params.MAX_CONTEXT_BYTES)
-            return StoredHandle(self.kernel, caller, agent, flags, self._stored_text(entry.kind, agent), call, limit)
+            return StoredHandle(self.kernel, caller, agent, flags, functools.partial(self._stored_text, entry.kind, agent), call, limit)
         if entry.cls is Cls.SUBMIT:
             return SubmitHandle(self.kernel, caller, agent, flags)
         if entry.cls is Cls.GROWING:

@@ -168,7 +168,13 @@ class Kernel:
             raise KernelError(errno.EPERM, f"only the owner of {agent.name!r} or root may {what} it")
 
     # -- config and context ----------------------------------------------------------
+    def require_live(self, agent: Agent) -> None:
+        """Refuse work for an agent removed while a file of it was open."""
+        if self.agents.get(agent.name) is not agent:
+            raise KernelError(errno.ENOENT, f"agent {agent.name!r} was removed")
+
     def write_config(self, caller: Caller, agent: Agent, text: str) -> None:
+        self.require_live(agent)
         if len(text.encode()) > params.MAX_CONFIG_BYTES:
             raise KernelError(errno.EFBIG, f"config is over {params.MAX_CONFIG_BYTES} bytes")
         config = parse_config(text, self.known_model)
@@ -176,6 +182,7 @@ class Kernel:
         self.storage.update_agent(agent.row.id, config=config.render())
 
     def write_context(self, caller: Caller, agent: Agent, text: str) -> None:
+        self.require_live(agent)
         messages = parse_context(text)
         agent.messages = messages
         self.storage.replace_messages(agent.row.id, messages)
@@ -192,8 +199,7 @@ class Kernel:
         self.check_queue(agent)
         conversation = agent.messages if history is None else history
         messages, tokens = await trio.to_thread.run_sync(build_prompt, self.backend, config, list(conversation), message)
-        if self.agents.get(agent.name) is not agent:
-            raise KernelError(errno.ENOENT, f"agent {agent.name!r} was removed")
+        self.require_live(agent)
         self.check_queue(agent)
         source = "prompt" if history is None else "call"
         queued_at = time.time()
@@ -272,8 +278,10 @@ class Kernel:
         rows = self.storage.db.execute("SELECT 1 FROM jobs WHERE id = ? AND agent_id = ?", [job_id, agent.row.id]).fetchall()
         return bool(rows)
 
-    def record_error(self, agent: Agent, uid: int, exc: KernelError, job_id: int | None = None) -> None:
+    def record_error(self, agent: Agent | None, uid: int, exc: KernelError, job_id: int | None = None) -> None:
         """Mirror a refused request into the caller's `error` file and the log."""
+        if agent is None:
+            return
         agent.errors[uid] = f"{errno_name(exc.errno)} {job_id if job_id is not None else '-'} {int(time.time())} {exc.message}"
         self.log_event("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
 

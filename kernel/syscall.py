@@ -50,25 +50,45 @@ async def sys_llm_submit(kernel: Kernel, caller: Caller, agent: Agent, data: byt
     return await kernel.submit(caller, agent, data, history)
 
 
-async def sys_config_write(kernel: Kernel, caller: Caller, agent: Agent, text: str) -> None:
-    kernel.write_config(caller, agent, text)
+async def sys_config_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
+    kernel.write_config(caller, agent, _text(data, "config"))
 
 
-async def sys_context_write(kernel: Kernel, caller: Caller, agent: Agent, text: str) -> None:
-    kernel.write_context(caller, agent, text)
+async def sys_context_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
+    kernel.write_context(caller, agent, _text(data, "context"))
 
 
-async def sys_agent_ctl(kernel: Kernel, caller: Caller, agent: Agent, line: str) -> None:
-    """One `ctl` command: `cancel [ID|all]` or `reset`."""
-    verb, _, rest = line.strip().partition(" ")
-    rest = rest.strip()
-    if verb == "cancel":
-        kernel.cancel(caller, agent, rest)
-    elif verb == "reset" and not rest:
-        kernel.write_context(caller, agent, "")
-    else:
-        raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: cancel [ID|all], reset)")
-    kernel.log_event("ctl", agent=agent.name, uid=caller.uid, command=line.strip())
+async def sys_agent_ctl(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
+    """`ctl` commands, one a line: `cancel [ID|all]` or `reset`. Every line is
+    checked before any is applied, so a bad line changes nothing."""
+    commands = [parse_ctl(line) for line in _text(data, "ctl").splitlines() if line.strip()]
+    if not commands:
+        raise KernelError(errno.EINVAL, "ctl: no command (known: cancel [ID|all], reset)")
+    for verb, arg in commands:
+        if verb == "cancel":
+            kernel.cancel(caller, agent, arg)
+        else:
+            kernel.write_context(caller, agent, "")
+        kernel.log_event("ctl", agent=agent.name, uid=caller.uid, command=f"{verb} {arg}".strip())
+
+
+def parse_ctl(line: str) -> tuple[str, str]:
+    if len(line) > params.MAX_CTL_LINE:
+        raise KernelError(errno.EINVAL, f"ctl: a command is over {params.MAX_CTL_LINE} bytes")
+    verb, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if (verb == "cancel" and (arg in ("", "all") or arg.isdigit())) or (verb == "reset" and not arg):
+        return verb, arg
+    raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: cancel [ID|all], reset)")
+
+
+def _text(data: bytes | str, what: str) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KernelError(errno.EINVAL, f"{what}: not valid UTF-8 (byte {exc.start})") from None
 
 
 TABLE: dict[Sys, Handler] = {

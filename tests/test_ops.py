@@ -985,3 +985,68 @@ def test_unknown_handles_are_ebadf(fs):
         await ops.release(99)  # a release of an unknown handle is harmless
 
     fs(body)
+
+
+# -- fixes found by these tests -------------------------------------------------------------
+
+
+def test_nonblocking_output_opened_before_the_first_job_reads_it(fs):
+    async def body(ops):
+        await mkdir(ops, "a")
+        fh = await open_fh(ops, "agents/a/output", os.O_RDONLY | os.O_NONBLOCK)
+        with fails(errno.EAGAIN):
+            await ops.read(fh, 0, 100)
+        await echo(ops, "agents/a/prompt", b"hi\n")
+        await finished(latest(ops, ops.kernel.agents["a"]))
+        assert await ops.poll(0, fh, None, ALICE) & select.POLLIN
+        assert await read_all(ops, fh) == said("hi")
+        await ops.release(fh)
+
+    fs(body)
+
+
+def test_concurrent_appends_to_context_are_all_kept(fs):
+    async def body(ops):
+        agent = await mkdir(ops, "a")
+        one = await open_fh(ops, "agents/a/context", os.O_WRONLY | os.O_APPEND)
+        two = await open_fh(ops, "agents/a/context", os.O_WRONLY | os.O_APPEND)
+        await ops.write(one, 0, b"one\n")
+        await ops.write(two, 0, b"two\n")
+        await echo(ops, "agents/a/prompt", b"meanwhile\n")
+        await finished(latest(ops, agent))
+        await ops.flush(one)
+        await ops.flush(two)
+        for fh in (one, two):
+            await ops.release(fh)
+        contents = [m["content"] for m in agent.messages]
+        assert contents == ["meanwhile", answer("meanwhile"), "one", "two"]
+
+    fs(body)
+
+
+def test_stored_writes_after_rmdir_are_enoent_not_eio(fs):
+    async def body(ops):
+        agents = await resolve(ops, "agents")
+        for name in ("config", "context"):
+            await mkdir(ops, "a")
+            fh = await open_fh(ops, f"agents/a/{name}", os.O_WRONLY | os.O_APPEND)
+            await ops.write(fh, 0, b"temperature=0.1\n")
+            await ops.rmdir(agents, b"a", ALICE)
+            with fails(errno.ENOENT):
+                await ops.flush(fh)
+            await ops.release(fh)
+
+    fs(body)
+
+
+def test_a_bad_ctl_line_applies_nothing(fs):
+    async def body(ops):
+        agent = await mkdir(ops, "a")
+        await echo(ops, "agents/a/context", b"keep me\n", flags=os.O_WRONLY | os.O_APPEND)
+        fh = await open_fh(ops, "agents/a/ctl", os.O_WRONLY)
+        with fails(errno.EINVAL):
+            await ops.write(fh, 0, b"reset\nbogus\n")
+        await ops.release(fh)
+        assert [m["content"] for m in agent.messages] == ["keep me"]
+
+    fs(body)
