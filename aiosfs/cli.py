@@ -128,8 +128,13 @@ def _spawn_daemon(args: argparse.Namespace, options: object) -> int:
     read_end, write_end = os.pipe()
     log_path = options.state / "aiosfs.log"
     argv = [sys.executable, "-m", "aiosfs.cli", *_daemon_argv(args, options), "--ready-fd", str(write_end)]
+    # The daemon runs the same code as this command, wherever it was imported from.
+    source_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
     with open(log_path, "ab") as log_file:
-        subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_end,), start_new_session=True)
+        subprocess.Popen(
+            argv, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_end,), start_new_session=True
+        )
     os.close(write_end)
     received = b""
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
