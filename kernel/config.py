@@ -92,9 +92,10 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "priority": _int_in(0, 9),
     "tools": _names,
     "memory_recall": _switch,
+    "ignore_eos": _switch,
 }
 
-ENVELOPE_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "priority", "model", "tools")
+ENVELOPE_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "priority", "model", "tools", "ignore_eos")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class AgentConfig:
     priority: int = 0
     tools: tuple[str, ...] = ()
     memory_recall: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     stop: tuple[str, ...] = field(default=())
 
     def render(self) -> str:

@@ -59,7 +59,7 @@ class FakeBackend:
         return 0
 
     def new_sampler(self, config: AgentConfig, seed: int) -> Any:
-        return {"reply": None}
+        return {"reply": None, "ignore_eos": config.ignore_eos}
 
     def sample(self, sampler: Any, batch_index: int) -> int:
         seq = dict(self._last)[batch_index]
@@ -69,7 +69,9 @@ class FakeBackend:
             sampler["start"] = len(tokens)
         produced = len(tokens) - sampler["start"]
         reply: bytes = sampler["reply"]
-        return reply[produced] if produced < len(reply) else EOG
+        if produced < len(reply):
+            return reply[produced]
+        return ord(".") if sampler["ignore_eos"] else EOG
 
     @staticmethod
     def _reply(prompt: str) -> bytes:

@@ -102,6 +102,9 @@ class LlamaBackend:
             n_batch=n_batch,
         )
         self._pieces: dict[int, bytes] = {}
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self._n_vocab = n_vocab
 
     @staticmethod
     def _progress_callback(progress: Callable[[float], None] | None) -> Any:
@@ -169,6 +172,9 @@ class LlamaBackend:
 
     def new_sampler(self, config: AgentConfig, seed: int) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if config.ignore_eos and self._eog:
+            biases = (llama_cpp.llama_logit_bias * len(self._eog))(*[llama_cpp.llama_logit_bias(t, float("-inf")) for t in self._eog])
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(self._eog), biases))
         if config.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
