@@ -73,7 +73,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("stats", Kind.K_STATS, Cls.SNAPSHOT, 0o444),
         Entry("ps", Kind.K_PS, Cls.SNAPSHOT, 0o444),
         Entry("models", Kind.K_MODELS, Cls.SNAPSHOT, 0o444),
-        Entry("scheduler", Kind.K_SCHEDULER, Cls.SNAPSHOT, 0o444),
+        Entry("scheduler", Kind.K_SCHEDULER, Cls.STORED, 0o644),
         Entry("log", Kind.K_LOG, Cls.SNAPSHOT, 0o400),
     ],
     Kind.AGENT: [

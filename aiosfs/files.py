@@ -99,7 +99,7 @@ class StoredHandle(Handle):
     and reports its errno from flush()/close() and in `error`.
     """
 
-    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, current: Callable[[], str], commit: Sys, limit: int) -> None:
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, current: Callable[[], str], commit: Sys, limit: int) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.current = current
         self.commit_call = commit
@@ -107,6 +107,10 @@ class StoredHandle(Handle):
         self.dirty = bool(flags & os.O_TRUNC)
         self.appending = bool(flags & os.O_APPEND) and not self.dirty
         self.data = bytearray() if self.dirty or self.appending else bytearray(current().encode())
+        # bash flushes once before it writes: a truncation committed then is undone
+        # if what is written afterwards is refused, so EINVAL keeps the old content.
+        self.before = current().encode()
+        self.replaced = False
 
     def _view(self) -> bytes:
         return self.current().encode() + self.data if self.appending else bytes(self.data)
@@ -139,7 +143,14 @@ class StoredHandle(Handle):
             return
         self.dirty = False
         data, self.data = self._view(), bytearray() if self.appending else self.data
-        await syscall(self.kernel, self.commit_call, self.caller, self.agent, data)
+        target = [self.agent] if self.agent is not None else []
+        try:
+            await syscall(self.kernel, self.commit_call, self.caller, *target, data)
+        except KernelError:
+            if self.replaced:
+                await syscall(self.kernel, self.commit_call, self.caller, *target, self.before)
+            raise
+        self.replaced = True
 
     async def release(self) -> None:
         try:
@@ -154,10 +165,12 @@ class SubmitHandle(Handle):
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.pending = bytearray()
+        self.oversized = False  # after EFBIG the rest of that request is refused too
 
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
-        if len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
+        if self.oversized or len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
+            self.oversized = True
             exc = KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
             self.kernel.record_error(self.agent, self.caller.uid, exc)
             self.pending.clear()
@@ -173,6 +186,7 @@ class SubmitHandle(Handle):
 
     def truncate(self) -> None:
         self.pending.clear()
+        self.oversized = False
 
     async def flush(self) -> None:
         if not self.pending:

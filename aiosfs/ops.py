@@ -106,7 +106,7 @@ class Operations(pyfuse3.Operations):
             attr.st_mode = (entry.st_mode & ~0o7777) | mode
             attr.st_uid, attr.st_gid = agent.row.uid, agent.row.gid
             stamp = agent.row.changed or agent.row.created
-        if entry.cls is Cls.STORED and agent is not None:
+        if entry.cls is Cls.STORED:
             attr.st_size = len(self._stored_text(entry.kind, agent).encode())
         elif entry.cls is Cls.GROWING and agent is not None and ctx is not None:
             job = self.kernel.latest_job(agent, ctx.uid)
@@ -115,10 +115,20 @@ class Operations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
         return attr
 
-    def _stored_text(self, kind: Kind, agent: Agent) -> str:
+    def _stored_text(self, kind: Kind, agent: Agent | None) -> str:
+        if agent is None:
+            return self.kernel.engine.scheduler.describe() + "\n"
         if kind is Kind.CONFIG:
             return agent.config.render()
         return render_context(agent.messages)
+
+    @staticmethod
+    def _stored_call(kind: Kind) -> tuple[Sys, int]:
+        if kind is Kind.CONFIG:
+            return Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES
+        if kind is Kind.CONTEXT:
+            return Sys.CONTEXT_WRITE, params.MAX_CONTEXT_BYTES
+        return Sys.SCHED_SET, params.MAX_CTL_LINE
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -159,8 +169,7 @@ class Operations(pyfuse3.Operations):
         if handle is not None:
             handle.truncate()
         elif entry.cls is Cls.STORED and agent is not None:
-            call = Sys.CONFIG_WRITE if entry.kind is Kind.CONFIG else Sys.CONTEXT_WRITE
-            await syscall(self.kernel, call, caller, agent, b"")
+            await syscall(self.kernel, self._stored_call(entry.kind)[0], caller, agent, b"")
 
     async def _chattr(self, entry: Entry, agent: Agent, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, caller: Caller) -> None:
         """chmod/chown: the VFS has checked ownership (default_permissions); we persist."""
@@ -276,10 +285,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         if entry.cls is Cls.SNAPSHOT:
             return SnapshotHandle(self.kernel, caller, agent, flags, self._snapshot(entry.kind, agent, caller))
-        assert agent is not None
         if entry.cls is Cls.STORED:
-            call, limit = (Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES) if entry.kind is Kind.CONFIG else (Sys.CONTEXT_WRITE, params.MAX_CONTEXT_BYTES)
+            call, limit = self._stored_call(entry.kind)
             return StoredHandle(self.kernel, caller, agent, flags, functools.partial(self._stored_text, entry.kind, agent), call, limit)
+        assert agent is not None
         if entry.cls is Cls.SUBMIT:
             return SubmitHandle(self.kernel, caller, agent, flags)
         if entry.cls is Cls.GROWING:
@@ -298,7 +307,6 @@ class Operations(pyfuse3.Operations):
             Kind.K_STATS: lambda: render.kernel_stats(k),
             Kind.K_PS: lambda: render.kernel_ps(k, caller),
             Kind.K_MODELS: lambda: render.kernel_models(k),
-            Kind.K_SCHEDULER: lambda: k.engine.scheduler.describe() + "\n",
             Kind.K_LOG: lambda: render.kernel_log(k),
         }
         return renderers[kind]()

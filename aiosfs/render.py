@@ -28,7 +28,7 @@ def agent_status(kernel: Kernel, agent: Agent, caller: Caller) -> str:
     job = kernel.latest_job(agent, caller.uid)
     if job is None:
         return "idle -\n"
-    return f"{job.state.value} {job.id}\n"
+    return f"{job.shown_state} {job.id}\n"
 
 
 def agent_error(agent: Agent, caller: Caller) -> str:
@@ -49,7 +49,7 @@ def kernel_ps(kernel: Kernel, caller: Caller) -> str:
     jobs = sorted((j for a in kernel.agents.values() for j in a.active), key=lambda j: j.id)
     for job in jobs:
         waited = (job.started_at or now) - job.queued_at
-        lines.append(f"{job.id} {job.agent} {job.uid} {job.state.value} {job.config.priority} {int(waited * 1000)} {job.n_generated}\n")
+        lines.append(f"{job.id} {job.agent} {job.uid} {job.shown_state} {job.config.priority} {int(waited * 1000)} {job.n_generated}\n")
     return "".join(lines)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,7 +49,16 @@ def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not text")
-    return value.replace("\\n", "\n")
+    return value
+
+
+def _unescape(value: str) -> str:
+    """`\\n` is a newline and `\\\\` a backslash in one-line config values."""
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _switch(value: Any) -> bool:
@@ -124,7 +134,7 @@ class AgentConfig:
             elif isinstance(value, tuple):
                 value = " ".join(value)
             elif isinstance(value, str):
-                value = value.replace("\n", "\\n")
+                value = _escape(value)
             lines.append(f"{key}={value}")
         return "\n".join(lines) + "\n"
 
@@ -147,7 +157,7 @@ def parse_config(text: str, known_models: Callable[[str], bool] | None = None) -
         if key not in VALIDATORS:
             known = ", ".join(VALIDATORS)
             raise KernelError(errno.EINVAL, f"config line {number}: unknown key {key!r} (known: {known})")
-        values[key] = _validate(key, value.strip(), f"config line {number}")
+        values[key] = _validate(key, _unescape(value.strip()), f"config line {number}")
     _check_model(values.get("model", ""), known_models)
     return AgentConfig(**values)
 

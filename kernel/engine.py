@@ -2,17 +2,31 @@
 
 Each step decodes one token for every generating sequence first, then fills the
 rest of the token budget with chunks of pending prompts, so a long prompt never
-stalls the others. Results go back to the trio thread once per step through
-`TrioToken.run_sync_soon`, which never blocks the engine thread.
+stalls the others; entries are sorted by sequence id. Results go back to the trio
+thread once per step through `TrioToken.run_sync_soon`, which never blocks.
 
-Locking: `_cond` guards the scheduler, the free-slot list and `_stopping`; the
-slots themselves belong to the engine thread.
+Context switches, cheapest first:
+1. a paused job keeps its slot and is simply left out of the batch;
+2. a preempted job's KV cells are saved with `state_get` and restored later,
+   into whatever slot is free, with `state_set` (RAM budget: `swap_budget`);
+3. past that budget the state is dropped and its tokens are recomputed on resume.
+The last sampled token is never in a saved state: it is decoded on resume, so a
+resumed greedy generation is token-identical to an uninterrupted one.
+
+KV reuse: when a job ends its sequence stays cached for its agent; the agent's
+next job keeps the longest common token prefix and prefills only the rest. Idle
+cached sequences are evicted least recently used first (saved to RAM while the
+budget allows) when a job needs their slot.
+
+Locking: `_cond` guards the scheduler, `_parked` and `_stopping`; slots and the
+cache belong to the engine thread.
 """
 
 from __future__ import annotations
 
 import codecs
 import errno
+import itertools
 import logging
 import random
 import threading
@@ -23,29 +37,46 @@ from typing import Any
 
 import trio
 
+from . import params
 from .backends import Backend, BatchEntry
 from .jobs import Job, JobState
-from .scheduler import Scheduler
+from .scheduler import Running, Scheduler
 
 log = logging.getLogger(__name__)
 
 
+def _utf8() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("replace")
+
+
 @dataclass(eq=False)
 class Slot:
-    """A sequence in the batch: the job it serves and how far it has got."""
+    """A job's sequence: in a slot (`seq` >= 0) or switched out (`seq` == -1)."""
 
-    seq: int
     job: Job
     sampler: Any
-    n_past: int = 0  # tokens of this sequence already in the KV cache
+    feed: list[int]  # tokens still to prefill
+    seq: int = -1
+    kv: list[int] = field(default_factory=list)  # tokens in the KV cells, in order
+    sample_after_feed: bool = True  # False while recomputing: the pending token comes next
     pending: int | None = None  # last sampled token, decoded at the next step
-    generated: int = 0  # tokens sampled for this job
+    generated: int = 0
+    quantum_used: int = 0
     text: str = ""  # generated text not yet published (held for stop strings)
-    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    decoder: codecs.IncrementalDecoder = field(default_factory=_utf8)
+    state: bytes | None = None  # saved KV cells while switched out (None: recompute)
+    paused: bool = False
 
-    @property
-    def prefilling(self) -> bool:
-        return self.n_past < len(self.job.prompt_tokens)
+
+@dataclass(eq=False)
+class Cached:
+    """An agent's finished sequence, kept for its next job."""
+
+    agent: str
+    kv: list[int]
+    seq: int = -1  # -1: saved in RAM as `state`
+    state: bytes | None = None
+    used: int = 0
 
 
 # What one step hands to the trio thread for one job: (job, bytes, tokens, end).
@@ -54,16 +85,39 @@ Delivery = tuple[Job, bytes, int, "tuple[JobState, int, str] | None"]
 
 
 class Engine:
-    def __init__(self, backend: Backend, scheduler: Scheduler) -> None:
+    def __init__(self, backend: Backend, scheduler: Scheduler, *, swap_budget: int = params.SWAP_RAM_BYTES, kv_reuse: bool = True) -> None:
         self.backend = backend
         self.scheduler = scheduler
+        self.swap_budget = swap_budget
+        self.kv_reuse = kv_reuse
         self._cond = threading.Condition()
         self._free = list(range(backend.info.n_slots))
         self._slots: dict[int, Slot] = {}
+        self._cache: dict[str, Cached] = {}
+        self._parked: list[Job] = []  # paused and switched out: back to the queue on resume
+        self._swapped_bytes = 0
+        self._clock = itertools.count(1)
         self._stopping = False
+        self._wake = False
         self._token: trio.lowlevel.TrioToken | None = None
         self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
-        self.stats = {"steps": 0, "decode_s": 0.0, "batch_tokens": 0, "generated": 0, "prompt_tokens": 0, "jobs_done": 0, "decode_errors": 0}
+        self.stats: dict[str, float] = dict.fromkeys(
+            [
+                "steps",
+                "decode_s",
+                "step_s",
+                "batch_tokens",
+                "generated",
+                "prompt_tokens",
+                "jobs_done",
+                "decode_errors",
+                "preemptions",
+                "swaps_out",
+                "swaps_in",
+            ]
+            + ["swap_bytes", "swap_ms", "recomputes", "prefix_hit_tokens", "cache_evictions"],
+            0,
+        )
 
     # -- trio side ----------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -82,61 +136,102 @@ class Engine:
             self.scheduler.push(job)
             self._cond.notify()
 
-    def cancel(self, job: Job) -> bool:
-        """Cancel a job; True when it was still queued and is now finished."""
+    def set_scheduler(self, scheduler: Scheduler) -> None:
+        """Switch policy at run time; queued jobs move over in their order."""
         with self._cond:
-            if self.scheduler.remove(job):
+            for job in self.scheduler.queued():
+                scheduler.push(job)
+            self.scheduler = scheduler
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a job; True when it was waiting and is now finished."""
+        with self._cond:
+            waiting = self.scheduler.remove(job)
+            if not waiting and job in self._parked:
+                self._parked.remove(job)
+                waiting = True
+            if waiting:
+                self._forget_saved(job)
                 job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
                 return True
             job.cancel_requested = True
-            self._cond.notify()
+            self._poke()
         return False
+
+    def pause(self, job: Job, paused: bool) -> None:
+        """Leave a running job out of the batches (or take it back)."""
+        with self._cond:
+            if not paused and job in self._parked:
+                self._parked.remove(job)
+                self.scheduler.push(job)
+            job.pause_requested = paused
+            self._poke()
+
+    def _poke(self) -> None:
+        """Caller holds _cond."""
+        self._wake = True
+        self._cond.notify()
 
     def queued(self) -> list[Job]:
         with self._cond:
-            return self.scheduler.queued()
+            return self.scheduler.queued() + list(self._parked)
 
     def running(self) -> int:
-        return len(self._slots)
+        return sum(1 for s in list(self._slots.values()) if not s.paused)
 
-    def statistics(self) -> dict[str, float]:
-        steps = self.stats["steps"] or 1
-        out = dict(self.stats)
-        out["mean_batch"] = round(self.stats["batch_tokens"] / steps, 2)
-        out["decode_s"] = round(self.stats["decode_s"], 3)
-        out["tokens_per_s"] = round(self.stats["generated"] / self.stats["decode_s"], 1) if self.stats["decode_s"] else 0.0
-        out["running"] = len(self._slots)
+    def statistics(self) -> dict[str, Any]:
+        s = self.stats
+        steps = s["steps"] or 1
+        out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+        out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
+        out["tokens_per_s"] = round(s["generated"] / s["decode_s"], 1) if s["decode_s"] else 0.0
+        out["python_overhead"] = round(1 - s["decode_s"] / s["step_s"], 3) if s["step_s"] else 0.0
+        out["swap_ms"] = round(s["swap_ms"], 2)
+        out["running"] = self.running()
         out["queued"] = len(self.scheduler)
+        out["cached_sequences"] = len(self._cache)
+        out["swapped_bytes"] = self._swapped_bytes
         return out
 
     # -- engine thread ------------------------------------------------------
     def _loop(self) -> None:
         try:
             while self._wait_for_work():
+                started = time.perf_counter()
                 self._step()
+                self.stats["step_s"] += time.perf_counter() - started
         finally:
             for slot in list(self._slots.values()):
-                self._release(slot)
-            self._fail_queued()
+                self._release(slot, keep=False)
+            for cached in list(self._cache.values()):
+                self._drop_cache(cached)
 
     def _wait_for_work(self) -> bool:
         with self._cond:
-            while not self._stopping and not self._slots and not (self._free and len(self.scheduler)):
+            while not (self._stopping or self._wake or self._has_work()):
                 self._cond.wait()
-            if self._stopping:
-                return False
-            for job in self.scheduler.pick(len(self._free)):
-                seq = self._free.pop(0)
-                seed = job.config.seed if job.config.seed >= 0 else random.getrandbits(32)
-                self.backend.seq_clear(seq)
-                self._slots[seq] = Slot(seq, job, self.backend.new_sampler(job.config, seed))
-        return True
+            self._wake = False
+            return not self._stopping
+
+    def _has_work(self) -> bool:
+        """Caller holds _cond."""
+        if any(not s.paused for s in self._slots.values()):
+            return True
+        return bool(len(self.scheduler)) and (self._available() > 0 or bool(self._slots))
+
+    def _available(self) -> int:
+        """Sequence ids a waiting job could get without preempting anyone."""
+        return len(self._free) + sum(1 for c in self._cache.values() if c.seq >= 0)
 
     def _step(self) -> None:
         deliveries: list[Delivery] = []
         for slot in [s for s in self._slots.values() if s.job.cancel_requested]:
             deliveries.append((slot.job, b"", 0, (JobState.CANCELLED, errno.ECANCELED, "cancelled")))
-            self._release(slot)
+            self._release(slot, keep=False)
+        for slot in self._slots.values():
+            slot.paused = slot.job.pause_requested
+        deliveries += self._schedule()
         entries, batch_slots, samplers = self._build_batch()
         if entries:
             started = time.perf_counter()
@@ -144,30 +239,179 @@ class Engine:
             self.stats["decode_s"] += time.perf_counter() - started
             self.stats["steps"] += 1
             self.stats["batch_tokens"] += len(entries)
-            if rc != 0:
-                deliveries += self._decode_failed(rc, batch_slots)
-            else:
-                deliveries += self._sample(samplers)
+            deliveries += self._decode_failed(rc, batch_slots) if rc != 0 else self._sample(samplers)
         if deliveries:
             self._hand_over(deliveries)
 
+    # -- scheduling and context switches -----------------------------------------
+    def _schedule(self) -> list[Delivery]:
+        """Switch out what the policy (or a pause) says, then admit waiting jobs."""
+        with self._cond:
+            waiting = len(self.scheduler)
+            if waiting:
+                for slot in [s for s in self._slots.values() if s.paused]:
+                    if waiting <= self._available():
+                        break
+                    self._switch_out(slot)
+                    self._parked.append(slot.job)
+                running = [Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused]
+                for job in self.scheduler.preempt(running, self._available()):
+                    self.stats["preemptions"] += 1
+                    self._switch_out(next(s for s in self._slots.values() if s.job is job))
+                    self.scheduler.push(job)
+            admitted = self.scheduler.pick(self._available())
+        out: list[Delivery] = []
+        for job in admitted:
+            if self._admit(job):
+                out.append((job, b"", 0, None))
+        return out
+
+    def _switch_out(self, slot: Slot) -> None:
+        """Save (or plan to recompute) a running job's sequence and free its slot."""
+        started = time.perf_counter()
+        state = self._save(slot.seq, slot.kv)
+        if state is None:
+            slot.feed = slot.kv + slot.feed
+            slot.kv = []
+            slot.sample_after_feed = slot.sample_after_feed and slot.pending is None
+        else:
+            self.stats["swaps_out"] += 1
+        slot.state = state
+        self.backend.seq_clear(slot.seq)
+        self._free_seq(slot.seq)
+        del self._slots[slot.seq]
+        slot.seq = -1
+        slot.quantum_used = 0
+        slot.job.saved = slot
+        self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
+
+    def _save(self, seq: int, kv: list[int]) -> bytes | None:
+        """The sequence's KV state, or None when the RAM budget says recompute."""
+        if not kv:
+            return None
+        state = self.backend.state_get(seq)
+        if self._swapped_bytes + len(state) > self.swap_budget:
+            return None
+        self._swapped_bytes += len(state)
+        self.stats["swap_bytes"] += len(state)
+        return state
+
+    def _admit(self, job: Job) -> bool:
+        """Give a job a slot: resume it, or start it on its agent's cached prefix."""
+        slot: Slot | None = job.saved
+        job.saved = None
+        seq = self._take_seq(job.agent if slot is None else None)
+        if slot is not None:
+            self._switch_in(slot, seq)
+            return False
+        seed = job.config.seed if job.config.seed >= 0 else random.getrandbits(32)
+        slot = Slot(job, self.backend.new_sampler(job.config, seed), list(job.prompt_tokens), seq)
+        self._reuse_prefix(slot)
+        self._slots[seq] = slot
+        return True
+
+    def _switch_in(self, slot: Slot, seq: int) -> None:
+        started = time.perf_counter()
+        slot.seq = seq
+        if slot.state is not None:
+            if self.backend.state_set(seq, slot.state):
+                self.stats["swaps_in"] += 1
+            else:  # could not restore: recompute instead
+                slot.feed, slot.kv = slot.kv + slot.feed, []
+                slot.sample_after_feed = slot.sample_after_feed and slot.pending is None
+            self._swapped_bytes -= len(slot.state)
+            slot.state = None
+        if slot.feed and not slot.kv and slot.pending is not None:
+            self.stats["recomputes"] += 1
+        self._slots[seq] = slot
+        self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
+
+    def _take_seq(self, agent: str | None) -> int:
+        """A free sequence id: the agent's cached one, a free one, or the LRU cache's."""
+        cached = self._cache.get(agent) if agent is not None and self.kv_reuse else None
+        if cached is not None and cached.seq >= 0:
+            return cached.seq
+        if not self._free:
+            victim = min((c for c in self._cache.values() if c.seq >= 0), key=lambda c: c.used)
+            self._evict(victim)
+        seq = self._free.pop(0)
+        self.backend.seq_clear(seq)
+        return seq
+
+    def _evict(self, cached: Cached) -> None:
+        """Move an idle cached sequence out of its slot: to RAM, or dropped."""
+        self.stats["cache_evictions"] += 1
+        state = self._save(cached.seq, cached.kv)
+        self.backend.seq_clear(cached.seq)
+        self._free_seq(cached.seq)
+        cached.seq = -1
+        if state is None:
+            del self._cache[cached.agent]
+        else:
+            cached.state = state
+
+    def _reuse_prefix(self, slot: Slot) -> None:
+        """Keep the longest common prefix of the agent's cached sequence."""
+        cached = self._cache.pop(slot.job.agent, None)
+        if cached is None:
+            return
+        if cached.seq < 0 and cached.state is not None:
+            self._swapped_bytes -= len(cached.state)
+            if not self.backend.state_set(slot.seq, cached.state):
+                self.backend.seq_clear(slot.seq)
+                return
+        elif cached.seq != slot.seq:
+            return
+        prompt = slot.feed
+        common = 0
+        for a, b in zip(cached.kv, prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
+        self.backend.seq_trim(slot.seq, common)
+        slot.kv, slot.feed = prompt[:common], prompt[common:]
+        self.stats["prefix_hit_tokens"] += common
+
+    def _free_seq(self, seq: int) -> None:
+        self._free.append(seq)
+        self._free.sort()
+
+    def _drop_cache(self, cached: Cached) -> None:
+        self._cache.pop(cached.agent, None)
+        if cached.seq >= 0:
+            self.backend.seq_clear(cached.seq)
+            self._free_seq(cached.seq)
+        elif cached.state is not None:
+            self._swapped_bytes -= len(cached.state)
+
+    def _forget_saved(self, job: Job) -> None:
+        """Free what a switched-out job held. Caller holds _cond."""
+        slot: Slot | None = job.saved
+        job.saved = None
+        if slot is not None:
+            if slot.state is not None:
+                self._swapped_bytes -= len(slot.state)
+            self.backend.free_sampler(slot.sampler)
+
+    # -- batches ---------------------------------------------------------------------
     def _build_batch(self) -> tuple[list[BatchEntry], list[Slot], list[tuple[Slot, int]]]:
         """Decode tokens first, then prompt chunks; sorted by sequence id."""
         budget = self.backend.info.n_batch
         wanted: list[tuple[Slot, list[BatchEntry]]] = []
-        for slot in self._slots.values():
-            if not slot.prefilling and slot.pending is not None:
-                wanted.append((slot, [BatchEntry(slot.seq, slot.pending, slot.n_past, True)]))
+        active = [s for s in self._slots.values() if not s.paused]
+        for slot in active:
+            if not slot.feed and slot.pending is not None:
+                wanted.append((slot, [BatchEntry(slot.seq, slot.pending, len(slot.kv), True)]))
                 budget -= 1
-        for slot in self._slots.values():
+        for slot in active:
             if budget <= 0:
                 break
-            if slot.prefilling:
-                tokens = slot.job.prompt_tokens
-                chunk = tokens[slot.n_past : slot.n_past + budget]
-                last = slot.n_past + len(chunk) == len(tokens)
-                batch = [BatchEntry(slot.seq, t, slot.n_past + i, last and i == len(chunk) - 1) for i, t in enumerate(chunk)]
-                wanted.append((slot, batch))
+            if slot.feed:
+                chunk = slot.feed[:budget]
+                last = len(chunk) == len(slot.feed) and slot.sample_after_feed
+                base = len(slot.kv)
+                wanted.append((slot, [BatchEntry(slot.seq, t, base + i, last and i == len(chunk) - 1) for i, t in enumerate(chunk)]))
                 budget -= len(chunk)
                 self.stats["prompt_tokens"] += len(chunk)
         wanted.sort(key=lambda item: item[0].seq)
@@ -175,8 +419,13 @@ class Engine:
         samplers: list[tuple[Slot, int]] = []
         for slot, batch in wanted:
             entries += batch
-            slot.n_past += len(batch)
-            slot.pending = None
+            if slot.feed:
+                slot.feed = slot.feed[len(batch) :]
+                if not slot.feed:
+                    slot.sample_after_feed = True
+            else:
+                slot.pending = None
+            slot.kv += [e.token for e in batch]
             if batch[-1].logits:
                 samplers.append((slot, len(entries) - 1))
         return entries, [slot for slot, _ in wanted], samplers
@@ -190,15 +439,16 @@ class Engine:
                 out.append(self._end(slot, JobState.DONE, 0, ""))
                 continue
             slot.generated += 1
+            slot.quantum_used += 1
             self.stats["generated"] += 1
             slot.text += slot.decoder.decode(self.backend.piece(token))
             chunk, stopped = _cut_at_stop(slot, slot.job.config.stop)
-            if not (stopped or slot.generated >= slot.job.config.max_tokens or slot.n_past >= n_ctx):
+            if not (stopped or slot.generated >= slot.job.config.max_tokens or len(slot.kv) >= n_ctx):
                 slot.pending = token
                 out.append((slot.job, chunk.encode(), 1, None))
                 continue
             if stopped:
-                slot.text, slot.decoder = "", codecs.getincrementaldecoder("utf-8")("replace")
+                slot.text, slot.decoder = "", _utf8()
             job, rest, _, end = self._end(slot, JobState.DONE, 0, "")
             out.append((job, chunk.encode() + rest, 1, end))
         return out
@@ -212,24 +462,23 @@ class Engine:
 
     def _end(self, slot: Slot, state: JobState, code: int, message: str) -> Delivery:
         rest = slot.text + slot.decoder.decode(b"", final=True)
-        self._release(slot)
+        self._release(slot, keep=state is JobState.DONE)
         if state is JobState.DONE:
             self.stats["jobs_done"] += 1
         return (slot.job, rest.encode(), 0, (state, code, message))
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: Slot, keep: bool) -> None:
+        """Free a finished job's slot; keep its cells cached for its agent if asked."""
         self.backend.free_sampler(slot.sampler)
+        del self._slots[slot.seq]
+        old = self._cache.get(slot.job.agent)
+        if old is not None:
+            self._drop_cache(old)
+        if keep and self.kv_reuse:
+            self._cache[slot.job.agent] = Cached(slot.job.agent, slot.kv, slot.seq, used=next(self._clock))
+            return
         self.backend.seq_clear(slot.seq)
-        with self._cond:
-            self._slots.pop(slot.seq, None)
-            self._free.append(slot.seq)
-            self._free.sort()
-
-    def _fail_queued(self) -> None:
-        with self._cond:
-            jobs = self.scheduler.pick(len(self.scheduler))
-        if jobs:
-            self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, "the kernel stopped")) for job in jobs])
+        self._free_seq(slot.seq)
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:
         if self._token is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -52,6 +53,9 @@ class Job:
     first_token_at: float = 0.0
     finished_at: float = 0.0
     cancel_requested: bool = False  # read by the engine thread between steps
+    pause_requested: bool = False  # likewise: leave the job out of the batches
+    arrival: int = -1  # the scheduler's arrival number; kept across switches
+    saved: Any = None  # the engine's sequence while the job is switched out
     added_newline: bool = False  # output got a final "\n" that is not part of the answer
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -110,6 +114,13 @@ class Job:
         if self.data and not self.data.endswith(b"\n"):
             self.data += b"\n"
             self.added_newline = True
+
+    @property
+    def shown_state(self) -> str:
+        """The state as `status` shows it: a paused running job is "suspended"."""
+        if self.pause_requested and not self.state.finished:
+            return "suspended"
+        return self.state.value
 
     def error_line(self) -> str:
         """The `error` file's line for a failed job, or ""."""

@@ -66,10 +66,11 @@ class Agent:
 
 
 class Kernel:
-    def __init__(self, storage: Storage, backend: Backend, scheduler: str = "fifo") -> None:
+    def __init__(self, storage: Storage, backend: Backend, scheduler: str | None = None, **engine_options: Any) -> None:
         self.storage = storage
         self.backend = backend
-        self.engine = Engine(backend, make_scheduler(scheduler))
+        policy = scheduler or storage.setting("scheduler", params.DEFAULT_SCHEDULER)
+        self.engine = Engine(backend, make_scheduler(policy), **engine_options)
         self.engine.on_update = self._deliver
         self.started = time.time()
         self.audit: collections.deque[str] = collections.deque(maxlen=params.LOG_LINES)
@@ -238,10 +239,33 @@ class Kernel:
                 continue
             self.engine.submit(job)
 
+    def set_scheduler(self, caller: Caller, spec: str) -> None:
+        """Switch the scheduling policy (root only); it is kept across remounts."""
+        if not caller.is_root:
+            raise KernelError(errno.EPERM, "only root may change the scheduling policy")
+        try:
+            scheduler = make_scheduler(spec)
+        except ValueError as exc:
+            raise KernelError(errno.EINVAL, str(exc)) from None
+        self.engine.set_scheduler(scheduler)
+        self.storage.set_setting("scheduler", scheduler.describe())
+        self.log_event("sched", uid=caller.uid, policy=scheduler.describe())
+
+    def pause(self, caller: Caller, agent: Agent, paused: bool) -> list[int]:
+        """Suspend (or resume) the agent's jobs: they keep their place, not the CPU."""
+        jobs = [j for j in agent.active if caller.is_root or j.uid == caller.uid or caller.uid == agent.row.uid]
+        for job in jobs:
+            self.engine.pause(job, paused)
+        return [job.id for job in jobs]
+
+    def queued_count(self) -> int:
+        """Jobs waiting anywhere: in the scheduler, or behind their agent's running turn."""
+        return len(self.engine.queued()) + sum(len(a.next_turns) for a in self.agents.values())
+
     def check_queue(self, agent: Agent) -> None:
         if len(agent.active) >= params.MAX_QUEUED_PER_AGENT:
             raise KernelError(errno.EAGAIN, f"agent {agent.name!r} has {len(agent.active)} jobs waiting; try again when one finishes")
-        if len(self.engine.queued()) >= params.MAX_QUEUED_TOTAL:
+        if self.queued_count() >= params.MAX_QUEUED_TOTAL:
             raise KernelError(errno.EAGAIN, "the kernel's queue is full; try again later")
 
     def cancel(self, caller: Caller, agent: Agent, which: str) -> list[int]:
@@ -326,7 +350,7 @@ class Kernel:
     def status_line(self) -> str:
         info = self.backend.info
         return (
-            f"running={self.engine.running()} queued={len(self.engine.queued())} sched={self.engine.scheduler.describe()} "
+            f"running={self.engine.running()} queued={self.queued_count()} sched={self.engine.scheduler.describe()} "
             f"model={info.name} device={info.device} uptime={int(time.time() - self.started)}"
         )
 

@@ -25,6 +25,13 @@ DEFAULT_CTX_PER_SLOT = 2048  # tokens of context each sequence may hold
 DEFAULT_BATCH_TOKENS = 512  # tokens per llama_decode step (decode first, then prefill chunks)
 MIN_PROMPT_ROOM = 16  # tokens of generation room a prompt must leave, else E2BIG
 
+# -- scheduling -------------------------------------------------------------------
+DEFAULT_SCHEDULER = "fifo"  # the policy a mount starts with
+DEFAULT_QUANTUM = 32  # rr: generated tokens a job may run before yielding its slot
+MAX_QUANTUM = 1_000_000  # the largest rr quantum accepted
+PRIORITY_AGING_SECONDS = 10.0  # a waiting job gains one priority level per this many seconds
+SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a switch recomputes instead
+
 # -- files and logs -------------------------------------------------------------
 MAX_CONFIG_BYTES = 64 * 1024  # config file size; larger → EFBIG
 MAX_CONTEXT_BYTES = 4 * 1024 * 1024  # a written context file; larger → EFBIG

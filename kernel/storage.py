@@ -45,6 +45,10 @@ MIGRATIONS = [
     );
     CREATE INDEX jobs_agent_uid ON jobs(agent_id, uid, id);
     """,
+    # 2: kernel-wide settings (the scheduling policy).
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 
 
@@ -130,6 +134,15 @@ class Storage:
             self.db.execute("DELETE FROM messages WHERE agent_id = ?", [agent_id])
             self.db.execute("DELETE FROM jobs WHERE agent_id = ?", [agent_id])
             self.db.execute("DELETE FROM agents WHERE id = ?", [agent_id])
+
+    # -- settings -------------------------------------------------------------
+    def setting(self, key: str, default: str) -> str:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+        return str(row[0]) if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.atomic():
+            self.db.execute("INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])
 
     # -- conversations ----------------------------------------------------------
     def messages(self, agent_id: int) -> list[dict[str, str]]:

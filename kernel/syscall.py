@@ -26,6 +26,7 @@ class Sys(enum.Enum):
     LLM_SUBMIT = "llm_submit"
     CONFIG_WRITE = "config_write"
     CONTEXT_WRITE = "context_write"
+    SCHED_SET = "sched_set"
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -59,14 +60,16 @@ async def sys_context_write(kernel: Kernel, caller: Caller, agent: Agent, data: 
 
 
 async def sys_agent_ctl(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
-    """`ctl` commands, one a line: `cancel [ID|all]` or `reset`. Every line is
+    """`ctl` commands, one a line: `cancel [ID|all]`, `pause`, `resume`, `reset`. Every line is
     checked before any is applied, so a bad line changes nothing."""
     commands = [parse_ctl(line) for line in _text(data, "ctl").splitlines() if line.strip()]
     if not commands:
-        raise KernelError(errno.EINVAL, "ctl: no command (known: cancel [ID|all], reset)")
+        raise KernelError(errno.EINVAL, f"ctl: no command (known: {CTL_VERBS})")
     for verb, arg in commands:
         if verb == "cancel":
             kernel.cancel(caller, agent, arg)
+        elif verb in ("pause", "resume"):
+            kernel.pause(caller, agent, verb == "pause")
         else:
             kernel.write_context(caller, agent, "")
         kernel.log_event("ctl", agent=agent.name, uid=caller.uid, command=f"{verb} {arg}".strip())
@@ -77,9 +80,20 @@ def parse_ctl(line: str) -> tuple[str, str]:
         raise KernelError(errno.EINVAL, f"ctl: a command is over {params.MAX_CTL_LINE} bytes")
     verb, _, arg = line.strip().partition(" ")
     arg = arg.strip()
-    if (verb == "cancel" and (arg in ("", "all") or arg.isdigit())) or (verb == "reset" and not arg):
+    if (verb == "cancel" and (arg in ("", "all") or arg.isdigit())) or (verb in ("reset", "pause", "resume") and not arg):
         return verb, arg
-    raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: cancel [ID|all], reset)")
+    raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: {CTL_VERBS})")
+
+
+CTL_VERBS = "cancel [ID|all], pause, resume, reset"
+
+
+async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
+    """`kernel/scheduler`: one line, `fifo`, `rr [quantum=N]` or `priority`."""
+    lines = [line for line in _text(data, "scheduler").splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise KernelError(errno.EINVAL, "scheduler: write one line: fifo | rr [quantum=N] | priority")
+    kernel.set_scheduler(caller, lines[0])
 
 
 def _text(data: bytes | str, what: str) -> str:
@@ -99,6 +113,7 @@ TABLE: dict[Sys, Handler] = {
     Sys.LLM_SUBMIT: sys_llm_submit,
     Sys.CONFIG_WRITE: sys_config_write,
     Sys.CONTEXT_WRITE: sys_context_write,
+    Sys.SCHED_SET: sys_sched_set,
 }
 
 

@@ -205,7 +205,8 @@ def test_cancel_running_job_fails_the_reader(slow_fs: Mount) -> None:
     agent = slow_fs.agent("slowpoke")
     (agent / "prompt").write_text("x" * 200)  # a long answer at 50 ms a token
     reader = subprocess.Popen(["cat", str(agent / "output")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (agent / "status").read_text().startswith("running"))
+    wait_for(lambda: os.stat(agent / "output").st_size > 0)  # the answer has started
+    assert (agent / "status").read_text().startswith("running")
     with pytest.raises(OSError) as busy:
         agent.rmdir()
     assert busy.value.errno == errno.EBUSY

@@ -402,7 +402,7 @@ def test_structural_changes_are_eperm(fs):
 def test_open_access_modes_by_class_even_for_root(fs):
     async def body(ops):
         await mkdir(ops, "a")
-        read_only = ["README", "kernel/status", "kernel/stats", "kernel/ps", "kernel/models", "kernel/scheduler", "kernel/log"]
+        read_only = ["README", "kernel/status", "kernel/stats", "kernel/ps", "kernel/models", "kernel/log"]
         read_only += ["agents/a/status", "agents/a/output", "agents/a/error"]
         for path in read_only:
             for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
@@ -419,7 +419,7 @@ def test_open_access_modes_by_class_even_for_root(fs):
 
         allowed = [(path, os.O_RDONLY) for path in read_only]
         allowed += [("agents/a/prompt", os.O_WRONLY), ("agents/a/ctl", os.O_WRONLY), ("agents/a/call", os.O_RDWR)]
-        allowed += [("agents/a/context", os.O_RDWR), ("agents/a/config", os.O_RDWR)]
+        allowed += [("agents/a/context", os.O_RDWR), ("agents/a/config", os.O_RDWR), ("kernel/scheduler", os.O_RDWR)]
         for path, flags in allowed:
             info = await ops.open(await resolve(ops, path), flags, ALICE)
             assert info.direct_io is True, path

@@ -8,6 +8,7 @@ makes each decode step take time, so jobs can be caught while running.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +44,16 @@ class FakeBackend:
 
     def seq_clear(self, seq: int) -> None:
         self._seqs.pop(seq, None)
+
+    def seq_trim(self, seq: int, keep: int) -> None:
+        del self._seqs.setdefault(seq, [])[keep:]
+
+    def state_get(self, seq: int) -> bytes:
+        return bytes(json.dumps(self._seqs.get(seq, [])), "utf-8")
+
+    def state_set(self, seq: int, state: bytes) -> bool:
+        self._seqs[seq] = json.loads(state)
+        return True
 
     def decode(self, entries: Sequence[BatchEntry]) -> int:
         if self.step_delay:

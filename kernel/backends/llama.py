@@ -159,6 +159,19 @@ class LlamaBackend:
     def seq_clear(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def seq_trim(self, seq: int, keep: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
+
+    def state_get(self, seq: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return bytes(memoryview(buf)[:n])
+
+    def state_set(self, seq: int, state: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return bool(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), seq))
+
     def decode(self, entries: Sequence[BatchEntry]) -> int:
         batch = self.batch
         for i, e in enumerate(entries):
