@@ -85,13 +85,16 @@ Delivery = tuple[Job, bytes, int, "tuple[JobState, int, str] | None"]
 
 
 class Engine:
-    def __init__(self, backend: Backend, scheduler: Scheduler, *, swap_budget: int = params.SWAP_RAM_BYTES, kv_reuse: bool = True) -> None:
+    def __init__(
+        self, backend: Backend, scheduler: Scheduler, *, swap_budget: int = params.SWAP_RAM_BYTES, kv_reuse: bool = True, slots: int | None = None
+    ) -> None:
+        """`slots` uses fewer of the backend's sequences than it has (tests, benchmarks)."""
         self.backend = backend
         self.scheduler = scheduler
         self.swap_budget = swap_budget
         self.kv_reuse = kv_reuse
         self._cond = threading.Condition()
-        self._free = list(range(backend.info.n_slots))
+        self._free = list(range(min(slots or backend.info.n_slots, backend.info.n_slots)))
         self._slots: dict[int, Slot] = {}
         self._cache: dict[str, Cached] = {}
         self._parked: list[Job] = []  # paused and switched out: back to the queue on resume

@@ -25,11 +25,11 @@ def answer(message: str, turn: int = 1) -> str:
     return f"turn {turn}: {message.strip().upper()}"
 
 
-def run(body: Callable[[], Awaitable[Any]]) -> Any:
+def run(body: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT) -> Any:
     """`trio.run` with a deadline, so a broken kernel fails the test instead of hanging it."""
 
     async def main() -> Any:
-        with trio.fail_after(TIMEOUT):
+        with trio.fail_after(timeout):
             return await body()
 
     return trio.run(main)
