@@ -219,7 +219,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         """Caller holds _cond."""
-        if any(not s.paused for s in self._slots.values()):
+        if any(not s.job.pause_requested for s in self._slots.values()):
             return True
         return bool(len(self.scheduler)) and (self._available() > 0 or bool(self._slots))
 
@@ -316,6 +316,7 @@ class Engine:
     def _switch_in(self, slot: Slot, seq: int) -> None:
         started = time.perf_counter()
         slot.seq = seq
+        slot.paused = slot.job.pause_requested
         if slot.state is not None:
             if self.backend.state_set(seq, slot.state):
                 self.stats["swaps_in"] += 1
