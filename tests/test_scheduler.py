@@ -237,9 +237,9 @@ def test_next_turn_reuses_the_cached_prefix(make_kernel):
     for reuse in (True, False):
         kernel = make_kernel("fifo", n_slots=2, kv_reuse=reuse)
 
-        async def body(kernel=kernel):
+        async def body(kernel=kernel, name=f"talker{reuse}"):
             async with running(kernel):
-                agent = await mkdir(kernel, f"talker{reuse}")
+                agent = await mkdir(kernel, name)
                 await ask(kernel, agent, "first turn")
                 return await ask(kernel, agent, "second turn")
 
