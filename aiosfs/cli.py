@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
     s = sub.add_parser("status", help="print the kernel status line of a mount")
     s.add_argument("mountpoint", type=Path)
+    t = sub.add_parser("top", help="a live view of the kernel: status, throughput, jobs")
+    t.add_argument("mountpoint", type=Path)
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
     return parser
 
 
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(args)
         if args.command == "unmount":
             return cmd_unmount(args)
+        if args.command == "top":
+            return cmd_top(args)
         return cmd_status(args)
     except MountError as exc:
         sys.stderr.write(f"aiosfs: {exc}\n")
@@ -179,6 +185,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stderr.write(f"aiosfs: {args.mountpoint} is not an aiosfs mount ({exc.strerror})\n")
         return 1
     return 0
+
+
+TOP_STATS = [
+    "tokens_per_s",
+    "mean_batch",
+    "steps",
+    "generated",
+    "prompt_tokens",
+    "preemptions",
+    "swaps_out",
+    "swap_ms",
+    "recomputes",
+    "prefix_hit_tokens",
+]
+
+
+def top_frame(mountpoint: Path) -> str:
+    """One screen of `aiosfs top`: the status line, key counters and the job table."""
+    kernel = mountpoint / "kernel"
+    stats = dict(line.split(" ", 1) for line in (kernel / "stats").read_text().splitlines() if " " in line)
+    counters = "  ".join(f"{key}={stats[key]}" for key in TOP_STATS if key in stats)
+    return f"{(kernel / 'status').read_text().strip()}\n{counters}\n\n{(kernel / 'ps').read_text()}"
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import time
+
+    try:
+        while True:
+            frame = top_frame(args.mountpoint)
+            if args.once:
+                sys.stdout.write(frame)
+                return 0
+            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + frame)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except OSError as exc:
+        sys.stderr.write(f"aiosfs: {args.mountpoint} is not an aiosfs mount ({exc.strerror})\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class Kind(enum.IntEnum):
     K_SCHEDULER = 8
     K_LOG = 9
     AGENTS = 10
+    K_EVENTS = 11
     AGENT = 32
     PROMPT = 33
     OUTPUT = 34
@@ -35,6 +36,7 @@ class Kind(enum.IntEnum):
     CONTEXT = 38
     CONFIG = 39
     CTL = 40
+    EVENTS = 41
 
 
 class Cls(enum.Enum):
@@ -45,6 +47,7 @@ class Cls(enum.Enum):
     GROWING = "growing"
     RPC = "rpc"
     CTL = "ctl"
+    EVENTS = "events"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("models", Kind.K_MODELS, Cls.SNAPSHOT, 0o444),
         Entry("scheduler", Kind.K_SCHEDULER, Cls.STORED, 0o644),
         Entry("log", Kind.K_LOG, Cls.SNAPSHOT, 0o400),
+        Entry("events", Kind.K_EVENTS, Cls.EVENTS, 0o444),
     ],
     Kind.AGENT: [
         Entry("prompt", Kind.PROMPT, Cls.SUBMIT, 0o620),
@@ -85,6 +89,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("context", Kind.CONTEXT, Cls.STORED, 0o640),
         Entry("config", Kind.CONFIG, Cls.STORED, 0o640),
         Entry("ctl", Kind.CTL, Cls.CTL, 0o220),
+        Entry("events", Kind.EVENTS, Cls.EVENTS, 0o640),
     ],
 }
 

@@ -21,6 +21,7 @@ import trio
 
 from kernel import params
 from kernel.errors import KernelError
+from kernel.events import EventStream
 from kernel.jobs import Job, JobState
 from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
@@ -359,3 +360,39 @@ class CtlHandle(Handle):
     async def write(self, off: int, buf: bytes) -> int:
         await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, buf)
         return len(buf)
+
+
+class EventsHandle(Handle):
+    """events: JSON Lines of the events after open(); blocks for more, like a pipe."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, stream: EventStream, waiting: Waiting) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.stream = stream
+        self.position = stream.end
+        self.buffer = b""
+        self.waiting = waiting
+        self.lock = trio.Lock()
+
+    async def read(self, off: int, size: int) -> bytes:
+        async with self.lock:
+            if not self.buffer:
+                await self._wait_for_lines()
+            chunk, self.buffer = self.buffer[:size], self.buffer[size:]
+            return chunk
+
+    async def _wait_for_lines(self) -> None:
+        if self.stream.end <= self.position and self.flags & os.O_NONBLOCK:
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        self.waiting.enter(self.caller.uid)
+        try:
+            while not await self.stream.wait_past(self.position, params.READ_WAKE_SECONDS):
+                if signal_pending(self.caller.pid):
+                    raise pyfuse3.FUSEError(errno.EINTR)
+        finally:
+            self.waiting.leave(self.caller.uid)
+        self.buffer, self.position = self.stream.since(self.position)
+
+    def poll(self) -> tuple[int, Waiter | None]:
+        if self.buffer or self.stream.end > self.position:
+            return select.POLLIN, None
+        return 0, functools.partial(self.stream.wait_past, self.position, params.POLL_WAIT_SECONDS)

@@ -26,7 +26,7 @@ from kernel.syscall import Sys, syscall
 
 from . import render
 from .dirtab import AGENTS_DIR, BY_KIND, PARENT, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
-from .files import CtlHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
+from .files import CtlHandle, EventsHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +274,19 @@ class Operations(pyfuse3.Operations):
         self.next_fh += 1
         self.handles[fh] = handle
         info = pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        info.nonseekable = entry.cls is Cls.RPC
+        info.nonseekable = entry.cls in (Cls.RPC, Cls.EVENTS)
         return info
 
     def _make_handle(self, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
         access = flags & os.O_ACCMODE
         reads, writes = access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
         # The class decides what an open may do, for root too (mode bits cannot).
-        if (writes and entry.cls in (Cls.SNAPSHOT, Cls.GROWING)) or (reads and entry.cls in (Cls.SUBMIT, Cls.CTL)):
+        if (writes and entry.cls in (Cls.SNAPSHOT, Cls.GROWING, Cls.EVENTS)) or (reads and entry.cls in (Cls.SUBMIT, Cls.CTL)):
             raise pyfuse3.FUSEError(errno.EACCES)
         if entry.cls is Cls.SNAPSHOT:
             return SnapshotHandle(self.kernel, caller, agent, flags, self._snapshot(entry.kind, agent, caller))
+        if entry.cls is Cls.EVENTS:
+            return EventsHandle(self.kernel, caller, agent, flags, agent.events if agent else self.kernel.events, self.waiting)
         if entry.cls is Cls.STORED:
             call, limit = self._stored_call(entry.kind)
             return StoredHandle(self.kernel, caller, agent, flags, functools.partial(self._stored_text, entry.kind, agent), call, limit)

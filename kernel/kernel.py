@@ -23,6 +23,7 @@ from .config import AgentConfig, parse_config, parse_envelope
 from .context import Message, build_prompt, parse_context
 from .engine import Delivery, Engine
 from .errors import KernelError, errno_name
+from .events import EventStream, job_event
 from .jobs import Job, JobState
 from .scheduler import make_scheduler
 from .storage import AgentRow, Storage
@@ -52,6 +53,7 @@ class Agent:
     submitted: trio.Event = field(default_factory=trio.Event, repr=False)  # replaced at every submit
     turn: Job | None = None  # the prompt job now extending the context (in the engine)
     next_turns: collections.deque[Job] = field(default_factory=collections.deque)  # prompt jobs waiting for it
+    events: EventStream = field(default_factory=EventStream, repr=False)
 
     async def wait_for_job(self, uid: int, timeout: float) -> Job | None:
         """The uid's latest job; waits up to `timeout` for a first one."""
@@ -75,6 +77,7 @@ class Kernel:
         self.started = time.time()
         self.audit: collections.deque[str] = collections.deque(maxlen=params.LOG_LINES)
         self.agents: dict[str, Agent] = {}
+        self.events = EventStream()
         self._nursery: trio.Nursery | None = None
         failed = storage.fail_unfinished_jobs("the kernel restarted before this job finished", errno.EIO)
         if failed:
@@ -211,6 +214,7 @@ class Kernel:
         agent.active.add(job)
         agent.submitted.set()
         agent.submitted = trio.Event()
+        self.emit(job, "queued")
         if source == "call":
             self.engine.submit(job)
         elif agent.turn is None:
@@ -256,6 +260,7 @@ class Kernel:
         jobs = [j for j in agent.active if caller.is_root or j.uid == caller.uid or caller.uid == agent.row.uid]
         for job in jobs:
             self.engine.pause(job, paused)
+            self.emit(job, "suspended" if paused else "resumed")
         return [job.id for job in jobs]
 
     def queued_count(self) -> int:
@@ -310,12 +315,26 @@ class Kernel:
         self.log_event("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
 
     # -- results from the engine (trio thread) ----------------------------------------
+    def emit(self, job: Job, event: str) -> None:
+        """A job event to the agent's `events` and to `kernel/events`."""
+        fields = job_event(job, event)
+        agent = self.agents.get(job.agent)
+        if agent is not None:
+            agent.events.emit(**fields)
+        self.events.emit(**fields)
+
     def _deliver(self, deliveries: list[Delivery]) -> None:
         for job, chunk, n_tokens, end in deliveries:
+            first = not job.first_token_at
+            started = job.state is JobState.QUEUED
             if chunk or n_tokens:
                 job.publish(chunk, n_tokens)
             else:
                 job.mark_running()
+            if started and job.state is JobState.RUNNING:
+                self.emit(job, "running")
+            if first and job.first_token_at:
+                self.emit(job, "first_token")
             if end is not None:
                 if end[0] is JobState.DONE:
                     job.end_line()
@@ -331,6 +350,7 @@ class Kernel:
         if agent is None:
             return
         agent.active.discard(job)
+        self.emit(job, job.state.value)
         if agent.turn is job:
             agent.turn = None
             if agent.next_turns and self._nursery is not None:

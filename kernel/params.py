@@ -41,3 +41,4 @@ JOB_HISTORY = 64  # finished jobs kept in RAM per agent for output/status reader
 READ_WAKE_SECONDS = 0.25  # blocked readers look for pending signals this often
 POLL_WAIT_SECONDS = 30.0  # a poll() notification is sent at the latest after this (spurious wake-ups are allowed)
 LOG_LINES = 1000  # kernel/log keeps this many newest lines
+EVENT_HISTORY = 1000  # lines an events stream keeps for readers that fall behind

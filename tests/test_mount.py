@@ -305,3 +305,23 @@ def _dead(path: Path) -> bool:
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
+
+
+def test_scheduler_file_events_and_top(fs: Mount) -> None:
+    sched = fs.root / "kernel" / "scheduler"
+    assert sched.read_text() == "fifo\n"
+    assert sh(f"echo 'rr quantum=16' > {sched}").returncode == 0
+    assert sched.read_text() == "rr quantum=16\n" and "sched=rr" in (fs.root / "kernel" / "status").read_text()
+    bad = sh(f"echo lottery > {sched}; cat {sched}")
+    assert bad.stdout == "rr quantum=16\n"  # refused, the old policy kept
+    denied = sh(f"setpriv --reuid 65534 --regid 65534 --clear-groups bash -c 'echo fifo > {sched}'")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert sh(f"echo fifo > {sched}").returncode == 0
+    agent = fs.agent("watched")
+    watcher = subprocess.Popen(["head", "-n", "4", str(agent / "events")], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    assert sh(f"echo hi > {agent}/prompt && cat {agent}/output").returncode == 0
+    events = [json.loads(line)["event"] for line in watcher.communicate(timeout=30)[0].splitlines()]
+    assert events == ["queued", "running", "first_token", "done"]
+    top = aiosfs("top", str(fs.root), "--once")
+    assert top.returncode == 0 and top.stdout.startswith("running=") and "mean_batch=" in top.stdout and "id agent uid state" in top.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import select
 import stat
@@ -231,7 +232,7 @@ def test_agent_inodes_pack_agent_id_and_kind(fs):
 
         stale = await resolve(ops, "agents/second/prompt")
         await ops.rmdir(await resolve(ops, "agents"), b"second", ALICE)
-        for ino in (stale, inode(0, Kind.PROMPT), inode(first.row.id, Kind.README), 0x0B):
+        for ino in (stale, inode(0, Kind.PROMPT), inode(first.row.id, Kind.README), 0x0C):
             with fails(errno.ENOENT):
                 await ops.getattr(ino, ALICE)
 
@@ -264,13 +265,13 @@ def test_readdir(fs, monkeypatch):
         assert [ino for _, ino, _ in listed] == [2, 3, 10]
         assert await listing(ops, "", start=1) == [b"kernel", b"agents"]
         assert await listing(ops, "", space=2) == [b"README", b"kernel"]
-        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log"]
+        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events"]
 
         zeta, alpha = await mkdir(ops, "zeta"), await mkdir(ops, "alpha")
         assert await listing(ops, "agents") == [b"zeta", b"alpha"]  # creation order, resumable by id
         assert [ino for _, ino, _ in listed] == [inode(zeta.row.id, Kind.AGENT), inode(alpha.row.id, Kind.AGENT)]
         assert await listing(ops, "agents", start=listed[0][2]) == [b"alpha"]
-        assert await listing(ops, "agents/alpha") == [b"prompt", b"output", b"call", b"status", b"error", b"context", b"config", b"ctl"]
+        assert await listing(ops, "agents/alpha") == [b"prompt", b"output", b"call", b"status", b"error", b"context", b"config", b"ctl", b"events"]
 
         with fails(errno.ENOTDIR):
             await ops.opendir(await resolve(ops, "README"), ALICE)
@@ -1048,5 +1049,33 @@ def test_a_bad_ctl_line_applies_nothing(fs):
             await ops.write(fh, 0, b"reset\nbogus\n")
         await ops.release(fh)
         assert [m["content"] for m in agent.messages] == ["keep me"]
+
+    fs(body)
+
+
+def test_events_stream_job_lifecycles_after_open(fs):
+    async def body(ops):
+        agent = await mkdir(ops, "a")
+        await echo(ops, "agents/a/prompt", b"before open\n")
+        await finished(latest(ops, agent))
+        agent_fh = await open_fh(ops, "agents/a/events", os.O_RDONLY)
+        kernel_fh = await open_fh(ops, "kernel/events", os.O_RDONLY, BOB)
+        with fails(errno.EACCES):
+            await open_fh(ops, "agents/a/events", os.O_WRONLY, ROOT)
+        await echo(ops, "agents/a/prompt", b"after open\n")
+        job = await finished(latest(ops, agent))
+        events = []
+        while not events or events[-1]["event"] != "done":
+            events += [json.loads(line) for line in (await ops.read(agent_fh, 0, 65536)).splitlines()]
+        assert [e["event"] for e in events] == ["queued", "running", "first_token", "done"]
+        assert all(e["job"] == job.id for e in events)
+        assert events[-1]["tokens"] == job.n_generated and events[-1]["total_ms"] >= events[-1]["ttft_ms"] >= 0
+        seen = (await ops.read(kernel_fh, 0, 65536)).decode()
+        assert f'"job": {job.id}' in seen and "before open" not in seen and "after open" not in seen  # no content
+        nonblocking = await open_fh(ops, "kernel/events", os.O_RDONLY | os.O_NONBLOCK)
+        with fails(errno.EAGAIN):
+            await ops.read(nonblocking, 0, 100)
+        for fh in (agent_fh, kernel_fh, nonblocking):
+            await ops.release(fh)
 
     fs(body)
