@@ -110,6 +110,9 @@ class Engine:
                 "decode_s",
                 "step_s",
                 "batch_tokens",
+                "batch_seqs",
+                "max_seqs",
+                "engine_errors",
                 "generated",
                 "prompt_tokens",
                 "jobs_done",
@@ -188,6 +191,7 @@ class Engine:
         steps = s["steps"] or 1
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
         out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
+        out["mean_seqs"] = round(s["batch_seqs"] / steps, 2)  # sequences decoded together per step
         out["tokens_per_s"] = round(s["generated"] / s["decode_s"], 1) if s["decode_s"] else 0.0
         out["python_overhead"] = round(1 - s["decode_s"] / s["step_s"], 3) if s["step_s"] else 0.0
         out["swap_ms"] = round(s["swap_ms"], 2)
@@ -202,13 +206,30 @@ class Engine:
         try:
             while self._wait_for_work():
                 started = time.perf_counter()
-                self._step()
+                try:
+                    self._step()
+                except Exception:
+                    log.exception("engine step failed; failing the jobs in the engine and going on")
+                    self._fail_all("internal error in the engine (see the aiosfs log)")
                 self.stats["step_s"] += time.perf_counter() - started
         finally:
             for slot in list(self._slots.values()):
                 self._release(slot, keep=False)
             for cached in list(self._cache.values()):
                 self._drop_cache(cached)
+
+    def _fail_all(self, message: str) -> None:
+        """After a bug: end every job holding a slot with EIO, so nothing hangs."""
+        self.stats["engine_errors"] += 1
+        failed: list[Delivery] = []
+        for slot in list(self._slots.values()):
+            failed.append((slot.job, b"", 0, (JobState.ERROR, errno.EIO, message)))
+            try:
+                self._release(slot, keep=False)
+            except Exception:
+                log.exception("could not release the slot of job %d", slot.job.id)
+                self._slots.pop(slot.seq, None)
+        self._hand_over(failed)
 
     def _wait_for_work(self) -> bool:
         with self._cond:
@@ -242,6 +263,8 @@ class Engine:
             self.stats["decode_s"] += time.perf_counter() - started
             self.stats["steps"] += 1
             self.stats["batch_tokens"] += len(entries)
+            self.stats["batch_seqs"] += len(batch_slots)
+            self.stats["max_seqs"] = max(self.stats["max_seqs"], len(batch_slots))
             deliveries += self._decode_failed(rc, batch_slots) if rc != 0 else self._sample(samplers)
         if deliveries:
             self._hand_over(deliveries)

@@ -70,6 +70,7 @@ def test_two_agents_at_once_get_their_own_answers(fs: Mount) -> None:
     assert "rome" in answers["it"].lower()
     stats = dict(line.split(" ", 1) for line in (fs.root / "kernel" / "stats").read_text().splitlines())
     assert int(stats["generated"]) > 0 and float(stats["tokens_per_s"]) > 0
+    assert int(stats["max_seqs"]) >= 2  # the two agents were decoded in one batch
 
 
 def test_output_streams_before_the_answer_is_done(fs: Mount) -> None:

@@ -300,3 +300,29 @@ def test_scheduler_switch_at_run_time_is_root_only_and_kept(make_kernel):
     assert kernel.status_line().split()[2] == "sched=rr"
     restarted = Kernel(kernel.storage, FakeBackend())
     assert restarted.engine.scheduler.describe() == "rr quantum=8"
+
+
+def test_a_bug_in_a_step_fails_those_jobs_and_the_engine_goes_on(make_kernel, monkeypatch):
+    kernel = make_kernel("fifo", n_slots=2)
+    real_decode = kernel.backend.decode
+    calls = {"n": 0}
+
+    def flaky(entries):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a bug")
+        return real_decode(entries)
+
+    monkeypatch.setattr(kernel.backend, "decode", flaky)
+
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            victim = await ask(kernel, agent, "victim")
+            survivor = await ask(kernel, agent, "survivor")
+            return victim, survivor
+
+    victim, survivor = run(body)
+    assert victim.errno == errno.EIO and "internal error" in victim.message
+    assert survivor.answer == answer("survivor")
+    assert kernel.engine.statistics()["engine_errors"] == 1
