@@ -64,7 +64,7 @@ class Slot:
     quantum_used: int = 0
     text: str = ""  # generated text not yet published (held for stop strings)
     decoder: codecs.IncrementalDecoder = field(default_factory=_utf8)
-    state: bytes | None = None  # saved KV cells while switched out (None: recompute)
+    state: Any = None  # saved KV cells while switched out (None: recompute)
     paused: bool = False
 
 
@@ -75,7 +75,7 @@ class Cached:
     agent: str
     kv: list[int]
     seq: int = -1  # -1: saved in RAM as `state`
-    state: bytes | None = None
+    state: Any = None
     used: int = 0
 
 
@@ -311,7 +311,7 @@ class Engine:
         slot.job.saved = slot
         self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
 
-    def _save(self, seq: int, kv: list[int]) -> bytes | None:
+    def _save(self, seq: int, kv: list[int]) -> Any:
         """The sequence's KV state, or None when the RAM budget says recompute."""
         if not kv:
             return None

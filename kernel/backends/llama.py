@@ -162,15 +162,16 @@ class LlamaBackend:
     def seq_trim(self, seq: int, keep: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
 
-    def state_get(self, seq: int) -> bytes:
+    def state_get(self, seq: int) -> Any:
+        """The sequence's KV cells as a ctypes byte array (kept as is: no extra copy)."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
-        return bytes(memoryview(buf)[:n])
+        return buf if n == size else (ctypes.c_uint8 * n).from_buffer_copy(buf)
 
-    def state_set(self, seq: int, state: bytes) -> bool:
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        return bool(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), seq))
+    def state_set(self, seq: int, state: Any) -> bool:
+        buf = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return bool(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(buf), seq))
 
     def decode(self, entries: Sequence[BatchEntry]) -> int:
         batch = self.batch
