@@ -190,6 +190,10 @@ class SubmitHandle(Handle):
         self.oversized = False
 
     async def flush(self) -> None:
+        if self.oversized:  # the refused request ends here; the next one may be fine
+            self.oversized = False
+            self.pending.clear()
+            return
         if not self.pending:
             return  # bash sends an empty FLUSH before writing: never a job
         data, self.pending = bytes(self.pending), bytearray()

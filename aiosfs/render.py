@@ -14,9 +14,11 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   cat agents/NAME/error                  the last error of yours on this agent
   cat agents/NAME/context                the conversation, JSON Lines; ': >' resets it
   echo "temperature=0" >> agents/NAME/config
-  echo cancel > agents/NAME/ctl          also: "cancel all", "cancel ID", "reset"
+  echo cancel > agents/NAME/ctl          also: "cancel all", "cancel ID", "pause", "resume", "reset"
   exec 3<>agents/NAME/call               a private conversation per open file
-  cat kernel/status                      the kernel at a glance
+  cat agents/NAME/events                 job events as they happen (JSON Lines)
+  cat kernel/status                      the kernel at a glance; kernel/stats, kernel/ps for more
+  echo "rr quantum=32" > kernel/scheduler   (root) fifo | rr [quantum=N] | priority
 
 A request is plain text, or a JSON envelope {"prompt": ..., "temperature": ...,
 "max_tokens": ..., "seed": ..., "stop": [...]}. The full protocol is in

@@ -166,11 +166,13 @@ class Engine:
         return False
 
     def pause(self, job: Job, paused: bool) -> None:
-        """Leave a running job out of the batches (or take it back)."""
+        """Leave a job out of the batches, or out of the queue (or take it back)."""
         with self._cond:
             if not paused and job in self._parked:
                 self._parked.remove(job)
                 self.scheduler.push(job)
+            elif paused and self.scheduler.remove(job):
+                self._parked.append(job)
             job.pause_requested = paused
             self._poke()
 
@@ -331,7 +333,7 @@ class Engine:
             self._switch_in(slot, seq)
             return False
         seed = job.config.seed if job.config.seed >= 0 else random.getrandbits(32)
-        slot = Slot(job, self.backend.new_sampler(job.config, seed), list(job.prompt_tokens), seq)
+        slot = Slot(job, self.backend.new_sampler(job.config, seed), list(job.prompt_tokens), seq, paused=job.pause_requested)
         self._reuse_prefix(slot)
         self._slots[seq] = slot
         return True

@@ -370,7 +370,7 @@ class Kernel:
     def status_line(self) -> str:
         info = self.backend.info
         return (
-            f"running={self.engine.running()} queued={self.queued_count()} sched={self.engine.scheduler.describe()} "
+            f"running={self.engine.running()} queued={self.queued_count()} sched={self.engine.scheduler.describe().replace(' ', ',')} "
             f"model={info.name} device={info.device} uptime={int(time.time() - self.started)}"
         )
 

@@ -6,10 +6,11 @@ jobs to switch out so that waiting ones get a slot:
 - `fifo`: arrival order; a running job keeps its slot until it ends.
 - `rr quantum=N`: agents take turns (the agent served least recently goes first);
   a job that generated N tokens since it got its slot yields it to a waiting job.
-- `priority`: the highest effective priority goes first; effective priority is
-  the job's `priority` plus one per `PRIORITY_AGING_SECONDS` spent waiting, so low
-  priority still progresses. A waiting job whose effective priority is above a
-  running job's priority preempts it.
+- `priority`: the highest effective priority gets the next free slot; effective
+  priority is the job's `priority` plus one per `PRIORITY_AGING_SECONDS` spent
+  waiting, so low priority still progresses. A waiting job whose own priority is
+  above a running job's priority preempts it (aging orders admissions, it never
+  preempts: that would switch equals back and forth).
 
 Fairness between agents: under `rr` and `priority` one agent's flood of jobs
 cannot starve the others, because ties go to the agent served least recently.
@@ -35,12 +36,14 @@ class Running:
     quantum_used: int  # tokens generated since it got the slot
 
 
+_ARRIVALS = itertools.count()  # shared by all policies, so a switch keeps the order
+
+
 class Scheduler:
     name = "fifo"
 
     def __init__(self) -> None:
         self._waiting: list[tuple[int, Job]] = []  # (arrival number, job)
-        self._arrivals = itertools.count()
         self._served = itertools.count(1)
         self._last_served: dict[str, int] = {}  # agent → when it last got a slot
 
@@ -48,7 +51,7 @@ class Scheduler:
     def push(self, job: Job) -> None:
         """Queue a new job, or one switched out (it keeps its place by arrival)."""
         if job.arrival < 0:
-            job.arrival = next(self._arrivals)
+            job.arrival = next(_ARRIVALS)
         self._waiting.append((job.arrival, job))
 
     def remove(self, job: Job) -> bool:
@@ -128,8 +131,7 @@ class PriorityScheduler(Scheduler):
     def preempt(self, running: list[Running], free_slots: int) -> list[Job]:
         if not self._waiting or free_slots > 0 or not running:
             return []
-        self._now = time.time()
-        best = max(self.effective(job, self._now) for _, job in self._waiting)
+        best = max(job.config.priority for _, job in self._waiting)
         victim = min(running, key=lambda r: (r.job.config.priority, -r.job.queued_at))
         return [victim.job] if best > victim.job.config.priority else []
 

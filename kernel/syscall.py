@@ -91,6 +91,8 @@ CTL_VERBS = "cancel [ID|all], pause, resume, reset"
 async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
     """`kernel/scheduler`: one line, `fifo`, `rr [quantum=N]` or `priority`."""
     lines = [line for line in _text(data, "scheduler").splitlines() if line.strip()]
+    if not lines:
+        return  # `: > kernel/scheduler`, or bash's flush before it writes: no change
     if len(lines) != 1:
         raise KernelError(errno.EINVAL, "scheduler: write one line: fifo | rr [quantum=N] | priority")
     kernel.set_scheduler(caller, lines[0])

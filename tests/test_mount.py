@@ -311,7 +311,7 @@ def test_scheduler_file_events_and_top(fs: Mount) -> None:
     sched = fs.root / "kernel" / "scheduler"
     assert sched.read_text() == "fifo\n"
     assert sh(f"echo 'rr quantum=16' > {sched}").returncode == 0
-    assert sched.read_text() == "rr quantum=16\n" and "sched=rr" in (fs.root / "kernel" / "status").read_text()
+    assert sched.read_text() == "rr quantum=16\n" and "sched=rr,quantum=16 " in (fs.root / "kernel" / "status").read_text()
     bad = sh(f"echo lottery > {sched}; cat {sched}")
     assert bad.stdout == "rr quantum=16\n"  # refused, the old policy kept
     denied = sh(f"setpriv --reuid 65534 --regid 65534 --clear-groups bash -c 'echo fifo > {sched}'")

@@ -100,6 +100,65 @@ def test_priority_preempts_the_lowest_running_job():
     assert policy.preempt([Running(running_mid, 0)], 0) == []  # not above the running one
 
 
+def test_aging_never_preempts_equals():
+    policy = PriorityScheduler()
+    policy.push(job(1, "old", priority=2, queued_at=1.0))  # aged for ages
+    assert policy.preempt([Running(job(2, "running", priority=2), 0)], 0) == []
+
+
+def test_equal_priorities_do_not_thrash(make_kernel):
+    kernel = make_kernel("priority")
+
+    async def body():
+        async with running(kernel):
+            a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
+            first = await producing(await submit(kernel, a, _long("first ")))
+            second = await submit(kernel, b, "second")
+            await finished(first)
+            await finished(second)
+            return first, second
+
+    first, second = run(body)
+    assert second.finished_at > first.finished_at and kernel.engine.statistics()["preemptions"] == 0
+
+
+def test_a_job_paused_while_queued_does_not_start(make_kernel):
+    kernel = make_kernel("fifo", n_slots=1)
+
+    async def body():
+        async with running(kernel):
+            a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
+            busy = await producing(await submit(kernel, a, _long("busy ")))
+            waiting = await submit(kernel, b, "later")
+            await ctl(kernel, b, "pause")
+            await finished(busy)
+            await trio.sleep(0.1)
+            assert not waiting.data and waiting.shown_state == "suspended"
+            await ctl(kernel, b, "resume")
+            return await finished(waiting)
+
+    assert run(body).answer == answer("later")
+
+
+def test_switching_policy_keeps_arrival_order(make_kernel):
+    kernel = make_kernel("fifo")
+
+    async def body():
+        async with running(kernel):
+            agents = [await mkdir(kernel, f"a{i}") for i in range(3)]
+            busy = await producing(await submit(kernel, agents[0], _long("busy ")))
+            older = await submit(kernel, agents[1], "older")
+            await syscall(kernel, Sys.SCHED_SET, ROOT, b"priority\n")
+            await syscall(kernel, Sys.SCHED_SET, ROOT, b"fifo\n")
+            newer = await submit(kernel, agents[2], "newer")
+            for j in (busy, older, newer):
+                await finished(j)
+            return older, newer
+
+    older, newer = run(body)
+    assert older.finished_at < newer.finished_at
+
+
 # -- the engine switching for real ------------------------------------------------------------
 
 
@@ -297,7 +356,7 @@ def test_scheduler_switch_at_run_time_is_root_only_and_kept(make_kernel):
 
     assert run(body).answer == answer("still works")
     assert kernel.engine.scheduler.describe() == "rr quantum=8"
-    assert kernel.status_line().split()[2] == "sched=rr"
+    assert kernel.status_line().split()[2] == "sched=rr,quantum=8"
     restarted = Kernel(kernel.storage, FakeBackend())
     assert restarted.engine.scheduler.describe() == "rr quantum=8"
 
