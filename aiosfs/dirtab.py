@@ -27,6 +27,7 @@ class Kind(enum.IntEnum):
     K_LOG = 9
     AGENTS = 10
     K_EVENTS = 11
+    K_CTL = 12
     AGENT = 32
     PROMPT = 33
     OUTPUT = 34
@@ -79,6 +80,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("scheduler", Kind.K_SCHEDULER, Cls.STORED, 0o644),
         Entry("log", Kind.K_LOG, Cls.SNAPSHOT, 0o400),
         Entry("events", Kind.K_EVENTS, Cls.EVENTS, 0o444),
+        Entry("ctl", Kind.K_CTL, Cls.CTL, 0o200),
     ],
     Kind.AGENT: [
         Entry("prompt", Kind.PROMPT, Cls.SUBMIT, 0o620),

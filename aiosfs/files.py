@@ -362,7 +362,10 @@ class CtlHandle(Handle):
     inside write()."""
 
     async def write(self, off: int, buf: bytes) -> int:
-        await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, buf)
+        if self.agent is None:
+            await syscall(self.kernel, Sys.KERNEL_CTL, self.caller, buf)
+        else:
+            await syscall(self.kernel, Sys.AGENT_CTL, self.caller, self.agent, buf)
         return len(buf)
 
 

@@ -290,6 +290,8 @@ class Operations(pyfuse3.Operations):
         if entry.cls is Cls.STORED:
             call, limit = self._stored_call(entry.kind)
             return StoredHandle(self.kernel, caller, agent, flags, functools.partial(self._stored_text, entry.kind, agent), call, limit)
+        if entry.cls is Cls.CTL:
+            return CtlHandle(self.kernel, caller, agent, flags)
         assert agent is not None
         if entry.cls is Cls.SUBMIT:
             return SubmitHandle(self.kernel, caller, agent, flags)

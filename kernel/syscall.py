@@ -16,6 +16,7 @@ from typing import Any
 from . import params
 from .errors import KernelError
 from .kernel import Agent, Caller, Kernel
+from .scheduler import make_scheduler
 
 
 class Sys(enum.Enum):
@@ -27,6 +28,7 @@ class Sys(enum.Enum):
     CONFIG_WRITE = "config_write"
     CONTEXT_WRITE = "context_write"
     SCHED_SET = "sched_set"
+    KERNEL_CTL = "kernel_ctl"
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -98,6 +100,29 @@ async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> No
     kernel.set_scheduler(caller, lines[0])
 
 
+async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
+    """`kernel/ctl` (root): `sched POLICY`. Every line is checked before any is applied."""
+    if not caller.is_root:
+        raise KernelError(errno.EPERM, "kernel/ctl is for root")
+    lines = [line.strip() for line in _text(data, "kernel/ctl").splitlines() if line.strip()]
+    if not lines:
+        raise KernelError(errno.EINVAL, f"kernel/ctl: no command (known: {KERNEL_CTL_VERBS})")
+    policies = []
+    for line in lines:
+        verb, _, arg = line.partition(" ")
+        if verb != "sched":
+            raise KernelError(errno.EINVAL, f"kernel/ctl: unknown command {line!r} (known: {KERNEL_CTL_VERBS})")
+        try:
+            policies.append(make_scheduler(arg).describe())
+        except ValueError as exc:
+            raise KernelError(errno.EINVAL, f"kernel/ctl: {exc}") from None
+    for policy in policies:
+        kernel.set_scheduler(caller, policy)
+
+
+KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority"
+
+
 def _text(data: bytes | str, what: str) -> str:
     if isinstance(data, str):
         return data
@@ -116,6 +141,7 @@ TABLE: dict[Sys, Handler] = {
     Sys.CONFIG_WRITE: sys_config_write,
     Sys.CONTEXT_WRITE: sys_context_write,
     Sys.SCHED_SET: sys_sched_set,
+    Sys.KERNEL_CTL: sys_kernel_ctl,
 }
 
 

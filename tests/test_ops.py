@@ -232,7 +232,7 @@ def test_agent_inodes_pack_agent_id_and_kind(fs):
 
         stale = await resolve(ops, "agents/second/prompt")
         await ops.rmdir(await resolve(ops, "agents"), b"second", ALICE)
-        for ino in (stale, inode(0, Kind.PROMPT), inode(first.row.id, Kind.README), 0x0C):
+        for ino in (stale, inode(0, Kind.PROMPT), inode(first.row.id, Kind.README), 0x0D):
             with fails(errno.ENOENT):
                 await ops.getattr(ino, ALICE)
 
@@ -265,7 +265,7 @@ def test_readdir(fs, monkeypatch):
         assert [ino for _, ino, _ in listed] == [2, 3, 10]
         assert await listing(ops, "", start=1) == [b"kernel", b"agents"]
         assert await listing(ops, "", space=2) == [b"README", b"kernel"]
-        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events"]
+        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events", b"ctl"]
 
         zeta, alpha = await mkdir(ops, "zeta"), await mkdir(ops, "alpha")
         assert await listing(ops, "agents") == [b"zeta", b"alpha"]  # creation order, resumable by id
@@ -409,7 +409,7 @@ def test_open_access_modes_by_class_even_for_root(fs):
             for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
                 with fails(errno.EACCES):
                     await open_fh(ops, path, flags, ROOT)
-        for path in ("agents/a/prompt", "agents/a/ctl"):
+        for path in ("agents/a/prompt", "agents/a/ctl", "kernel/ctl"):
             for flags in (os.O_RDONLY, os.O_RDWR):
                 with fails(errno.EACCES):
                     await open_fh(ops, path, flags, ROOT)

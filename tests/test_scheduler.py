@@ -385,3 +385,17 @@ def test_a_bug_in_a_step_fails_those_jobs_and_the_engine_goes_on(make_kernel, mo
     assert victim.errno == errno.EIO and "internal error" in victim.message
     assert survivor.answer == answer("survivor")
     assert kernel.engine.statistics()["engine_errors"] == 1
+
+
+def test_kernel_ctl_sched_is_root_only_and_checks_every_line(make_kernel):
+    kernel = make_kernel("fifo")
+
+    async def body():
+        await refused(errno.EPERM, syscall(kernel, Sys.KERNEL_CTL, OWNER, b"sched priority\n"))
+        await refused(errno.EINVAL, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"sched priority\nreboot\n"))
+        await refused(errno.EINVAL, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"sched lottery\n"))
+        assert kernel.engine.scheduler.describe() == "fifo"
+        await syscall(kernel, Sys.KERNEL_CTL, ROOT, b"sched rr quantum=5\n")
+
+    run(body)
+    assert kernel.engine.scheduler.describe() == "rr quantum=5"
