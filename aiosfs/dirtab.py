@@ -98,7 +98,6 @@ TABLES: dict[Kind, list[Entry]] = {
 BY_KIND: dict[Kind, Entry] = {e.kind: e for table in TABLES.values() for e in table}
 BY_KIND[Kind.ROOT] = ROOT_DIR
 BY_KIND[Kind.AGENT] = Entry("", Kind.AGENT, Cls.DIR, 0o755)
-PARENT: dict[Kind, Kind] = {e.kind: parent for parent, table in TABLES.items() for e in table}
 
 
 def child(parent: Kind, name: str) -> Entry | None:

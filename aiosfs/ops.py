@@ -25,7 +25,7 @@ from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
 
 from . import render
-from .dirtab import AGENTS_DIR, BY_KIND, PARENT, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
+from .dirtab import BY_KIND, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
 from .files import CtlHandle, EventsHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
 
 log = logging.getLogger(__name__)
@@ -366,6 +366,3 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inode numbers are never reused, so there is nothing to free
-
-
-__all__ = ["Operations", "AGENTS_DIR", "PARENT"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from kernel.kernel import Agent, Caller, Kernel
 
 README = """\
@@ -44,8 +46,6 @@ def kernel_stats(kernel: Kernel) -> str:
 
 def kernel_ps(kernel: Kernel, caller: Caller) -> str:
     """Every active job; other users' jobs are listed without their content."""
-    import time
-
     lines = ["id agent uid state priority wait_ms tokens\n"]
     now = time.time()
     jobs = sorted((j for a in kernel.agents.values() for j in a.active), key=lambda j: j.id)

@@ -37,7 +37,6 @@ MAX_CONFIG_BYTES = 64 * 1024  # config file size; larger → EFBIG
 MAX_CONTEXT_BYTES = 4 * 1024 * 1024  # a written context file; larger → EFBIG
 MAX_CTL_LINE = 4096  # one ctl command line
 MAX_NAME_BYTES = 255  # agent names, as in every POSIX filesystem
-JOB_HISTORY = 64  # finished jobs kept in RAM per agent for output/status readers
 READ_WAKE_SECONDS = 0.25  # blocked readers look for pending signals this often
 POLL_WAIT_SECONDS = 30.0  # a poll() notification is sent at the latest after this (spurious wake-ups are allowed)
 LOG_LINES = 1000  # kernel/log keeps this many newest lines
