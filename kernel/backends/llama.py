@@ -102,9 +102,17 @@ class LlamaBackend:
             n_batch=n_batch,
         )
         self._pieces: dict[int, bytes] = {}
+        self._warm_up()
         n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._n_vocab = n_vocab
+
+    def _warm_up(self) -> None:
+        """Decode a few tokens once: the first decode after a load repacks weights and
+        starts threads, and should not land on the first user's request."""
+        tokens = self.tokenize("Hello")[:4] or [0]
+        self.decode([BatchEntry(0, t, i, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+        self.seq_clear(0)
 
     @staticmethod
     def _progress_callback(progress: Callable[[float], None] | None) -> Any:
