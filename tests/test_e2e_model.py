@@ -70,7 +70,18 @@ def test_two_agents_at_once_get_their_own_answers(fs: Mount) -> None:
     assert "rome" in answers["it"].lower()
     stats = dict(line.split(" ", 1) for line in (fs.root / "kernel" / "stats").read_text().splitlines())
     assert int(stats["generated"]) > 0 and float(stats["tokens_per_s"]) > 0
-    assert int(stats["max_seqs"]) >= 2  # the two agents were decoded in one batch
+
+
+def test_concurrent_agents_are_decoded_in_one_batch(fs: Mount) -> None:
+    names = ["batch-a", "batch-b", "batch-c"]
+    request = json.dumps({"prompt": "Count slowly.", "temperature": 0, "max_tokens": 48, "ignore_eos": True})
+    for name in names:  # queued within milliseconds of each other; each answer takes many steps
+        fs.agent(name)
+        (fs.agents / name / "prompt").write_text(request)
+    outputs = [(fs.agents / name / "output").read_text() for name in names]
+    assert all(outputs)
+    stats = dict(line.split(" ", 1) for line in (fs.root / "kernel" / "stats").read_text().splitlines())
+    assert int(stats["max_seqs"]) >= 2
 
 
 def test_output_streams_before_the_answer_is_done(fs: Mount) -> None:
