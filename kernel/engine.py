@@ -206,6 +206,7 @@ class Engine:
     # -- engine thread ------------------------------------------------------
     def _loop(self) -> None:
         try:
+            self.backend.warm_up()  # on this thread: the one that decodes from now on
             while self._wait_for_work():
                 started = time.perf_counter()
                 try:

@@ -45,6 +45,9 @@ class FakeBackend:
     def seq_clear(self, seq: int) -> None:
         self._seqs.pop(seq, None)
 
+    def warm_up(self) -> None:
+        return None
+
     def seq_trim(self, seq: int, keep: int) -> None:
         del self._seqs.setdefault(seq, [])[keep:]
 

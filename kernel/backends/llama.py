@@ -102,14 +102,15 @@ class LlamaBackend:
             n_batch=n_batch,
         )
         self._pieces: dict[int, bytes] = {}
-        self._warm_up()
         n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._n_vocab = n_vocab
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Decode a few tokens once: the first decode after a load repacks weights and
-        starts threads, and should not land on the first user's request."""
+        starts threads, and should not land on the first user's request. Call it from
+        the thread that will decode: llama.cpp's OpenMP threads stay bound to the
+        first caller, and decoding from another thread afterwards is a third slower."""
         tokens = self.tokenize("Hello")[:4] or [0]
         self.decode([BatchEntry(0, t, i, i == len(tokens) - 1) for i, t in enumerate(tokens)])
         self.seq_clear(0)
