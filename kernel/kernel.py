@@ -85,6 +85,7 @@ class Kernel:
         for row in storage.agents():
             config = parse_config(row.config) if row.config else AgentConfig()
             self.agents[row.name] = Agent(row, config, storage.messages(row.id))
+        self._by_id = {agent.row.id: agent for agent in self.agents.values()}  # every FUSE op resolves by id
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -114,10 +115,7 @@ class Kernel:
         return agent
 
     def agent_by_id(self, agent_id: int) -> Agent | None:
-        for agent in self.agents.values():
-            if agent.row.id == agent_id:
-                return agent
-        return None
+        return self._by_id.get(agent_id)
 
     def latest_job(self, agent: Agent, uid: int) -> Job | None:
         """The job `output`/`status` bind to for this uid, from RAM or the journal."""
@@ -147,6 +145,7 @@ class Kernel:
         row = self.storage.create_agent(name, caller.uid, caller.gid, mode)
         agent = Agent(row, AgentConfig(), [])
         self.agents[name] = agent
+        self._by_id[row.id] = agent
         self.log_event("mkdir", agent=name, uid=caller.uid)
         return agent
 
@@ -158,6 +157,7 @@ class Kernel:
             raise KernelError(errno.EBUSY, f"agent {name!r} has jobs queued or running ({ids}): echo 'cancel all' > ctl first")
         self.storage.delete_agent(agent.row.id)
         del self.agents[name]
+        del self._by_id[agent.row.id]
         self.log_event("rmdir", agent=name, uid=caller.uid)
 
     def set_agent_attrs(self, caller: Caller, agent: Agent, **values: Any) -> None:
