@@ -6,7 +6,8 @@ stalls the others; entries are sorted by sequence id. Results go back to the tri
 thread once per step through `TrioToken.run_sync_soon`, which never blocks.
 
 Context switches, cheapest first:
-1. a paused job keeps its slot and is simply left out of the batch;
+1. a paused job, or one the policy holds back for a higher priority, keeps its
+   slot and is simply left out of the batch;
 2. a preempted job's KV cells are saved with `state_get` and restored later,
    into whatever slot is free, with `state_set` (RAM budget: `swap_budget`);
 3. past that budget the state is dropped and its tokens are recomputed on resume.
@@ -66,6 +67,7 @@ class Slot:
     decoder: codecs.IncrementalDecoder = field(default_factory=_utf8)
     state: Any = None  # saved KV cells while switched out (None: recompute)
     paused: bool = False
+    held: bool = False  # left out of this step by the policy (priority), keeps its slot
 
 
 @dataclass(eq=False)
@@ -120,6 +122,7 @@ class Engine:
                 "preemptions",
                 "swaps_out",
                 "swaps_in",
+                "held_seq_steps",
             ]
             + ["swap_bytes", "swap_ms", "recomputes", "prefix_hit_tokens", "cache_evictions"],
             0,
@@ -293,6 +296,11 @@ class Engine:
         for job in admitted:
             if self._admit(job):
                 out.append((job, b"", 0, None))
+        with self._cond:
+            held = {id(job) for job in self.scheduler.hold([Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused])}
+        for slot in self._slots.values():
+            slot.held = id(slot.job) in held
+        self.stats["held_seq_steps"] += len(held)
         return out
 
     def _switch_out(self, slot: Slot) -> None:
@@ -429,7 +437,7 @@ class Engine:
         """Decode tokens first, then prompt chunks; sorted by sequence id."""
         budget = self.backend.info.n_batch
         wanted: list[tuple[Slot, list[BatchEntry]]] = []
-        active = [s for s in self._slots.values() if not s.paused]
+        active = [s for s in self._slots.values() if not (s.paused or s.held)]
         for slot in active:
             if not slot.feed and slot.pending is not None:
                 wanted.append((slot, [BatchEntry(slot.seq, slot.pending, len(slot.kv), True)]))

@@ -10,7 +10,10 @@ jobs to switch out so that waiting ones get a slot:
   priority is the job's `priority` plus one per `PRIORITY_AGING_SECONDS` spent
   waiting, so low priority still progresses. A waiting job whose own priority is
   above a running job's priority preempts it (aging orders admissions, it never
-  preempts: that would switch equals back and forth).
+  preempts: that would switch equals back and forth). While jobs of a higher
+  priority run, lower ones keep their slots but are left out of the steps (a free
+  switch), so the urgent job is not slowed by a batch it outranks, until aging
+  lifts them to the top priority among the running jobs.
 
 Fairness between agents: under `rr` and `priority` one agent's flood of jobs
 cannot starve the others, because ties go to the agent served least recently.
@@ -84,6 +87,10 @@ class Scheduler:
         """Running jobs to switch out now so that waiting jobs get slots."""
         return []
 
+    def hold(self, running: list[Running]) -> list[Job]:
+        """Running jobs to leave out of this step (they keep their slots)."""
+        return []
+
     def describe(self) -> str:
         return self.name
 
@@ -134,6 +141,13 @@ class PriorityScheduler(Scheduler):
         best = max(job.config.priority for _, job in self._waiting)
         victim = min(running, key=lambda r: (r.job.config.priority, -r.job.queued_at))
         return [victim.job] if best > victim.job.config.priority else []
+
+    def hold(self, running: list[Running]) -> list[Job]:
+        if len(running) < 2:
+            return []
+        top = max(r.job.config.priority for r in running)
+        now = time.time()
+        return [r.job for r in running if self.effective(r.job, now) < top]
 
 
 POLICIES = "fifo | rr [quantum=N] | priority"

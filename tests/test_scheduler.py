@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 
 import pytest
 import trio
@@ -217,6 +218,45 @@ def test_priority_job_overtakes_and_the_preempted_one_still_finishes(make_kernel
     assert urgent.finished_at < slow.finished_at
     assert slow.answer == answer(_long("slow ")) and urgent.answer == answer("urgent")
     assert kernel.engine.statistics()["preemptions"] == 1
+
+
+def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_kernel):
+    kernel = make_kernel("priority", n_slots=2)
+
+    async def body():
+        async with running(kernel):
+            a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
+            slow = await producing(await submit(kernel, a, _long("slow ")))
+            urgent = await submit(kernel, b, '{"prompt": "urgent", "priority": 9}')
+            await producing(urgent)
+            at_start = len(slow.data)
+            await finished(urgent)
+            at_end = len(slow.data)
+            await finished(slow)
+            return slow, urgent, at_start, at_end
+
+    slow, urgent, at_start, at_end = run(body)
+    assert at_end == at_start  # the low job kept its slot but made no step while outranked
+    assert slow.answer == answer(_long("slow ")) and urgent.answer == answer("urgent")
+    stats = kernel.engine.statistics()
+    assert stats["preemptions"] == 0 and stats["held_seq_steps"] > 0
+
+
+def test_held_low_priority_job_ages_back_into_the_steps(make_kernel, monkeypatch):
+    monkeypatch.setattr(params, "PRIORITY_AGING_SECONDS", 0.005)
+    kernel = make_kernel("priority", n_slots=2)
+
+    async def body():
+        async with running(kernel):
+            a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
+            slow = await producing(await submit(kernel, a, _long("slow ")))
+            urgent = await submit(kernel, b, json.dumps({"prompt": _long("urgent ").strip(), "priority": 9}))
+            await producing(urgent)
+            at_start = len(slow.data)
+            await finished(urgent)
+            return len(slow.data) - at_start
+
+    assert run(body) > 0  # aged to priority 9 while the urgent job still ran
 
 
 def test_aging_lets_low_priority_progress(make_kernel, monkeypatch):
