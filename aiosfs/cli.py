@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpu-layers", type=int, default=None, help="layers to offload to a GPU (default: all when llama.cpp has GPU support)")
     m.add_argument("--slots", type=int, default=params.DEFAULT_SLOTS, help="sequences decoded together")
     m.add_argument("--ctx", type=int, default=params.DEFAULT_CTX_PER_SLOT, help="context tokens per agent")
+    m.add_argument("--memory-quota", type=int, default=params.MEMORY_QUOTA_BYTES, help="bytes of memory/ files per agent (EDQUOT beyond)")
     m.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     m.add_argument("--backend", default="llama", choices=["llama", "fake"], help=argparse.SUPPRESS)
     m.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -82,6 +83,7 @@ def _options(args: argparse.Namespace) -> object:
         slots=args.slots,
         ctx=args.ctx,
         fake_delay=args.fake_delay,
+        memory_quota=args.memory_quota,
     )
 
 

@@ -38,6 +38,8 @@ class Kind(enum.IntEnum):
     CONFIG = 39
     CTL = 40
     EVENTS = 41
+    VERSIONS = 42
+    RECALL = 43
 
 
 class Cls(enum.Enum):
@@ -92,12 +94,17 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("config", Kind.CONFIG, Cls.STORED, 0o640),
         Entry("ctl", Kind.CTL, Cls.CTL, 0o220),
         Entry("events", Kind.EVENTS, Cls.EVENTS, 0o640),
+        Entry("versions", Kind.VERSIONS, Cls.SNAPSHOT, 0o640),
+        Entry("recall", Kind.RECALL, Cls.RPC, 0o640),
     ],
 }
 
 BY_KIND: dict[Kind, Entry] = {e.kind: e for table in TABLES.values() for e in table}
 BY_KIND[Kind.ROOT] = ROOT_DIR
 BY_KIND[Kind.AGENT] = Entry("", Kind.AGENT, Cls.DIR, 0o755)
+
+
+MEMORY = "memory"  # the agent's memory/: a directory of the memory store, not a table row
 
 
 def child(parent: Kind, name: str) -> Entry | None:

@@ -68,6 +68,9 @@ class Handle:
     async def flush(self) -> None:
         return None
 
+    async def fsync(self) -> None:
+        await self.flush()
+
     async def release(self) -> None:
         return None
 

@@ -23,6 +23,7 @@ import trio
 from kernel import params
 from kernel.backends import Backend
 from kernel.kernel import Kernel
+from kernel.memfs import MemoryStore
 from kernel.storage import Storage
 
 from .model import data_dir
@@ -46,6 +47,7 @@ class MountOptions:
     slots: int = params.DEFAULT_SLOTS
     ctx: int = params.DEFAULT_CTX_PER_SLOT
     fake_delay: float = 0.0
+    memory_quota: int = params.MEMORY_QUOTA_BYTES
 
 
 def slug(mountpoint: Path) -> str:
@@ -163,7 +165,8 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     lock = lock_state(options.state)
     backend = load_backend(options, out)
     storage = Storage(options.state / "aiosfs.db")
-    kernel = Kernel(storage, backend)
+    memory = MemoryStore(options.state / "memory.db", quota=options.memory_quota)
+    kernel = Kernel(storage, backend, memory=memory)
     ops = Operations(kernel)
     opts = fuse_options("aiosfs")
     pids = pid_file(options.mountpoint)  # before init: resolving the path stats the mountpoint
@@ -183,6 +186,7 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
         pyfuse3.close(unmount=True)
         kernel.stop()
         storage.close()
+        memory.close()
         backend.close()
         pids.unlink(missing_ok=True)
         os.close(lock)

@@ -25,8 +25,9 @@ from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
 
 from . import render
-from .dirtab import BY_KIND, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
+from .dirtab import BY_KIND, MEMORY, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
 from .files import CtlHandle, EventsHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
+from .memfiles import MemoryHandle, RecallHandle, entry_attrs, fuse_ino, is_mem, mem, store_ino
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,20 @@ def _guard(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine
 
 
 def _caller(ctx: Any) -> Caller:
-    return Caller(ctx.uid, ctx.gid, ctx.pid)
+    """Who asks; None for the filesystem's own lookups (readdir has no request context)."""
+    return Caller(0, 0, 0) if ctx is None else Caller(ctx.uid, ctx.gid, ctx.pid)
+
+
+def _ownership(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> dict[str, Any]:
+    """What a chmod/chown asks for, as keyword values."""
+    values: dict[str, Any] = {}
+    if fields.update_mode:
+        values["mode"] = attr.st_mode & 0o7777
+    if fields.update_uid:
+        values["uid"] = attr.st_uid
+    if fields.update_gid:
+        values["gid"] = attr.st_gid
+    return values
 
 
 class Operations(pyfuse3.Operations):
@@ -74,6 +88,8 @@ class Operations(pyfuse3.Operations):
 
     # -- names and attributes ---------------------------------------------------
     def _resolve(self, ino: int) -> tuple[Entry, Agent | None]:
+        if is_mem(ino):
+            raise pyfuse3.FUSEError(errno.EXDEV)  # a memory inode where a synthetic one was expected
         try:
             kind = kind_of(ino)
         except ValueError:
@@ -132,8 +148,12 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if is_mem(parent_inode):
+            return entry_attrs(await mem(self.kernel, _caller(ctx), "lookup", store_ino(parent_inode), name))
         parent, agent = self._resolve(parent_inode)
         text = os.fsdecode(name)
+        if parent.kind is Kind.AGENT and text == MEMORY and agent is not None:
+            return await self._mem_attrs(await self.kernel.memory.root(agent), ctx)
         if parent.kind is Kind.AGENTS:
             found = self.kernel.agents.get(text)
             if found is None:
@@ -146,12 +166,19 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if is_mem(inode):
+            return await self._mem_attrs(store_ino(inode), ctx)
         return self._attrs(inode, ctx)
+
+    async def _mem_attrs(self, ino: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await mem(self.kernel, _caller(ctx), "getattr", ino))
 
     @_guard
     async def setattr(
         self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if is_mem(ino):
+            return await self._mem_setattr(ino, attr, fields, fh, ctx)
         entry, agent = self._resolve(ino)
         caller = _caller(ctx)
         if fields.update_size:
@@ -161,6 +188,20 @@ class Operations(pyfuse3.Operations):
         elif fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._attrs(ino, ctx)
+
+    async def _mem_setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        values = _ownership(attr, fields)
+        if fields.update_atime:
+            values["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            values["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            values["size"] = attr.st_size
+            values["commit"] = not isinstance(self.handles.get(fh) if fh is not None else None, MemoryHandle)
+        result = await mem(self.kernel, _caller(ctx), "setattr", store_ino(ino), **values)
+        return entry_attrs(result)
 
     async def _truncate(self, entry: Entry, agent: Agent | None, fh: int | None, size: int, caller: Caller) -> None:
         if size != 0 or entry.cls not in (Cls.SUBMIT, Cls.STORED):
@@ -175,12 +216,7 @@ class Operations(pyfuse3.Operations):
         """chmod/chown: the VFS has checked ownership (default_permissions); we persist."""
         values: dict[str, Any] = {}
         if entry.kind is Kind.AGENT:
-            if fields.update_mode:
-                values["mode"] = attr.st_mode & 0o7777
-            if fields.update_uid:
-                values["uid"] = attr.st_uid
-            if fields.update_gid:
-                values["gid"] = attr.st_gid
+            values = _ownership(attr, fields)
         else:
             if fields.update_uid or fields.update_gid:
                 raise KernelError(errno.EPERM, "files of an agent share its owner: chown the agent directory")
@@ -190,6 +226,11 @@ class Operations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if is_mem(inode):
+            attr = await mem(self.kernel, _caller(ctx), "getattr", store_ino(inode))
+            if not attr.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return inode
         entry, _ = self._resolve(inode)
         if entry.cls is not Cls.DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -197,6 +238,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if is_mem(fh):
+            for next_id, name, attr in await mem(self.kernel, _caller(None), "readdir", store_ino(fh), start_id):
+                if not pyfuse3.readdir_reply(token, name, entry_attrs(attr), next_id):
+                    break
+            return
         entry, agent = self._resolve(fh)
         rows: list[tuple[int, str, int]] = []  # (next id, name, inode)
         if entry.kind is Kind.AGENTS:
@@ -206,10 +252,13 @@ class Operations(pyfuse3.Operations):
             table = TABLES[Kind.AGENT if entry.kind is Kind.AGENT else entry.kind]
             base = agent.row.id if agent else 0
             rows = [(i + 1, e.name, inode(base, e.kind)) for i, e in enumerate(table)]
+            if agent is not None:
+                rows.append((len(table) + 1, MEMORY, fuse_ino(await self.kernel.memory.root(agent))))
         for next_id, name, ino in rows:
             if next_id <= start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino), next_id):
+            attrs = await self._mem_attrs(store_ino(ino), None) if is_mem(ino) else self._attrs(ino)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, next_id):
                 break
 
     @_guard
@@ -218,6 +267,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if is_mem(parent_inode):
+            made = await mem(self.kernel, _caller(ctx), "mkdir", store_ino(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            return entry_attrs(made)
         parent, _ = self._resolve(parent_inode)
         if parent.kind is not Kind.AGENTS:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -230,52 +282,98 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if is_mem(parent_inode):
+            await mem(self.kernel, _caller(ctx), "rmdir", store_ino(parent_inode), name)
+            return
         parent, _ = self._resolve(parent_inode)
         if parent.kind is not Kind.AGENTS:
-            raise pyfuse3.FUSEError(errno.EPERM if child(parent.kind, os.fsdecode(name)) else errno.ENOENT)
+            text = os.fsdecode(name)
+            structural = child(parent.kind, text) or (parent.kind is Kind.AGENT and text == MEMORY)
+            raise pyfuse3.FUSEError(errno.EPERM if structural else errno.ENOENT)
         await syscall(self.kernel, Sys.AGENT_REMOVE, _caller(ctx), os.fsdecode(name))
 
     @_guard
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise pyfuse3.FUSEError(errno.EPERM)  # the tree is fixed: no new files
+        if not is_mem(parent_inode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # the synthetic tree is fixed: no new files
+        caller = _caller(ctx)
+        made = await mem(self.kernel, caller, "create", store_ino(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        attr = entry_attrs(made)
+        return await self._mem_open(attr.st_ino, flags & ~os.O_TRUNC, caller), attr
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if not is_mem(parent_inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        made = await mem(self.kernel, _caller(ctx), "create", store_ino(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev)
+        return entry_attrs(made)
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if not is_mem(parent_inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await mem(self.kernel, _caller(ctx), "unlink", store_ino(parent_inode), name)
 
     @_guard
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext
     ) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if is_mem(parent_inode_old) and is_mem(parent_inode_new):
+            await mem(self.kernel, _caller(ctx), "rename", store_ino(parent_inode_old), name_old, store_ino(parent_inode_new), name_new, flags)
+            return
+        raise pyfuse3.FUSEError(errno.EXDEV if is_mem(parent_inode_old) or is_mem(parent_inode_new) else errno.EPERM)
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if not is_mem(parent_inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        made = await mem(self.kernel, _caller(ctx), "symlink", store_ino(parent_inode), name, target, ctx.uid, ctx.gid)
+        return entry_attrs(made)
+
+    @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if not is_mem(inode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return await mem(self.kernel, _caller(ctx), "readlink", store_ino(inode))
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if is_mem(inode) and is_mem(new_parent_inode):
+            made = await mem(self.kernel, _caller(ctx), "link", store_ino(inode), store_ino(new_parent_inode), new_name)
+            return entry_attrs(made)
+        raise pyfuse3.FUSEError(errno.EXDEV if is_mem(inode) or is_mem(new_parent_inode) else errno.EPERM)
 
     # -- files ----------------------------------------------------------------------
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if is_mem(inode):
+            return await self._mem_open(inode, flags, _caller(ctx))
         entry, agent = self._resolve(inode)
         if entry.cls is Cls.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        handle = self._make_handle(entry, agent, flags, _caller(ctx))
+        if entry.kind is Kind.VERSIONS and agent is not None:
+            handle: Handle = SnapshotHandle(self.kernel, _caller(ctx), agent, flags, await render.versions(self.kernel, agent))
+        else:
+            handle = self._make_handle(entry, agent, flags, _caller(ctx))
+        info = pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
+        info.nonseekable = entry.cls in (Cls.RPC, Cls.EVENTS)
+        return info
+
+    def _add_handle(self, handle: Handle) -> int:
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = handle
-        info = pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        info.nonseekable = entry.cls in (Cls.RPC, Cls.EVENTS)
-        return info
+        return fh
+
+    async def _mem_open(self, inode: int, flags: int, caller: Caller) -> pyfuse3.FileInfo:
+        attr = await mem(self.kernel, caller, "getattr", store_ino(inode))
+        if attr.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await mem(self.kernel, caller, "open", store_ino(inode), bool(flags & os.O_TRUNC))
+        handle = MemoryHandle(self.kernel, caller, None, flags, store_ino(inode))
+        return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=False, keep_cache=False)
 
     def _make_handle(self, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
         access = flags & os.O_ACCMODE
@@ -297,6 +395,8 @@ class Operations(pyfuse3.Operations):
             return SubmitHandle(self.kernel, caller, agent, flags)
         if entry.cls is Cls.GROWING:
             return GrowingHandle(self.kernel, caller, agent, flags, self.kernel.latest_job(agent, caller.uid), self.waiting)
+        if entry.kind is Kind.RECALL:
+            return RecallHandle(self.kernel, caller, agent, flags)
         if entry.cls is Cls.RPC:
             return RpcHandle(self.kernel, caller, agent, flags, self.waiting)
         return CtlHandle(self.kernel, caller, agent, flags)
@@ -335,7 +435,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._handle(fh).flush()
+        await self._handle(fh).fsync()
 
     @_guard
     async def release(self, fh: int) -> None:
@@ -361,6 +461,11 @@ class Operations(pyfuse3.Operations):
         data.f_bsize = data.f_frsize = 4096
         data.f_files = len(self.kernel.agents) * len(TABLES[Kind.AGENT]) + 16
         data.f_namemax = params.MAX_NAME_BYTES
+        store = self.kernel.memory.store
+        total = max(1, len(self.kernel.agents)) * store.quota
+        used = sum(store.usage(a.row.id) for a in self.kernel.agents.values())
+        data.f_blocks = total // data.f_frsize
+        data.f_bfree = data.f_bavail = max(0, total - used) // data.f_frsize
         return data
 
     @_guard

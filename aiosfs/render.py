@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 from kernel.kernel import Agent, Caller, Kernel
@@ -19,6 +20,11 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   echo cancel > agents/NAME/ctl          also: "cancel all", "cancel ID", "pause", "resume", "reset"
   exec 3<>agents/NAME/call               a private conversation per open file
   cat agents/NAME/events                 job events as they happen (JSON Lines)
+  echo "notes" > agents/NAME/memory/a.md  memory/ is a real directory tree, kept in SQLite
+  cat agents/NAME/versions               kept versions of memory files; undo with
+  echo "rollback a.md 2" > agents/NAME/ctl
+  exec 3<>agents/NAME/recall             write a query, read ranked memory passages
+  echo memory_recall=on >> agents/NAME/config   put recalled passages into each prompt
   cat kernel/status                      the kernel at a glance; kernel/stats, kernel/ps for more
   echo "rr quantum=32" > kernel/scheduler   (root) fifo | rr [quantum=N] | priority
 
@@ -62,3 +68,14 @@ def kernel_models(kernel: Kernel) -> str:
 
 def kernel_log(kernel: Kernel) -> str:
     return "".join(line + "\n" for line in kernel.audit)
+
+
+async def versions(kernel: Kernel, agent: Agent) -> str:
+    """`versions`: one kept version per line, `VERSION BYTES TIME PATH` (path last: it may hold spaces)."""
+    await kernel.memory.root(agent)
+    rows = await kernel.memory.run(kernel.memory.store.versions, agent.row.id)
+    lines = ["version bytes time path\n"]
+    for v in rows:
+        stamp = dt.datetime.fromtimestamp(v.committed, dt.UTC).isoformat(timespec="seconds")
+        lines.append(f"{v.n} {v.size} {stamp} {v.path}\n")
+    return "".join(lines)

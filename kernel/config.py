@@ -91,6 +91,15 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of: {', '.join(options)}")
+        return str(value)
+
+    return check
+
+
 # key → validator; the order here is the order `config` is rendered in.
 VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "system": _text,
@@ -102,7 +111,9 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "priority": _int_in(0, 9),
     "tools": _names,
     "memory_recall": _switch,
+    "memory_top_k": _int_in(1, params.MAX_MEMORY_TOP_K),
     "ignore_eos": _switch,
+    "on_restart": _choice("requeue", "fail"),
 }
 
 ENVELOPE_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "priority", "model", "tools", "ignore_eos")
@@ -121,7 +132,9 @@ class AgentConfig:
     priority: int = 0
     tools: tuple[str, ...] = ()
     memory_recall: bool = False
+    memory_top_k: int = params.DEFAULT_MEMORY_TOP_K  # passages recalled into each prompt
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    on_restart: str = "requeue"  # what a restart does to an unfinished prompt job: requeue | fail
     stop: tuple[str, ...] = field(default=())
 
     def render(self) -> str:

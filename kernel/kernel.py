@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,10 +26,14 @@ from .engine import Delivery, Engine
 from .errors import KernelError, errno_name
 from .events import EventStream, job_event
 from .jobs import Job, JobState
+from .memfs import MemoryStore
+from .memory import MemoryManager
 from .scheduler import make_scheduler
 from .storage import AgentRow, Storage
 
 log = logging.getLogger(__name__)
+
+RESTARTED = "the kernel restarted before this job finished"
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,12 @@ class Agent:
 
 
 class Kernel:
-    def __init__(self, storage: Storage, backend: Backend, scheduler: str | None = None, **engine_options: Any) -> None:
+    def __init__(
+        self, storage: Storage, backend: Backend, scheduler: str | None = None, memory: MemoryStore | None = None, **engine_options: Any
+    ) -> None:
         self.storage = storage
         self.backend = backend
+        self.memory = MemoryManager(memory or MemoryStore(Path(storage.path).with_name("memory.db")))
         policy = scheduler or storage.setting("scheduler", params.DEFAULT_SCHEDULER)
         self.engine = Engine(backend, make_scheduler(policy), **engine_options)
         self.engine.on_update = self._deliver
@@ -79,9 +87,6 @@ class Kernel:
         self.agents: dict[str, Agent] = {}
         self.events = EventStream()
         self._nursery: trio.Nursery | None = None
-        failed = storage.fail_unfinished_jobs("the kernel restarted before this job finished", errno.EIO)
-        if failed:
-            self.log_event("recovery", failed_jobs=failed)
         for row in storage.agents():
             config = parse_config(row.config) if row.config else AgentConfig()
             self.agents[row.name] = Agent(row, config, storage.messages(row.id))
@@ -92,10 +97,84 @@ class Kernel:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.engine.run)
+                await self._recover_jobs()  # before the mount serves: readers find the requeued jobs live
                 task_status.started()
         finally:
             self._nursery = None
             self._fail_unfinished("the kernel stopped before this job finished")
+
+    async def _recover_jobs(self) -> None:
+        """Requeue or fail, in id order, the jobs a previous daemon left queued or running:
+        it died without ending them (a clean stop fails them itself)."""
+        rows = self.storage.unfinished_jobs()
+        if not rows:
+            return
+        requeued: list[Job] = []
+        failed: list[int] = []
+        with self.storage.atomic():  # every row is requeued or failed, or none is
+            for row in rows:
+                job = self._recover_job(row)
+                if job is None:
+                    failed.append(row["id"])
+                else:
+                    requeued.append(job)
+        self.log_event("recovery", requeued=[job.id for job in requeued], failed=failed)
+        for job in requeued:
+            job.config, _ = await self.memory.recall_into(self.agents[job.agent], job.config, job.user_message)
+        for agent in dict.fromkeys(self.agents[job.agent] for job in requeued):
+            await self._start_next_turn(agent)  # each agent's turns run in order, as after submit
+
+    def _recover_job(self, row: dict[str, Any]) -> Job | None:
+        """Queue one unfinished job again under its id and return it, or fail it (None)."""
+        agent = self._by_id.get(row["agent_id"])
+        if agent is None:
+            self.storage.finish_job(row["id"], JobState.ERROR.value, b"", errno.EIO, RESTARTED, time.time())
+            return None
+        try:
+            self._check_requeue(agent, row)
+            message, config = self._parse_request(agent, row["request"])
+        except KernelError as exc:
+            job = self._job_from_row(agent, row)
+            self._bind_if_latest(agent, job)
+            job.finish(JobState.ERROR, exc.errno, exc.message)
+            self._finished(job)
+            return None
+        # the output starts over: generation restarts from scratch on today's context and config
+        job = Job(row["id"], agent.name, row["uid"], message, [], [], config, "prompt", queued_at=row["queued_at"])
+        self.storage.requeue_job(job.id)
+        agent.active.add(job)
+        agent.next_turns.append(job)
+        self._bind_if_latest(agent, job)
+        self.emit(job, "requeued")
+        return job
+
+    @staticmethod
+    def _check_requeue(agent: Agent, row: dict[str, Any]) -> None:
+        """Raise the reason why an unfinished job is not requeued, if there is one."""
+        if row["source"] == "call":
+            raise KernelError(
+                errno.EIO, "the kernel restarted before this call turn finished; its session was the open call file, which closed with the old daemon"
+            )
+        if agent.config.on_restart == "fail" or row["request"] is None:  # None: journaled before requests were kept
+            raise KernelError(errno.EIO, RESTARTED)
+        if row["restarts"] >= params.MAX_JOB_RESTARTS:
+            raise KernelError(
+                errno.EIO, f"{RESTARTED}, after {row['restarts']} restarts already: not requeued again (MAX_JOB_RESTARTS={params.MAX_JOB_RESTARTS})"
+            )
+
+    def _parse_request(self, agent: Agent, text: str) -> tuple[str, AgentConfig]:
+        """A journaled request parsed as `submit` parses it, with the agent's config of now."""
+        message, config = parse_envelope(text, agent.config, self.known_model)
+        message = message.rstrip("\r\n")  # `echo` adds a newline that is not part of the question
+        if not message.strip():
+            raise KernelError(errno.EINVAL, "the prompt is empty")
+        return message, config
+
+    def _bind_if_latest(self, agent: Agent, job: Job) -> None:
+        """Make `output`/`status` of the job's uid follow this object if it is the uid's latest job."""
+        row = self.storage.latest_job(agent.row.id, job.uid)
+        if row is not None and row["id"] == job.id:
+            agent.latest[job.uid] = job
 
     def _fail_unfinished(self, message: str) -> None:
         for agent in list(self.agents.values()):
@@ -149,15 +228,20 @@ class Kernel:
         self.log_event("mkdir", agent=name, uid=caller.uid)
         return agent
 
-    def remove_agent(self, caller: Caller, name: str) -> None:
+    async def remove_agent(self, caller: Caller, name: str) -> None:
         agent = self.agent(name)
         self._require_owner(caller, agent, "remove")
         if agent.active:
             ids = " ".join(str(j.id) for j in sorted(agent.active, key=lambda j: j.id))
             raise KernelError(errno.EBUSY, f"agent {name!r} has jobs queued or running ({ids}): echo 'cancel all' > ctl first")
+        if not await self.memory.is_empty(agent):
+            raise KernelError(errno.ENOTEMPTY, f"agent {name!r} still has files in memory/: remove them first")
+        if self.agents.get(name) is not agent:
+            raise KernelError(errno.ENOENT, f"agent {name!r} was removed")
         self.storage.delete_agent(agent.row.id)
         del self.agents[name]
         del self._by_id[agent.row.id]
+        await self.memory.drop(agent)
         self.log_event("rmdir", agent=name, uid=caller.uid)
 
     def set_agent_attrs(self, caller: Caller, agent: Agent, **values: Any) -> None:
@@ -196,18 +280,16 @@ class Kernel:
         """Queue one request. `history` is a `call` session's conversation; None uses
         the agent's own context (a `prompt` job), which the answer then extends."""
         text = _decode_request(raw)
-        message, config = parse_envelope(text, agent.config, self.known_model)
-        message = message.rstrip("\r\n")  # `echo` adds a newline that is not part of the question
-        if not message.strip():
-            raise KernelError(errno.EINVAL, "the prompt is empty")
+        message, config = self._parse_request(agent, text)
         self.check_queue(agent)
+        config, recalled = await self.memory.recall_into(agent, config, message)
         conversation = agent.messages if history is None else history
         messages, tokens = await trio.to_thread.run_sync(build_prompt, self.backend, config, list(conversation), message)
         self.require_live(agent)
         self.check_queue(agent)
         source = "prompt" if history is None else "call"
         queued_at = time.time()
-        job_id = self.storage.journal_job(agent.row.id, caller.uid, source, message, queued_at)
+        job_id = self.storage.journal_job(agent.row.id, caller.uid, source, message, queued_at, text)
         job = Job(job_id, agent.name, caller.uid, message, messages, tokens, config, source, queued_at=queued_at)
         agent.latest[caller.uid] = job
         agent.errors.pop(caller.uid, None)
@@ -215,6 +297,8 @@ class Kernel:
         agent.submitted.set()
         agent.submitted = trio.Event()
         self.emit(job, "queued")
+        if recalled is not None:
+            agent.events.emit("recall", job=job.id, agent=agent.name, uid=caller.uid, passages=recalled)
         if source == "call":
             self.engine.submit(job)
         elif agent.turn is None:
@@ -377,6 +461,7 @@ class Kernel:
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"agents": len(self.agents)}
         stats.update(self.engine.statistics())
+        stats.update(self.memory.store.statistics())
         return stats
 
 

@@ -9,6 +9,7 @@ MAX_REQUEST_BYTES = 256 * 1024  # one prompt/call turn; larger writes get EFBIG
 MAX_QUEUED_PER_AGENT = 16  # queued + running jobs of one agent; beyond → EAGAIN
 MAX_QUEUED_TOTAL = 1024  # jobs waiting in the whole kernel; beyond → EAGAIN
 MAX_BLOCKED_READERS_PER_UID = 64  # reads parked in the daemon per uid; beyond → EAGAIN
+MAX_JOB_RESTARTS = 3  # requeues of one job after restarts: a job that crashes the daemon must not crash it forever
 FUSE_MAX_TASKS = 4096  # concurrent FUSE requests; pyfuse3's default of 99 freezes the mount
 
 # -- generation -----------------------------------------------------------------
@@ -31,6 +32,22 @@ DEFAULT_QUANTUM = 32  # rr: generated tokens a job may run before yielding its s
 MAX_QUANTUM = 1_000_000  # the largest rr quantum accepted
 PRIORITY_AGING_SECONDS = 10.0  # a waiting job gains one priority level per this many seconds
 SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a switch recomputes instead
+
+# -- memory (each agent's memory/) -----------------------------------------------------
+MEMORY_QUOTA_BYTES = 64 * 1024 * 1024  # bytes of files and symlinks per agent; beyond → EDQUOT (mount --memory-quota)
+MEMORY_MAX_INODES = 100_000  # files and directories per agent; beyond → ENOSPC
+MEMORY_CHUNK_BYTES = 64 * 1024  # data is stored in rows of this size: a small write rewrites one row
+MEMORY_CACHE_BYTES = 32 * 1024 * 1024  # committed chunks kept in RAM (LRU), shared by all agents
+MEMORY_VERSIONS = 16  # versions kept per file; older ones are dropped
+MEMORY_VERSION_MAX_BYTES = 4 * 1024 * 1024  # larger files keep no versions (a version is a full compressed copy)
+MEMORY_INDEX_MAX_BYTES = 1024 * 1024  # larger files are not indexed for recall
+MEMORY_PASSAGE_CHARS = 600  # recall passages: paragraphs, cut at this length
+MEMORY_QUERY_WORDS = 64  # words of a query used for recall
+MEMORY_MAX_SYMLINK_BYTES = 4095  # a symlink target, as PATH_MAX - 1
+MEMORY_DIR_MODE = 0o750  # a new agent's memory/
+DEFAULT_MEMORY_TOP_K = 3  # passages recalled into a prompt when memory_recall=on
+MAX_MEMORY_TOP_K = 20  # the largest memory_top_k accepted
+MEMORY_RECALL_MAX_CHARS = 4000  # recalled text placed in one prompt, at most
 
 # -- files and logs -------------------------------------------------------------
 MAX_CONFIG_BYTES = 64 * 1024  # config file size; larger → EFBIG

@@ -7,6 +7,7 @@ migrations applied at open, recorded in `PRAGMA user_version`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -49,6 +50,12 @@ MIGRATIONS = [
     """
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 3: jobs survive restarts: the request as written, to parse again when the job is
+    # requeued, and how many restarts it has been through.
+    """
+    ALTER TABLE jobs ADD COLUMN request TEXT;  -- NULL: journaled before this migration
+    ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -65,6 +72,34 @@ class AgentRow:
     changed: float = 0.0
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One `BEGIN IMMEDIATE … COMMIT`, rolled back on any exception; nested use joins
+    the transaction already open."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def migrate(db: sqlite_utils.Database, migrations: list[str]) -> None:
+    """Apply the numbered migrations a database lacks, each in one transaction;
+    the number applied is kept in `PRAGMA user_version`."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(migrations[version:], version + 1):
+        with transaction(db.conn):
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={number}")
+
+
 class Storage:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
@@ -76,27 +111,10 @@ class Storage:
         self._migrate()
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], version + 1):
-            with self.atomic():
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version={number}")
+        migrate(self.db, MIGRATIONS)
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
-        conn = self.db.conn
-        if conn.in_transaction:
-            yield
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
+        return transaction(self.db.conn)
 
     def _table(self, name: str) -> sqlite_utils.db.Table:
         return self.db.table(name)
@@ -160,11 +178,21 @@ class Storage:
                 self._table("messages").insert_all({"agent_id": agent_id, **m} for m in messages)
 
     # -- the job journal ----------------------------------------------------------
-    def journal_job(self, agent_id: int, uid: int, source: str, user_message: str, queued_at: float) -> int:
+    def journal_job(self, agent_id: int, uid: int, source: str, user_message: str, queued_at: float, request: str | None) -> int:
+        """Journal a queued job; `request` is the text written to prompt/call (None: not known,
+        so the job cannot be requeued after a restart)."""
         with self.atomic():
             table = self._table("jobs")
             table.insert(
-                {"agent_id": agent_id, "uid": uid, "source": source, "state": "queued", "user_message": user_message, "queued_at": queued_at}
+                {
+                    "agent_id": agent_id,
+                    "uid": uid,
+                    "source": source,
+                    "state": "queued",
+                    "user_message": user_message,
+                    "request": request,
+                    "queued_at": queued_at,
+                }
             )
             return int(table.last_pk or 0)
 
@@ -176,11 +204,14 @@ class Storage:
         rows = list(self._table("jobs").rows_where("agent_id = ? AND uid = ?", [agent_id, uid], order_by="id DESC", limit=1))
         return rows[0] if rows else None
 
-    def fail_unfinished_jobs(self, message: str, errno: int) -> int:
-        """Mark jobs left queued/running by a previous daemon as failed; returns how many."""
+    def unfinished_jobs(self) -> list[dict[str, Any]]:
+        """Jobs a previous daemon left queued or running, oldest first."""
+        return list(self._table("jobs").rows_where("state IN ('queued', 'running')", order_by="id"))
+
+    def requeue_job(self, job_id: int) -> None:
+        """Queue a job again after a restart: its output starts over, its restarts count one more."""
         with self.atomic():
-            cursor = self.db.execute(
-                "UPDATE jobs SET state = 'error', errno = ?, message = ?, finished_at = ? WHERE state IN ('queued', 'running')",
-                [errno, message, time.time()],
+            self.db.execute(
+                "UPDATE jobs SET state = 'queued', output = x'', errno = 0, message = '', finished_at = 0, restarts = restarts + 1 WHERE id = ?",
+                [job_id],
             )
-            return cursor.rowcount

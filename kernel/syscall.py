@@ -8,6 +8,7 @@ check their arguments and call one kernel method; refused requests raise
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import errno
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ class Sys(enum.Enum):
     CONTEXT_WRITE = "context_write"
     SCHED_SET = "sched_set"
     KERNEL_CTL = "kernel_ctl"
+    MEMORY = "memory"
+    MEMORY_RECALL = "memory_recall"
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -40,7 +43,7 @@ async def sys_agent_create(kernel: Kernel, caller: Caller, name: str, mode: int)
 
 
 async def sys_agent_remove(kernel: Kernel, caller: Caller, name: str) -> None:
-    kernel.remove_agent(caller, name)
+    await kernel.remove_agent(caller, name)
 
 
 async def sys_agent_setattr(kernel: Kernel, caller: Caller, agent: Agent, **values: Any) -> None:
@@ -72,6 +75,10 @@ async def sys_agent_ctl(kernel: Kernel, caller: Caller, agent: Agent, data: byte
             kernel.cancel(caller, agent, arg)
         elif verb in ("pause", "resume"):
             kernel.pause(caller, agent, verb == "pause")
+        elif verb == "rollback":
+            path, version = split_rollback(arg)
+            restored = await kernel.memory.rollback(caller, agent, path, version)
+            arg = f"{path} {restored}"
         else:
             kernel.write_context(caller, agent, "")
         kernel.log_event("ctl", agent=agent.name, uid=caller.uid, command=f"{verb} {arg}".strip())
@@ -84,10 +91,45 @@ def parse_ctl(line: str) -> tuple[str, str]:
     arg = arg.strip()
     if (verb == "cancel" and (arg in ("", "all") or arg.isdigit())) or (verb in ("reset", "pause", "resume") and not arg):
         return verb, arg
+    if verb == "rollback" and arg:
+        _, version = split_rollback(arg)
+        if version.startswith("@"):
+            try:
+                dt.datetime.fromisoformat(version[1:])
+            except ValueError:
+                raise KernelError(errno.EINVAL, f"ctl: rollback: {version[1:]!r} is not an ISO-8601 time (e.g. @2026-11-25T16:00)") from None
+        return verb, arg
     raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: {CTL_VERBS})")
 
 
-CTL_VERBS = "cancel [ID|all], pause, resume, reset"
+CTL_VERBS = "cancel [ID|all], pause, resume, reset, rollback PATH [VERSION|@TIME]"
+
+
+def split_rollback(arg: str) -> tuple[str, str]:
+    """`PATH [VERSION|@TIME]`: the last word is the version when it looks like one,
+    so paths may hold spaces."""
+    path, _, last = arg.rpartition(" ")
+    if path and (last.isdigit() or last.startswith("@")):
+        return path, last
+    return arg, ""
+
+
+MEMORY_OPS = frozenset(
+    "lookup getattr readdir create mkdir symlink readlink link unlink rmdir rename setattr open release read write flush fsync".split()
+)
+
+
+async def sys_memory(kernel: Kernel, caller: Caller, op: str, *args: Any, **kwargs: Any) -> Any:
+    """One operation on the memory store (memory/ files); the VFS has checked the mode bits."""
+    if op not in MEMORY_OPS:
+        raise KernelError(errno.ENOSYS, f"no memory operation {op!r}")
+    return await kernel.memory.run(getattr(kernel.memory.store, op), *args, **kwargs)
+
+
+async def sys_memory_recall(kernel: Kernel, caller: Caller, agent: Agent, query: bytes, k: int = params.DEFAULT_MEMORY_TOP_K) -> Any:
+    if len(query) > params.MAX_REQUEST_BYTES:
+        raise KernelError(errno.EFBIG, f"the query is {len(query)} bytes; the limit is {params.MAX_REQUEST_BYTES}")
+    return await kernel.memory.recall(caller, agent, _text(query, "recall"), k)
 
 
 async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
@@ -142,6 +184,8 @@ TABLE: dict[Sys, Handler] = {
     Sys.CONTEXT_WRITE: sys_context_write,
     Sys.SCHED_SET: sys_sched_set,
     Sys.KERNEL_CTL: sys_kernel_ctl,
+    Sys.MEMORY: sys_memory,
+    Sys.MEMORY_RECALL: sys_memory_recall,
 }
 
 

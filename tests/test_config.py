@@ -131,7 +131,20 @@ def test_unknown_model_is_einval():
 def test_render_lists_every_key_in_order():
     lines = AgentConfig().render().splitlines()
     keys = [line.partition("=")[0] for line in lines]
-    assert keys == ["system", "temperature", "top_p", "max_tokens", "seed", "model", "priority", "tools", "memory_recall", "ignore_eos"]
+    assert keys == [
+        "system",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "seed",
+        "model",
+        "priority",
+        "tools",
+        "memory_recall",
+        "memory_top_k",
+        "ignore_eos",
+        "on_restart",
+    ]
 
 
 def test_render_round_trip():

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -719,13 +722,169 @@ def test_restart_keeps_agents_config_and_context(make_kernel):
     run(after_restart)
 
 
-def test_jobs_left_by_a_crash_are_failed_at_start(make_kernel):
+def crash(make_kernel: Callable[..., Kernel], setup: Callable[[Kernel], Awaitable[Any]]) -> Any:
+    """Run `setup` on a kernel whose engine never runs, then drop that kernel the way a
+    killed daemon is dropped: its jobs stay queued in the journal."""
+    kernel = make_kernel()
+    result = run(lambda: setup(kernel))
+    kernel.storage.close()
+    return result
+
+
+def journal(kernel: Kernel, job_id: int) -> dict:
+    return kernel.storage.db["jobs"].get(job_id)
+
+
+def recovery_lines(kernel: Kernel) -> list[dict]:
+    lines = [json.loads(line) for line in kernel.audit]
+    return [{"requeued": line["requeued"], "failed": line["failed"]} for line in lines if line["event"] == "recovery"]
+
+
+def job_events(kernel: Kernel, job_id: int) -> list[str]:
+    text, _ = kernel.events.since(0)
+    return [event["event"] for event in map(json.loads, text.decode().splitlines()) if event["job"] == job_id]
+
+
+def test_prompt_jobs_left_by_a_crash_are_requeued_under_their_ids(make_kernel):
+    async def setup(kernel):
+        agent = await mkdir(kernel, "alice")
+        await syscall(kernel, Sys.CONTEXT_WRITE, OWNER, agent, "from before\n")
+        first = await submit(kernel, agent, '{"prompt": "first", "max_tokens": 7}')
+        second = await submit(kernel, agent, "second\n")
+        return first.id, second.id
+
+    first_id, second_id = crash(make_kernel, setup)
+    kernel = make_kernel(step_delay=0.002)
+    agent = kernel.agents["alice"]
+
+    async def body():
+        await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "max_tokens=9\n")  # changed while the daemon was down
+        async with running(kernel):
+            latest = kernel.latest_job(agent, OWNER.uid)
+            assert (latest.id, latest.state) == (second_id, JobState.QUEUED)  # waits for the first, as after submit
+            assert latest in agent.active
+            await finished(latest)
+        return latest
+
+    latest = run(body)
+    # the envelope and the config of now apply; each turn saw the one before it
+    assert (latest.state, latest.text) == (JobState.DONE, "turn 3: S\n")
+    expected = [user("from before"), user("first"), assistant("turn 2:"), user("second"), assistant("turn 3: S")]
+    assert agent.messages == expected
+    assert kernel.storage.messages(agent.row.id) == expected
+    first, second = journal(kernel, first_id), journal(kernel, second_id)
+    assert (first["state"], first["output"], first["restarts"]) == ("done", b"turn 2:\n", 1)
+    assert (second["state"], second["output"], second["restarts"]) == ("done", b"turn 3: S\n", 1)
+    assert (first["request"], second["request"]) == ('{"prompt": "first", "max_tokens": 7}', "second\n")
+    assert job_events(kernel, first_id) == ["requeued", "running", "first_token", "done"]
+    assert job_events(kernel, second_id)[0] == "requeued"
+    assert recovery_lines(kernel) == [{"requeued": [first_id, second_id], "failed": []}]
+
+
+def test_call_jobs_left_by_a_crash_fail_with_eio(make_kernel):
+    async def setup(kernel):
+        agent = await mkdir(kernel, "alice")
+        call = await submit(kernel, agent, "private", caller=OTHER, history=[user("earlier"), assistant("ok")])
+        prompt = await submit(kernel, agent, "kept")
+        return call.id, prompt.id
+
+    call_id, prompt_id = crash(make_kernel, setup)
+    kernel = make_kernel()
+    agent = kernel.agents["alice"]
+
+    async def body():
+        async with running(kernel):
+            failed = kernel.latest_job(agent, OTHER.uid)
+            assert (failed.id, failed.state, failed.errno) == (call_id, JobState.ERROR, errno.EIO)
+            assert "call" in failed.message
+            assert agent.errors[OTHER.uid].startswith(f"EIO {call_id} ")
+            kept = await finished(kernel.latest_job(agent, OWNER.uid))
+            assert (kept.id, kept.answer) == (prompt_id, answer("kept"))
+
+    run(body)
+    row = journal(kernel, call_id)
+    assert (row["state"], row["errno"], row["restarts"]) == ("error", errno.EIO, 0)
+    assert agent.messages == [user("kept"), assistant(answer("kept"))]
+    assert recovery_lines(kernel) == [{"requeued": [prompt_id], "failed": [call_id]}]
+
+
+def test_on_restart_fail_fails_unfinished_prompt_jobs(make_kernel):
+    async def setup(kernel):
+        agent = await mkdir(kernel, "alice")
+        await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "on_restart=fail\n")
+        return (await submit(kernel, agent, "doomed")).id
+
+    job_id = crash(make_kernel, setup)
+    kernel = make_kernel()
+    agent = kernel.agents["alice"]
+    assert agent.config.on_restart == "fail"
+
+    async def body():
+        async with running(kernel):
+            job = kernel.latest_job(agent, OWNER.uid)
+            assert (job.id, job.state, job.errno, job.message) == (job_id, JobState.ERROR, errno.EIO, "the kernel restarted before this job finished")
+
+    run(body)
+    assert journal(kernel, job_id)["state"] == "error"
+    assert agent.messages == []
+    assert recovery_lines(kernel) == [{"requeued": [], "failed": [job_id]}]
+
+
+def test_on_restart_is_a_config_key_only(make_kernel):
+    kernel = make_kernel()
+
+    async def body():
+        agent = await mkdir(kernel, "alice")
+        assert "on_restart=requeue\n" in agent.config.render()
+        await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "on_restart=fail\n")
+        assert "on_restart=fail\n" in agent.config.render()
+        error = await refused(errno.EINVAL, syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "on_restart=retry\n"))
+        assert "on_restart" in error.message
+        await refused(errno.EINVAL, submit(kernel, agent, '{"prompt": "hi", "on_restart": "fail"}'))
+
+    run(body)
+
+
+def test_a_job_restarted_too_often_is_failed(make_kernel):
+    async def setup(kernel):
+        ids = []
+        for name, restarts in (("hopeful", params.MAX_JOB_RESTARTS - 1), ("tired", params.MAX_JOB_RESTARTS)):
+            job = await submit(kernel, await mkdir(kernel, name), f"from {name}")
+            kernel.storage.db.execute("UPDATE jobs SET restarts = ? WHERE id = ?", [restarts, job.id])
+            ids.append(job.id)
+        return ids
+
+    hopeful_id, tired_id = crash(make_kernel, setup)
+    kernel = make_kernel()
+
+    async def body():
+        async with running(kernel):
+            hopeful = await finished(kernel.latest_job(kernel.agents["hopeful"], OWNER.uid))
+            tired = kernel.latest_job(kernel.agents["tired"], OWNER.uid)
+        return hopeful, tired
+
+    hopeful, tired = run(body)
+    assert (hopeful.id, hopeful.answer) == (hopeful_id, answer("from hopeful"))
+    assert journal(kernel, hopeful_id)["restarts"] == params.MAX_JOB_RESTARTS
+    assert (tired.id, tired.state, tired.errno) == (tired_id, JobState.ERROR, errno.EIO)
+    assert "MAX_JOB_RESTARTS" in tired.message
+    assert journal(kernel, tired_id)["restarts"] == params.MAX_JOB_RESTARTS
+    assert recovery_lines(kernel) == [{"requeued": [hopeful_id], "failed": [tired_id]}]
+
+
+def test_jobs_journaled_without_their_request_fail_at_restart(make_kernel):
     first = make_kernel()
-    agent_id = first.storage.create_agent("crashy", OWNER.uid, OWNER.gid, 0o755).id
-    job_id = first.storage.journal_job(agent_id, OWNER.uid, "prompt", "lost", 1.0)  # a daemon killed here
+    agent_id = first.storage.create_agent("old", OWNER.uid, OWNER.gid, 0o755).id
+    job_id = first.storage.journal_job(agent_id, OWNER.uid, "prompt", "lost", 1.0, None)  # as before requests were journaled
     first.storage.close()
     second = make_kernel()
-    row = second.storage.db.execute("SELECT state, errno, message FROM jobs WHERE id = ?", [job_id]).fetchone()
-    assert row[0] == "error" and row[1] == errno.EIO and "restarted" in row[2]
-    assert any('"recovery"' in line for line in second.audit)
-    assert second.latest_job(second.agents["crashy"], OWNER.uid).state is JobState.ERROR
+
+    async def body():
+        async with running(second):
+            pass
+
+    run(body)
+    row = journal(second, job_id)
+    assert (row["state"], row["errno"], row["message"]) == ("error", errno.EIO, "the kernel restarted before this job finished")
+    assert second.latest_job(second.agents["old"], OWNER.uid).state is JobState.ERROR
+    assert recovery_lines(second) == [{"requeued": [], "failed": [job_id]}]

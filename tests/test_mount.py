@@ -299,6 +299,22 @@ def test_busy_and_dead_mounts(tmp_path: Path) -> None:
         assert (mount.root / "kernel" / "status").read_text().startswith("running=")
 
 
+def test_a_job_survives_a_killed_daemon(tmp_path: Path) -> None:
+    with mounted(tmp_path, "--backend", "fake", "--fake-delay", "0.05") as mount:
+        agent = mount.agent("survivor")
+        (agent / "prompt").write_text("y" * 40)  # about 50 tokens at 50 ms each
+        job_id = (agent / "status").read_text().split()[1]
+        wait_for(lambda: os.stat(agent / "output").st_size > 0)
+        assert (agent / "status").read_text() == f"running {job_id}\n"
+        os.kill(mount.daemon_pid(), signal.SIGKILL)
+        wait_for(lambda: _dead(mount.root))
+        assert "cleaned a dead mount" in mount.start().stderr
+        result = sh(f"cat {agent}/output && cat {agent}/status")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"turn 1: {'Y' * 40}\ndone {job_id}\n"  # the whole answer, once, under the same id
+        assert [json.loads(line)["role"] for line in (agent / "context").read_text().splitlines()] == ["user", "assistant"]
+
+
 def _dead(path: Path) -> bool:
     try:
         os.stat(path / "kernel")

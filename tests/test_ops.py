@@ -271,7 +271,20 @@ def test_readdir(fs, monkeypatch):
         assert await listing(ops, "agents") == [b"zeta", b"alpha"]  # creation order, resumable by id
         assert [ino for _, ino, _ in listed] == [inode(zeta.row.id, Kind.AGENT), inode(alpha.row.id, Kind.AGENT)]
         assert await listing(ops, "agents", start=listed[0][2]) == [b"alpha"]
-        assert await listing(ops, "agents/alpha") == [b"prompt", b"output", b"call", b"status", b"error", b"context", b"config", b"ctl", b"events"]
+        assert await listing(ops, "agents/alpha") == [
+            b"prompt",
+            b"output",
+            b"call",
+            b"status",
+            b"error",
+            b"context",
+            b"config",
+            b"ctl",
+            b"events",
+            b"versions",
+            b"recall",
+            b"memory",
+        ]
 
         with fails(errno.ENOTDIR):
             await ops.opendir(await resolve(ops, "README"), ALICE)

@@ -1,6 +1,7 @@
 """The SQLite storage manager: agents, conversations and the job journal."""
 
 import errno
+import sqlite3
 
 import pytest
 
@@ -59,7 +60,7 @@ def test_delete_agent_removes_its_messages_and_jobs(storage):
     gone = storage.create_agent("gone", 1, 1, 0o755)
     for agent_id in (keep.id, gone.id):
         storage.append_messages(agent_id, [{"role": "user", "content": "hi"}])
-        storage.journal_job(agent_id, 1, "prompt", "hi", 1.0)
+        storage.journal_job(agent_id, 1, "prompt", "hi", 1.0, "hi")
     storage.delete_agent(gone.id)
     assert [row.name for row in storage.agents()] == ["keep"]
     assert storage.messages(gone.id) == []
@@ -117,20 +118,22 @@ def test_atomic_rolls_back_on_error(storage):
 
 def test_job_journal(storage):
     agent = storage.create_agent("a", 1, 1, 0o755)
-    first = storage.journal_job(agent.id, 1000, "prompt", "one", 10.0)
-    second = storage.journal_job(agent.id, 1000, "call", "two", 11.0)
-    other_uid = storage.journal_job(agent.id, 2000, "prompt", "three", 12.0)
+    first = storage.journal_job(agent.id, 1000, "prompt", "one", 10.0, "one\n")
+    second = storage.journal_job(agent.id, 1000, "call", "two", 11.0, '{"prompt": "two"}')
+    other_uid = storage.journal_job(agent.id, 2000, "prompt", "three", 12.0, "three")
     assert first < second < other_uid
 
     row = storage.latest_job(agent.id, 1000)
     assert row is not None
-    assert (row["id"], row["source"], row["state"], row["user_message"], row["output"], row["queued_at"]) == (
+    assert (row["id"], row["source"], row["state"], row["user_message"], row["request"], row["output"], row["queued_at"], row["restarts"]) == (
         second,
         "call",
         "queued",
         "two",
+        '{"prompt": "two"}',
         b"",
         11.0,
+        0,
     )
     assert storage.latest_job(agent.id, 2000)["id"] == other_uid
     assert storage.latest_job(agent.id, 3000) is None
@@ -140,16 +143,41 @@ def test_job_journal(storage):
     assert (row["state"], row["output"], row["errno"], row["finished_at"]) == ("done", "ünïcode ✓".encode(), 0, 20.0)
 
     storage.finish_job(first, "cancelled", b"part", errno.ECANCELED, "cancelled", 21.0)
-    running = storage.journal_job(agent.id, 3000, "prompt", "four", 13.0)
+    running = storage.journal_job(agent.id, 3000, "prompt", "four", 13.0, "four")
     storage.db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", [running])
     # `other_uid` (queued) and `running` are still unfinished now
-    assert storage.fail_unfinished_jobs("restarted", errno.EIO) == 2
-    for uid in (2000, 3000):
-        row = storage.latest_job(agent.id, uid)
-        assert (row["state"], row["errno"], row["message"]) == ("error", errno.EIO, "restarted")
-        assert row["finished_at"] > 0
-    assert storage.latest_job(agent.id, 1000)["state"] == "done"
-    assert storage.fail_unfinished_jobs("again", errno.EIO) == 0
+    assert [row["id"] for row in storage.unfinished_jobs()] == [other_uid, running]
+
+
+def test_requeue_job_starts_it_over(storage):
+    agent = storage.create_agent("a", 1, 1, 0o755)
+    job = storage.journal_job(agent.id, 1000, "prompt", "q", 10.0, "q")
+    storage.finish_job(job, "running", b"partial", errno.EIO, "stale", 20.0)  # every column requeue_job resets
+    storage.requeue_job(job)
+    storage.requeue_job(job)
+    row = storage.latest_job(agent.id, 1000)
+    assert (row["id"], row["state"], row["output"], row["errno"], row["message"], row["finished_at"]) == (job, "queued", b"", 0, "", 0)
+    assert (row["restarts"], row["request"], row["queued_at"]) == (2, "q", 10.0)
+
+
+def test_migration_3_keeps_older_jobs(db_path):
+    """A database of schema 2 gets the request and restart columns; its rows have no request."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for script in MIGRATIONS[:2]:
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version=2")
+    conn.execute("INSERT INTO agents(name, uid, gid, mode, created, changed) VALUES ('a', 1, 1, 493, 0, 0)")
+    conn.execute("INSERT INTO jobs(agent_id, uid, source, state, user_message, queued_at) VALUES (1, 1, 'prompt', 'queued', 'old', 5.0)")
+    conn.close()
+    store = Storage(db_path)
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 3
+        (row,) = store.unfinished_jobs()
+        assert (row["user_message"], row["request"], row["restarts"]) == ("old", None, 0)
+    finally:
+        store.close()
 
 
 def test_data_survives_reopen(db_path):
@@ -157,7 +185,7 @@ def test_data_survives_reopen(db_path):
     row = store.create_agent("alice", 1000, 100, 0o750)
     store.update_agent(row.id, config="seed=3\n", file_modes={"ctl": 0o600})
     store.append_messages(row.id, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
-    job = store.journal_job(row.id, 1000, "prompt", "q", 1.0)
+    job = store.journal_job(row.id, 1000, "prompt", "q", 1.0, "q")
     store.finish_job(job, "done", b"a", 0, "", 2.0)
     store.close()
 

@@ -1,0 +1,875 @@
+"""The store behind every agent's `memory/`: a POSIX tree of inodes, directory
+entries and chunked data in SQLite (its own WAL database in the state directory).
+
+Durability and atomicity: writes land in an in-RAM overlay of the inode (the
+"dirty" chunks) that readers of the same inode see at once; `commit` moves the
+overlay, the size and the times into the database in one transaction with
+`synchronous=FULL`. The FUSE layer commits at every `flush` (each `close()`) and
+`fsync`, so what a `write()` + `close()` acknowledged survives a `kill -9`, and a
+crash leaves every file as of its last commit: never torn. Metadata changes
+(create, rename, chmod, …) commit at once.
+
+Versions: when a file's last handle is released (or at `fsync`), its committed
+content, if it changed, becomes a new numbered version (at most
+`MEMORY_VERSIONS` per file, compressed); `rollback` makes an old version current
+again, as a new version. Recall: committed text files are cut into passages and
+indexed with FTS5; `search` ranks an agent's passages with bm25.
+
+Every method takes the store's lock: callers run them on worker threads
+(`trio.to_thread`), never on the trio thread, because a commit waits for the disk.
+Methods raise `KernelError` with the errno a POSIX filesystem would give.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import errno
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from . import params
+from .errors import KernelError
+from .storage import migrate, transaction
+
+MIGRATIONS = [
+    # 1: inodes, directory entries, chunked data, versions and the passage index.
+    """
+    CREATE TABLE inodes (
+        ino INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is part of FUSE inode numbers
+        agent_id INTEGER NOT NULL,
+        mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+        nlink INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0, rdev INTEGER NOT NULL DEFAULT 0,
+        atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+        target BLOB  -- a symlink's target, stored as given and never followed here
+    );
+    CREATE INDEX inodes_agent ON inodes(agent_id);
+    CREATE TABLE roots (agent_id INTEGER PRIMARY KEY, ino INTEGER NOT NULL);
+    CREATE TABLE dentries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- readdir offsets: stable while entries come and go
+        parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+        UNIQUE (parent, name)
+    );
+    CREATE INDEX dentries_ino ON dentries(ino);
+    CREATE TABLE chunks (ino INTEGER NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (ino, idx)) WITHOUT ROWID;
+    CREATE TABLE versions (
+        ino INTEGER NOT NULL, n INTEGER NOT NULL, size INTEGER NOT NULL, committed REAL NOT NULL,
+        data BLOB NOT NULL,  -- zlib-compressed content
+        PRIMARY KEY (ino, n)
+    );
+    CREATE VIRTUAL TABLE passages USING fts5(text, agent_id UNINDEXED, ino UNINDEXED, line UNINDEXED, tokenize = 'unicode61');
+    """,
+]
+
+CHUNK = params.MEMORY_CHUNK_BYTES
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class Attr:
+    ino: int
+    agent_id: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclass
+class Dirty:
+    """Uncommitted writes of one inode: whole chunks, the size and the times."""
+
+    size: int
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    cut: int | None = None  # stored chunks from this index on are stale (truncated away)
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Passage:
+    path: str
+    line: int
+    score: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Version:
+    path: str
+    n: int
+    size: int
+    committed: float
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > params.MAX_NAME_BYTES:
+        raise KernelError(errno.ENAMETOOLONG, f"a name is at most {params.MAX_NAME_BYTES} bytes")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise KernelError(errno.EINVAL, f"invalid file name {name!r}")
+
+
+class MemoryStore:
+    def __init__(self, path: Path | str, quota: int = params.MEMORY_QUOTA_BYTES, cache_bytes: int = params.MEMORY_CACHE_BYTES) -> None:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a commit that returned survives power loss
+        migrate(self.db, MIGRATIONS)
+        self.quota = quota
+        self.quotas: dict[int, int] = {}  # agent id → its own quota (policy), else `quota`
+        self._lock = threading.RLock()
+        self._dirty: dict[int, Dirty] = {}
+        self._open: collections.Counter[int] = collections.Counter()  # ino → open handles
+        self._unversioned: set[int] = set()  # committed since its last version
+        self._atime: dict[int, int] = {}  # atime updates not yet stored
+        self._cache: collections.OrderedDict[tuple[int, int], bytes] = collections.OrderedDict()
+        self._cache_limit = cache_bytes
+        self._cache_bytes = 0
+        self.stats: dict[str, int] = dict.fromkeys(
+            ["cache_hits", "cache_misses", "cache_evictions", "commits", "versions", "rollbacks", "recalls"], 0
+        )
+        self._usage: dict[int, int] = {}
+        with self._tx():
+            self._collect_orphans()
+        self._usage = self._measure_usage()
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    # -- transactions and lookups -------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        with self._lock, transaction(self.db.conn):
+            yield
+
+    def _q(self, sql: str, args: Any = ()) -> list[Any]:
+        return self.db.execute(sql, args).fetchall()
+
+    def _row(self, ino: int) -> Attr:
+        rows = self._q("SELECT ino, agent_id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns FROM inodes WHERE ino = ?", [ino])
+        if not rows:
+            raise KernelError(errno.ENOENT, f"no memory inode {ino}")
+        return Attr(*rows[0])
+
+    def getattr(self, ino: int) -> Attr:
+        with self._lock:
+            attr = self._row(ino)
+            dirty = self._dirty.get(ino)
+            if dirty is not None:
+                attr.size = dirty.size
+                attr.mtime_ns = dirty.mtime_ns or attr.mtime_ns
+                attr.ctime_ns = dirty.ctime_ns or attr.ctime_ns
+            attr.atime_ns = self._atime.get(ino, attr.atime_ns)
+            return attr
+
+    def _dir(self, ino: int) -> Attr:
+        attr = self._row(ino)
+        if not attr.is_dir:
+            raise KernelError(errno.ENOTDIR, "not a directory")
+        return attr
+
+    def _entry(self, parent: int, name: bytes) -> int | None:
+        rows = self._q("SELECT ino FROM dentries WHERE parent = ? AND name = ?", [parent, name])
+        return int(rows[0][0]) if rows else None
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        with self._lock:
+            self._dir(parent)
+            if len(name) > params.MAX_NAME_BYTES:
+                raise KernelError(errno.ENAMETOOLONG, f"a name is at most {params.MAX_NAME_BYTES} bytes")
+            ino = self._entry(parent, name)
+            if ino is None:
+                raise KernelError(errno.ENOENT, "no such file")
+            return self.getattr(ino)
+
+    def readdir(self, ino: int, after: int) -> list[tuple[int, bytes, Attr]]:
+        """Entries with ids above `after`, in id order (the ids are readdir offsets)."""
+        with self._lock:
+            self._dir(ino)
+            rows = self._q("SELECT id, name, ino FROM dentries WHERE parent = ? AND id > ? ORDER BY id", [ino, after])
+            return [(int(i), bytes(name), self.getattr(child)) for i, name, child in rows]
+
+    # -- roots -------------------------------------------------------------------
+    def root(self, agent_id: int, uid: int, gid: int, mode: int = params.MEMORY_DIR_MODE) -> int:
+        """The inode of the agent's `memory/`, made on first use."""
+        with self._tx():
+            rows = self._q("SELECT ino FROM roots WHERE agent_id = ?", [agent_id])
+            if rows:
+                return int(rows[0][0])
+            ino = self._new_inode(agent_id, stat.S_IFDIR | mode, uid, gid, nlink=2)
+            self.db.execute("INSERT INTO roots(agent_id, ino) VALUES (?, ?)", [agent_id, ino])
+            return ino
+
+    def drop_agent(self, agent_id: int) -> None:
+        """Forget an agent's whole tree (its agent is gone)."""
+        with self._tx():
+            inos = [r[0] for r in self._q("SELECT ino FROM inodes WHERE agent_id = ?", [agent_id])]
+            for ino in inos:
+                self._delete_inode(ino)
+            self.db.execute("DELETE FROM roots WHERE agent_id = ?", [agent_id])
+            self._usage.pop(agent_id, None)
+
+    def is_empty(self, ino: int) -> bool:
+        with self._lock:
+            return not self._q("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", [ino])
+
+    # -- creating names -------------------------------------------------------------
+    def _new_inode(self, agent_id: int, mode: int, uid: int, gid: int, nlink: int = 1, target: bytes | None = None, rdev: int = 0) -> int:
+        now = _now()
+        count = self._q("SELECT COUNT(*) FROM inodes WHERE agent_id = ?", [agent_id])[0][0]
+        if count >= params.MEMORY_MAX_INODES:
+            raise KernelError(errno.ENOSPC, f"memory/ holds at most {params.MEMORY_MAX_INODES} files and directories")
+        cursor = self.db.execute(
+            "INSERT INTO inodes(agent_id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [agent_id, mode, uid, gid, nlink, len(target or b""), rdev, now, now, now, target],
+        )
+        return int(cursor.lastrowid or 0)
+
+    def _add(self, parent: int, name: bytes, mode: int, uid: int, gid: int, target: bytes | None = None, rdev: int = 0) -> Attr:
+        _check_name(name)
+        with self._tx():
+            pattr = self._dir(parent)
+            if pattr.nlink == 0:
+                raise KernelError(errno.ENOENT, "the directory was removed")
+            if self._entry(parent, name) is not None:
+                raise KernelError(errno.EEXIST, "file exists")
+            if pattr.mode & stat.S_ISGID:  # BSD group semantics in a setgid directory
+                gid = pattr.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            if target is not None:
+                self._charge(pattr.agent_id, len(target))
+            ino = self._new_inode(pattr.agent_id, mode, uid, gid, 2 if stat.S_ISDIR(mode) else 1, target, rdev)
+            self.db.execute("INSERT INTO dentries(parent, name, ino) VALUES (?, ?, ?)", [parent, name, ino])
+            if stat.S_ISDIR(mode):
+                self.db.execute("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?", [parent])
+            self._touch_dir(parent)
+            if target is not None:
+                self._usage[pattr.agent_id] = self._usage.get(pattr.agent_id, 0) + len(target)
+            return self.getattr(ino)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Attr:
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise KernelError(errno.EPERM, "memory/ holds files, directories, symlinks, FIFOs and sockets, not devices")
+        return self._add(parent, name, kind | (mode & 0o7777), uid, gid, rdev=0)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self._add(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if len(target) > params.MEMORY_MAX_SYMLINK_BYTES:
+            raise KernelError(errno.ENAMETOOLONG, f"a symlink target is at most {params.MEMORY_MAX_SYMLINK_BYTES} bytes")
+        return self._add(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        with self._lock:
+            rows = self._q("SELECT mode, target FROM inodes WHERE ino = ?", [ino])
+            if not rows:
+                raise KernelError(errno.ENOENT, "no such file")
+            if not stat.S_ISLNK(rows[0][0]):
+                raise KernelError(errno.EINVAL, "not a symlink")
+            return bytes(rows[0][1])
+
+    def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        _check_name(name)
+        with self._tx():
+            attr, pattr = self._row(ino), self._dir(parent)
+            if attr.is_dir:
+                raise KernelError(errno.EPERM, "hard links to directories are not allowed")
+            if attr.agent_id != pattr.agent_id:
+                raise KernelError(errno.EXDEV, "hard links cannot cross agents")
+            if self._entry(parent, name) is not None:
+                raise KernelError(errno.EEXIST, "file exists")
+            if attr.nlink == 0:
+                raise KernelError(errno.ENOENT, "the file was removed")
+            self.db.execute("INSERT INTO dentries(parent, name, ino) VALUES (?, ?, ?)", [parent, name, ino])
+            self.db.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?", [_now(), ino])
+            self._touch_dir(parent)
+            return self.getattr(ino)
+
+    def _touch_dir(self, ino: int) -> None:
+        now = _now()
+        self.db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", [now, now, ino])
+
+    # -- removing names -----------------------------------------------------------------
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self._tx():
+            self._dir(parent)
+            ino = self._entry(parent, name)
+            if ino is None:
+                raise KernelError(errno.ENOENT, "no such file")
+            if self._row(ino).is_dir:
+                raise KernelError(errno.EISDIR, "is a directory: use rmdir")
+            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", [parent, name])
+            self._touch_dir(parent)
+            self._drop_link(ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        with self._tx():
+            self._dir(parent)
+            ino = self._entry(parent, name)
+            if ino is None:
+                raise KernelError(errno.ENOENT, "no such directory")
+            if not self._row(ino).is_dir:
+                raise KernelError(errno.ENOTDIR, "not a directory")
+            if self._q("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", [ino]):
+                raise KernelError(errno.ENOTEMPTY, "directory not empty")
+            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", [parent, name])
+            self.db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?", [parent])
+            self._touch_dir(parent)
+            self._delete_inode(ino)
+
+    def _drop_link(self, ino: int) -> None:
+        self.db.execute("UPDATE inodes SET nlink = MAX(nlink - 1, 0), ctime_ns = ? WHERE ino = ?", [_now(), ino])
+        if self._row(ino).nlink == 0 and not self._open[ino]:
+            self._delete_inode(ino)
+
+    def _delete_inode(self, ino: int) -> None:
+        """Remove an inode and everything of it (caller is in a transaction)."""
+        rows = self._q("SELECT agent_id, size, mode FROM inodes WHERE ino = ?", [ino])
+        if rows:
+            agent_id, size, mode = rows[0]
+            dirty = self._dirty.get(ino)
+            used = dirty.size if dirty is not None else size
+            if not stat.S_ISDIR(mode):
+                self._usage[agent_id] = self._usage.get(agent_id, 0) - used
+        for table in ("chunks", "versions"):
+            self.db.execute(f"DELETE FROM {table} WHERE ino = ?", [ino])
+        self.db.execute("DELETE FROM passages WHERE ino = ?", [ino])
+        self.db.execute("DELETE FROM dentries WHERE ino = ?", [ino])
+        self.db.execute("DELETE FROM inodes WHERE ino = ?", [ino])
+        self._dirty.pop(ino, None)
+        self._unversioned.discard(ino)
+        self._atime.pop(ino, None)
+        for key in [k for k in self._cache if k[0] == ino]:
+            self._cache_bytes -= len(self._cache.pop(key))
+
+    def _collect_orphans(self) -> None:
+        """Files unlinked while open when the daemon died: nobody can reach them."""
+        for (ino,) in self._q("SELECT ino FROM inodes WHERE nlink = 0"):
+            self._delete_inode(ino)
+
+    # -- rename --------------------------------------------------------------------------
+    def _is_within(self, ino: int, ancestor: int) -> bool:
+        """Is directory `ino` `ancestor` or below it?"""
+        seen = 0
+        while ino != ancestor:
+            rows = self._q("SELECT parent FROM dentries WHERE ino = ? LIMIT 1", [ino])
+            if not rows or seen > 10_000:
+                return False
+            ino, seen = int(rows[0][0]), seen + 1
+        return True
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        _check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise KernelError(errno.EINVAL, "unsupported rename flags")
+        with self._tx():
+            op, np_ = self._dir(old_parent), self._dir(new_parent)
+            if op.agent_id != np_.agent_id:
+                raise KernelError(errno.EXDEV, "rename cannot cross agents")
+            src = self._entry(old_parent, old_name)
+            if src is None:
+                raise KernelError(errno.ENOENT, "no such file")
+            dst = self._entry(new_parent, new_name)
+            sattr = self._row(src)
+            if flags & RENAME_EXCHANGE:
+                self._exchange(old_parent, old_name, new_parent, new_name, src, dst)
+                return
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise KernelError(errno.EEXIST, "file exists")
+            if dst == src:
+                return  # two names of one inode: POSIX says do nothing
+            if sattr.is_dir and self._is_within(new_parent, src):
+                raise KernelError(errno.EINVAL, "cannot move a directory into itself")
+            if dst is not None:
+                dattr = self._row(dst)
+                if sattr.is_dir and not dattr.is_dir:
+                    raise KernelError(errno.ENOTDIR, "not a directory")
+                if dattr.is_dir and not sattr.is_dir:
+                    raise KernelError(errno.EISDIR, "is a directory")
+                if dattr.is_dir and self._q("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", [dst]):
+                    raise KernelError(errno.ENOTEMPTY, "directory not empty")
+                self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", [new_parent, new_name])
+                if dattr.is_dir:
+                    self.db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?", [new_parent])
+                    self._delete_inode(dst)
+                else:
+                    self._drop_link(dst)
+            self.db.execute("UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?", [new_parent, new_name, old_parent, old_name])
+            if sattr.is_dir and old_parent != new_parent:
+                self.db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?", [old_parent])
+                self.db.execute("UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?", [new_parent])
+            self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", [_now(), src])
+            self._touch_dir(old_parent)
+            self._touch_dir(new_parent)
+
+    def _exchange(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, src: int, dst: int | None) -> None:
+        if dst is None:
+            raise KernelError(errno.ENOENT, "no such file to exchange with")
+        sattr, dattr = self._row(src), self._row(dst)
+        if (sattr.is_dir and self._is_within(new_parent, src)) or (dattr.is_dir and self._is_within(old_parent, dst)):
+            raise KernelError(errno.EINVAL, "cannot move a directory into itself")
+        self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?", [dst, old_parent, old_name])
+        self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?", [src, new_parent, new_name])
+        if old_parent != new_parent and sattr.is_dir != dattr.is_dir:
+            moved_dir_to_new = 1 if sattr.is_dir else -1
+            self.db.execute("UPDATE inodes SET nlink = nlink - ? WHERE ino = ?", [moved_dir_to_new, old_parent])
+            self.db.execute("UPDATE inodes SET nlink = nlink + ? WHERE ino = ?", [moved_dir_to_new, new_parent])
+        now = _now()
+        self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE ino IN (?, ?)", [now, src, dst])
+        self._touch_dir(old_parent)
+        self._touch_dir(new_parent)
+
+    # -- attributes ----------------------------------------------------------------------
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        commit: bool = True,
+    ) -> Attr:
+        """chmod/chown/utimens/truncate. A truncate through an open handle
+        (`commit=False`) stays uncommitted until that handle's flush, like a write."""
+        with self._tx():
+            attr = self._row(ino)
+            now = _now()
+            if size is not None:
+                if attr.is_dir:
+                    raise KernelError(errno.EISDIR, "is a directory")
+                if not attr.is_reg:
+                    raise KernelError(errno.EINVAL, "not a regular file")
+                self._truncate(attr, size)
+                if commit:
+                    self._commit(ino)
+            values: dict[str, Any] = {}
+            if mode is not None:
+                values["mode"] = stat.S_IFMT(attr.mode) | (mode & 0o7777)
+            if uid is not None:
+                values["uid"] = uid
+            if gid is not None:
+                values["gid"] = gid
+            if atime_ns is not None:
+                values["atime_ns"] = atime_ns
+                self._atime.pop(ino, None)
+            if mtime_ns is not None:
+                values["mtime_ns"] = mtime_ns
+                dirty = self._dirty.get(ino)
+                if dirty is not None:
+                    dirty.mtime_ns = mtime_ns
+            if values or size is not None:
+                values["ctime_ns"] = now
+                dirty = self._dirty.get(ino)
+                if dirty is not None:
+                    dirty.ctime_ns = now
+            if values:
+                sets = ", ".join(f"{k} = ?" for k in values)
+                self.db.execute(f"UPDATE inodes SET {sets} WHERE ino = ?", [*values.values(), ino])
+            return self.getattr(ino)
+
+    # -- data ------------------------------------------------------------------------------
+    def open(self, ino: int, truncate: bool) -> None:
+        with self._lock:
+            attr = self._row(ino)
+            self._open[ino] += 1
+            if truncate and attr.is_reg and self.getattr(ino).size:
+                self._truncate(attr, 0)
+                dirty = self._dirty[ino]
+                dirty.mtime_ns = dirty.ctime_ns = _now()
+
+    def release(self, ino: int) -> None:
+        """The last close of a handle: commit what is left, version, drop an orphan."""
+        with self._tx():
+            self._open[ino] -= 1
+            if self._open[ino] > 0:
+                return
+            del self._open[ino]
+            rows = self._q("SELECT nlink FROM inodes WHERE ino = ?", [ino])
+            if not rows:
+                return
+            if rows[0][0] == 0:
+                self._delete_inode(ino)
+                return
+            self._commit(ino)
+            self._version(ino)
+            atime = self._atime.pop(ino, None)
+            if atime is not None:
+                self.db.execute("UPDATE inodes SET atime_ns = ? WHERE ino = ?", [atime, ino])
+
+    def _dirty_of(self, attr: Attr) -> Dirty:
+        dirty = self._dirty.get(attr.ino)
+        if dirty is None:
+            dirty = self._dirty[attr.ino] = Dirty(attr.size)
+        return dirty
+
+    def _stored_chunk(self, ino: int, idx: int) -> bytes:
+        key = (ino, idx)
+        data = self._cache.get(key)
+        if data is not None:
+            self._cache.move_to_end(key)
+            self.stats["cache_hits"] += 1
+            return data
+        self.stats["cache_misses"] += 1
+        rows = self._q("SELECT data FROM chunks WHERE ino = ? AND idx = ?", [ino, idx])
+        data = bytes(rows[0][0]) if rows else b""
+        self._remember(key, data)
+        return data
+
+    def _remember(self, key: tuple[int, int], data: bytes) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= len(old)
+        self._cache[key] = data
+        self._cache_bytes += len(data)
+        while self._cache_bytes > self._cache_limit and self._cache:
+            _, dropped = self._cache.popitem(last=False)
+            self._cache_bytes -= len(dropped)
+            self.stats["cache_evictions"] += 1
+
+    def _chunk(self, ino: int, idx: int, size: int) -> bytes:
+        """Chunk `idx` as readers see it now, padded with zeros up to the size."""
+        dirty = self._dirty.get(ino)
+        if dirty is not None and idx in dirty.chunks:
+            data = dirty.chunks[idx]
+        elif dirty is not None and dirty.cut is not None and idx >= dirty.cut:
+            data = b""
+        else:
+            data = self._stored_chunk(ino, idx)
+        want = max(0, min(CHUNK, size - idx * CHUNK))
+        return data[:want] + bytes(want - len(data)) if len(data) < want else data[:want]
+
+    def read(self, ino: int, offset: int, length: int) -> bytes:
+        with self._lock:
+            attr = self.getattr(ino)
+            if attr.is_dir:
+                raise KernelError(errno.EISDIR, "is a directory")
+            end = min(attr.size, offset + length)
+            out = bytearray()
+            pos = offset
+            while pos < end:
+                idx = pos // CHUNK
+                data = self._chunk(ino, idx, attr.size)
+                out += data[pos - idx * CHUNK : end - idx * CHUNK]
+                pos = (idx + 1) * CHUNK
+            self._touch_atime(attr)
+            return bytes(out)
+
+    def _touch_atime(self, attr: Attr) -> None:
+        """relatime: record a read when atime is older than the last change or a day."""
+        now = _now()
+        if attr.atime_ns <= max(attr.mtime_ns, attr.ctime_ns) or now - attr.atime_ns > 86400 * 10**9:
+            self._atime[attr.ino] = now
+
+    def write(self, ino: int, offset: int, data: bytes, append: bool = False) -> int:
+        """Write into the overlay; EDQUOT (nothing written) past the agent's quota."""
+        with self._lock:
+            attr = self.getattr(ino)
+            if attr.is_dir:
+                raise KernelError(errno.EISDIR, "is a directory")
+            if append:
+                offset = attr.size
+            end = offset + len(data)
+            if end > attr.size:
+                self._charge(attr.agent_id, end - attr.size)
+            if not data:
+                return 0
+            dirty = self._dirty_of(attr)
+            pos = offset
+            while pos < end:
+                idx = pos // CHUNK
+                lo = pos - idx * CHUNK
+                hi = min(CHUNK, end - idx * CHUNK)
+                current = self._chunk(ino, idx, dirty.size)
+                if len(current) < lo:
+                    current += bytes(lo - len(current))
+                dirty.chunks[idx] = current[:lo] + data[pos - offset : pos - offset + hi - lo] + current[hi:]
+                pos = (idx + 1) * CHUNK
+            if end > dirty.size:
+                self._usage[attr.agent_id] = self._usage.get(attr.agent_id, 0) + end - dirty.size
+                dirty.size = end
+            dirty.mtime_ns = dirty.ctime_ns = _now()
+            return len(data)
+
+    def _truncate(self, attr: Attr, size: int) -> None:
+        dirty = self._dirty_of(attr)
+        if size > dirty.size:
+            self._charge(attr.agent_id, size - dirty.size)
+        self._usage[attr.agent_id] = self._usage.get(attr.agent_id, 0) + size - dirty.size
+        keep = -(-size // CHUNK)  # chunks that still hold data
+        if size < dirty.size:
+            last = size // CHUNK
+            if size % CHUNK:
+                dirty.chunks[last] = self._chunk(attr.ino, last, dirty.size)[: size % CHUNK]
+            for idx in [i for i in dirty.chunks if i >= keep]:
+                del dirty.chunks[idx]
+            dirty.cut = keep if dirty.cut is None else min(dirty.cut, keep)
+        dirty.size = size
+        dirty.mtime_ns = dirty.ctime_ns = _now()
+
+    def _charge(self, agent_id: int, extra: int) -> None:
+        quota = self.quotas.get(agent_id, self.quota)
+        used = self._usage.get(agent_id, 0)
+        if used + extra > quota:
+            raise KernelError(errno.EDQUOT, f"memory quota of {quota} bytes reached ({used} used, {extra} more asked)")
+
+    def usage(self, agent_id: int) -> int:
+        with self._lock:
+            return self._usage.get(agent_id, 0)
+
+    def _measure_usage(self) -> dict[int, int]:
+        rows = self._q(f"SELECT agent_id, SUM(size) FROM inodes WHERE (mode & {0o170000}) != {stat.S_IFDIR} GROUP BY agent_id")
+        return {int(a): int(s or 0) for a, s in rows}
+
+    # -- commits and versions -------------------------------------------------------------
+    def flush(self, ino: int) -> None:
+        """Make the inode's writes durable (every close())."""
+        with self._tx():
+            self._commit(ino)
+
+    def fsync(self, ino: int) -> None:
+        with self._tx():
+            self._commit(ino)
+            self._version(ino)
+
+    def _commit(self, ino: int) -> None:
+        """Caller is in a transaction."""
+        dirty = self._dirty.pop(ino, None)
+        if dirty is None:
+            return
+        keep = -(-dirty.size // CHUNK)
+        cut = keep if dirty.cut is None else min(dirty.cut, keep)
+        self.db.execute("DELETE FROM chunks WHERE ino = ? AND idx >= ?", [ino, cut])
+        for key in [k for k in self._cache if k[0] == ino and k[1] >= cut]:
+            self._cache_bytes -= len(self._cache.pop(key))
+        for idx, data in dirty.chunks.items():
+            if idx < keep:
+                self.db.execute("INSERT OR REPLACE INTO chunks(ino, idx, data) VALUES (?, ?, ?)", [ino, idx, data])
+                self._remember((ino, idx), data)
+        now = _now()
+        self.db.execute(
+            "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?", [dirty.size, dirty.mtime_ns or now, dirty.ctime_ns or now, ino]
+        )
+        self._unversioned.add(ino)
+        self.stats["commits"] += 1
+        self._index(ino)
+
+    def _content(self, ino: int) -> bytes:
+        attr = self.getattr(ino)
+        return b"".join(self._chunk(ino, idx, attr.size) for idx in range(-(-attr.size // CHUNK)))
+
+    def _version(self, ino: int) -> None:
+        """Keep the committed content as a new version if it changed since the last one."""
+        if ino not in self._unversioned:
+            return
+        self._unversioned.discard(ino)
+        attr = self._row(ino)
+        if not attr.is_reg or attr.size > params.MEMORY_VERSION_MAX_BYTES:
+            return
+        data = self._content(ino)
+        last = self._q("SELECT n, data FROM versions WHERE ino = ? ORDER BY n DESC LIMIT 1", [ino])
+        if last and zlib.decompress(last[0][1]) == data:
+            return
+        n = int(last[0][0]) + 1 if last else 1
+        self.db.execute(
+            "INSERT INTO versions(ino, n, size, committed, data) VALUES (?, ?, ?, ?, ?)", [ino, n, len(data), time.time(), zlib.compress(data)]
+        )
+        self.db.execute("DELETE FROM versions WHERE ino = ? AND n <= ?", [ino, n - params.MEMORY_VERSIONS])
+        self.stats["versions"] += 1
+
+    def versions(self, agent_id: int) -> list[Version]:
+        with self._lock:
+            rows = self._q(
+                "SELECT v.ino, v.n, v.size, v.committed FROM versions v JOIN inodes i ON i.ino = v.ino WHERE i.agent_id = ? ORDER BY v.ino, v.n",
+                [agent_id],
+            )
+            return [Version(self._path(ino), n, size, committed) for ino, n, size, committed in rows]
+
+    def rollback(self, agent_id: int, path: str, which: str) -> int:
+        """Make a version current again (as a new version); returns the version restored.
+        `which`: a version number, `@` + an ISO-8601 time (the newest version at or
+        before it), or "" for the one before the current content."""
+        with self._tx():
+            ino = self._walk(agent_id, path)
+            attr = self._row(ino)
+            if not attr.is_reg:
+                raise KernelError(errno.EINVAL, f"{path}: not a regular file")
+            if ino in self._dirty:
+                raise KernelError(errno.EBUSY, f"{path} has unsaved writes: close it first")
+            self._version(ino)
+            rows = self._q("SELECT n, committed, data FROM versions WHERE ino = ? ORDER BY n", [ino])
+            n, data = self._pick_version(path, rows, which)
+            self._charge(agent_id, len(data) - attr.size)  # before anything changes
+            self._truncate(attr, 0)
+            self.write(ino, 0, data)
+            self._commit(ino)
+            self._version(ino)
+            self.stats["rollbacks"] += 1
+            return n
+
+    @staticmethod
+    def _pick_version(path: str, rows: list[Any], which: str) -> tuple[int, bytes]:
+        if not rows:
+            raise KernelError(errno.ENOENT, f"{path} has no versions")
+        if which == "":
+            if len(rows) < 2:
+                raise KernelError(errno.ENOENT, f"{path} has no version before the current one")
+            n, _, data = rows[-2]
+        elif which.startswith("@"):
+            try:
+                when = dt.datetime.fromisoformat(which[1:])
+            except ValueError:
+                raise KernelError(errno.EINVAL, f"rollback: {which[1:]!r} is not an ISO-8601 time (e.g. 2026-11-25T16:00)") from None
+            stamp = when.timestamp() if when.tzinfo else when.astimezone().timestamp()
+            older = [r for r in rows if r[1] <= stamp]
+            if not older:
+                raise KernelError(errno.ENOENT, f"{path} has no version from {which[1:]} or before")
+            n, _, data = older[-1]
+        else:
+            if not which.isdigit():
+                raise KernelError(errno.EINVAL, f"rollback: {which!r} is not a version number")
+            found = [r for r in rows if r[0] == int(which)]
+            if not found:
+                kept = ", ".join(str(r[0]) for r in rows)
+                raise KernelError(errno.ENOENT, f"{path} has no version {which} (kept: {kept})")
+            n, _, data = found[0]
+        return int(n), zlib.decompress(data)
+
+    # -- paths ----------------------------------------------------------------------------
+    def _root_of(self, agent_id: int) -> int:
+        rows = self._q("SELECT ino FROM roots WHERE agent_id = ?", [agent_id])
+        if not rows:
+            raise KernelError(errno.ENOENT, "the agent has no memory yet")
+        return int(rows[0][0])
+
+    def walk(self, agent_id: int, path: str) -> int:
+        with self._lock:
+            return self._walk(agent_id, path)
+
+    def _walk(self, agent_id: int, path: str) -> int:
+        """Resolve a path inside memory/ without following symlinks; `..` stops at memory/."""
+        root = ino = self._root_of(agent_id)
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if not parts:
+            raise KernelError(errno.EINVAL, "a path inside memory/ is needed")
+        for i, part in enumerate(parts):
+            attr = self._row(ino)
+            if stat.S_ISLNK(attr.mode):
+                raise KernelError(errno.ELOOP, f"{'/'.join(parts[:i])} is a symlink: paths here do not follow symlinks")
+            if not attr.is_dir:
+                raise KernelError(errno.ENOTDIR, f"{'/'.join(parts[:i])} is not a directory")
+            if part == "..":
+                if ino != root:
+                    ino = int(self._q("SELECT parent FROM dentries WHERE ino = ? LIMIT 1", [ino])[0][0])
+                continue
+            child = self._entry(ino, os.fsencode(part))
+            if child is None:
+                raise KernelError(errno.ENOENT, f"no {'/'.join(parts[: i + 1])} in memory/")
+            ino = child
+        return ino
+
+    def _path(self, ino: int) -> str:
+        parts: list[str] = []
+        for _ in range(10_000):
+            rows = self._q("SELECT parent, name FROM dentries WHERE ino = ? ORDER BY id LIMIT 1", [ino])
+            if not rows:
+                break
+            ino = int(rows[0][0])
+            parts.append(os.fsdecode(bytes(rows[0][1])))
+        return "/".join(reversed(parts))
+
+    # -- recall -----------------------------------------------------------------------------
+    def _index(self, ino: int) -> None:
+        """Re-cut a committed text file into passages for recall (caller is in a transaction)."""
+        self.db.execute("DELETE FROM passages WHERE ino = ?", [ino])
+        attr = self._row(ino)
+        if not attr.is_reg or attr.size > params.MEMORY_INDEX_MAX_BYTES or attr.nlink == 0:
+            return
+        try:
+            text = self._content(ino).decode("utf-8")
+        except UnicodeDecodeError:
+            return  # binary files are stored, not recalled
+        for line, passage in split_passages(text):
+            self.db.execute("INSERT INTO passages(text, agent_id, ino, line) VALUES (?, ?, ?, ?)", [passage, attr.agent_id, ino, line])
+
+    def search(self, agent_id: int, query: str, k: int) -> list[Passage]:
+        """The `k` passages of the agent's memory that best match the query's words (bm25)."""
+        words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))[: params.MEMORY_QUERY_WORDS]
+        if not words or k <= 0:
+            return []
+        match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+        with self._lock:
+            self.stats["recalls"] += 1
+            rows = self._q(
+                "SELECT ino, line, text, bm25(passages) AS score FROM passages WHERE passages MATCH ? AND agent_id = ? ORDER BY score LIMIT ?",
+                [match, agent_id, k],
+            )
+            return [Passage(self._path(int(ino)), int(line), round(-float(score), 4), text) for ino, line, text, score in rows]
+
+    # -- visibility ---------------------------------------------------------------------------
+    def statistics(self) -> dict[str, int]:
+        with self._lock:
+            out = {f"memory_{k}": v for k, v in self.stats.items()}
+            out["memory_cache_bytes"] = self._cache_bytes
+            out["memory_bytes"] = sum(self._usage.values())
+            out["memory_dirty_files"] = len(self._dirty)
+            return out
+
+
+def split_passages(text: str) -> list[tuple[int, str]]:
+    """Paragraphs (blank-line separated), long ones cut at whitespace; with 1-based start lines."""
+    out: list[tuple[int, str]] = []
+    line = 1
+    for block in re.split(r"(\n[ \t]*\n)", text):
+        if block.strip() and not re.fullmatch(r"\n[ \t]*\n", block):
+            start = line + (len(block) - len(block.lstrip("\n")))
+            body = block.strip()
+            while body:
+                cut = len(body)
+                if cut > params.MEMORY_PASSAGE_CHARS:
+                    space = max(body.rfind(c, 0, params.MEMORY_PASSAGE_CHARS) for c in " \n\t")
+                    cut = space if space > params.MEMORY_PASSAGE_CHARS // 2 else params.MEMORY_PASSAGE_CHARS
+                out.append((start, body[:cut].strip()))
+                rest = body[cut:]
+                start += body[:cut].count("\n") + rest[: len(rest) - len(rest.lstrip())].count("\n")
+                body = rest.strip()
+        line += block.count("\n")
+    return out

@@ -1,0 +1,106 @@
+"""The memory manager: each agent's memory/ (the store in `memfs`) as the kernel
+uses it: its root, recall into prompts, the `recall` file, rollback, and the
+permission checks for what the kernel does on an agent's behalf.
+
+Store methods wait for the disk, so they run on worker threads (`run`); the trio
+thread never blocks on a commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from . import params
+from .config import AgentConfig
+from .errors import KernelError
+from .memfs import Attr, MemoryStore, Passage
+
+if TYPE_CHECKING:
+    from .kernel import Agent, Caller
+
+T = TypeVar("T")
+
+RECALL_HEADER = "Notes recalled from your memory (memory/), most relevant first:"
+
+
+class MemoryManager:
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self._roots: dict[int, int] = {}  # agent id → store inode of its memory/
+
+    async def run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store method on a worker thread."""
+        return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs))
+
+    async def root(self, agent: Agent) -> int:
+        """The store inode of the agent's memory/, made on first use and owned like the agent."""
+        ino = self._roots.get(agent.row.id)
+        if ino is None:
+            ino = self._roots[agent.row.id] = await self.run(self.store.root, agent.row.id, agent.row.uid, agent.row.gid)
+        return ino
+
+    async def is_empty(self, agent: Agent) -> bool:
+        return await self.run(self.store.is_empty, await self.root(agent))
+
+    async def drop(self, agent: Agent) -> None:
+        self._roots.pop(agent.row.id, None)
+        await self.run(self.store.drop_agent, agent.row.id)
+
+    async def recall_into(self, agent: Agent, config: AgentConfig, message: str) -> tuple[AgentConfig, list[str] | None]:
+        """With `memory_recall=on`: the config whose system prompt carries the passages
+        recalled for `message`, and their `path:line`s (None when recall is off)."""
+        if not config.memory_recall:
+            return config, None
+        await self.root(agent)
+        passages = await self.run(self.store.search, agent.row.id, message, config.memory_top_k)
+        return dataclasses.replace(config, system=with_recall(config.system, passages)), [f"{p.path}:{p.line}" for p in passages]
+
+    async def recall(self, caller: Caller, agent: Agent, query: str, k: int) -> list[Passage]:
+        """The `recall` file: ranked passages, for callers who may read memory/."""
+        attr = await self.run(self.store.getattr, await self.root(agent))
+        if not may(caller, attr, 0o5):
+            raise KernelError(errno.EACCES, f"recall: no read permission on {agent.name}/memory/")
+        return await self.run(self.store.search, agent.row.id, query, k)
+
+    async def rollback(self, caller: Caller, agent: Agent, path: str, version: str) -> int:
+        """`rollback PATH [VERSION|@TIME]`: needs search on memory/ and write on the file."""
+        root = await self.root(agent)
+        store = self.store
+
+        def checked() -> int:
+            if not may(caller, store.getattr(root), 0o1):
+                raise KernelError(errno.EACCES, f"rollback: no permission to search {agent.name}/memory/")
+            if not may(caller, store.getattr(store.walk(agent.row.id, path)), 0o2):
+                raise KernelError(errno.EACCES, f"rollback: no write permission on memory/{path}")
+            return store.rollback(agent.row.id, path, version)
+
+        return await self.run(checked)
+
+
+def may(caller: Caller, attr: Attr, bits: int) -> bool:
+    """The Unix permission check of `bits` (r=4 w=2 x=1) on a memory inode; root passes."""
+    if caller.is_root:
+        return True
+    shift = 6 if caller.uid == attr.uid else 3 if caller.gid == attr.gid else 0
+    return (attr.mode >> shift) & bits == bits
+
+
+def with_recall(system: str, passages: list[Passage]) -> str:
+    """The system prompt with recalled passages appended, at most MEMORY_RECALL_MAX_CHARS of them."""
+    blocks: list[str] = []
+    room = params.MEMORY_RECALL_MAX_CHARS
+    for p in passages:
+        block = f"--- {p.path}:{p.line}\n{p.text}"
+        if len(block) > room:
+            break
+        blocks.append(block)
+        room -= len(block)
+    if not blocks:
+        return system
+    return "\n\n".join(part for part in (system, RECALL_HEADER + "\n" + "\n".join(blocks)) if part)
