@@ -28,6 +28,7 @@ class Kind(enum.IntEnum):
     AGENTS = 10
     K_EVENTS = 11
     K_CTL = 12
+    K_TRASH = 13
     AGENT = 32
     PROMPT = 33
     OUTPUT = 34
@@ -40,6 +41,7 @@ class Kind(enum.IntEnum):
     EVENTS = 41
     VERSIONS = 42
     RECALL = 43
+    PERMISSIONS = 44
 
 
 class Cls(enum.Enum):
@@ -82,7 +84,8 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("scheduler", Kind.K_SCHEDULER, Cls.STORED, 0o644),
         Entry("log", Kind.K_LOG, Cls.SNAPSHOT, 0o400),
         Entry("events", Kind.K_EVENTS, Cls.EVENTS, 0o444),
-        Entry("ctl", Kind.K_CTL, Cls.CTL, 0o200),
+        Entry("trash", Kind.K_TRASH, Cls.SNAPSHOT, 0o444),
+        Entry("ctl", Kind.K_CTL, Cls.CTL, 0o222),
     ],
     Kind.AGENT: [
         Entry("prompt", Kind.PROMPT, Cls.SUBMIT, 0o620),
@@ -92,6 +95,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("error", Kind.ERROR, Cls.SNAPSHOT, 0o640),
         Entry("context", Kind.CONTEXT, Cls.STORED, 0o640),
         Entry("config", Kind.CONFIG, Cls.STORED, 0o640),
+        Entry("permissions", Kind.PERMISSIONS, Cls.STORED, 0o640),
         Entry("ctl", Kind.CTL, Cls.CTL, 0o220),
         Entry("events", Kind.EVENTS, Cls.EVENTS, 0o640),
         Entry("versions", Kind.VERSIONS, Cls.SNAPSHOT, 0o640),

@@ -136,6 +136,8 @@ class Operations(pyfuse3.Operations):
             return self.kernel.engine.scheduler.describe() + "\n"
         if kind is Kind.CONFIG:
             return agent.config.render()
+        if kind is Kind.PERMISSIONS:
+            return self.kernel.permissions_text(agent)
         return render_context(agent.messages)
 
     @staticmethod
@@ -144,6 +146,8 @@ class Operations(pyfuse3.Operations):
             return Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES
         if kind is Kind.CONTEXT:
             return Sys.CONTEXT_WRITE, params.MAX_CONTEXT_BYTES
+        if kind is Kind.PERMISSIONS:
+            return Sys.PERMISSIONS_WRITE, params.MAX_CONFIG_BYTES
         return Sys.SCHED_SET, params.MAX_CTL_LINE
 
     @_guard
@@ -412,6 +416,7 @@ class Operations(pyfuse3.Operations):
             Kind.K_PS: lambda: render.kernel_ps(k, caller),
             Kind.K_MODELS: lambda: render.kernel_models(k),
             Kind.K_LOG: lambda: render.kernel_log(k),
+            Kind.K_TRASH: lambda: render.kernel_trash(k),
         }
         return renderers[kind]()
 

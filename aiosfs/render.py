@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from kernel import params
 from kernel.kernel import Agent, Caller, Kernel
 
 README = """\
@@ -25,6 +26,9 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   echo "rollback a.md 2" > agents/NAME/ctl
   exec 3<>agents/NAME/recall             write a query, read ranked memory passages
   echo memory_recall=on >> agents/NAME/config   put recalled passages into each prompt
+  echo "budget_tokens 10000" > agents/NAME/permissions   policy beyond mode bits (root sets limits)
+  rmdir agents/NAME                      moves the agent to kernel/trash; undo with
+  echo "restore NAME" > kernel/ctl       (the owner or root, for 7 days)
   cat kernel/status                      the kernel at a glance; kernel/stats, kernel/ps for more
   echo "rr quantum=32" > kernel/scheduler   (root) fifo | rr [quantum=N] | priority
 
@@ -70,12 +74,25 @@ def kernel_log(kernel: Kernel) -> str:
     return "".join(line + "\n" for line in kernel.audit)
 
 
+def kernel_trash(kernel: Kernel) -> str:
+    """Removed agents that `restore NAME` in kernel/ctl can bring back, oldest first."""
+    lines = ["name id uid removed restorable_until\n"]
+    for row in sorted(kernel.trash.values(), key=lambda r: r.trashed_at or 0):
+        removed = row.trashed_at or 0
+        until = removed + params.TRASH_RETENTION_SECONDS
+        lines.append(f"{row.trashed_name} {row.id} {row.uid} {_iso(removed)} {_iso(until)}\n")
+    return "".join(lines)
+
+
+def _iso(stamp: float) -> str:
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat(timespec="seconds")
+
+
 async def versions(kernel: Kernel, agent: Agent) -> str:
     """`versions`: one kept version per line, `VERSION BYTES TIME PATH` (path last: it may hold spaces)."""
     await kernel.memory.root(agent)
     rows = await kernel.memory.run(kernel.memory.store.versions, agent.row.id)
     lines = ["version bytes time path\n"]
     for v in rows:
-        stamp = dt.datetime.fromtimestamp(v.committed, dt.UTC).isoformat(timespec="seconds")
-        lines.append(f"{v.n} {v.size} {stamp} {v.path}\n")
+        lines.append(f"{v.n} {v.size} {_iso(v.committed)} {v.path}\n")
     return "".join(lines)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from typing import Any
 
 import trio
 
-from . import params
+from . import access, params
+from .audit import AuditLog
 from .backends import Backend
 from .config import AgentConfig, parse_config, parse_envelope
 from .context import Message, build_prompt, parse_context
@@ -28,6 +28,7 @@ from .events import EventStream, job_event
 from .jobs import Job, JobState
 from .memfs import MemoryStore
 from .memory import MemoryManager
+from .policy import Policy, parse_policy
 from .scheduler import make_scheduler
 from .storage import AgentRow, Storage
 
@@ -59,6 +60,8 @@ class Agent:
     turn: Job | None = None  # the prompt job now extending the context (in the engine)
     next_turns: collections.deque[Job] = field(default_factory=collections.deque)  # prompt jobs waiting for it
     events: EventStream = field(default_factory=EventStream, repr=False)
+    policy: Policy = field(default_factory=Policy)  # the permissions file in force
+    ceiling: Policy = field(default_factory=Policy)  # root's limits for it
 
     async def wait_for_job(self, uid: int, timeout: float) -> Job | None:
         """The uid's latest job; waits up to `timeout` for a first one."""
@@ -83,20 +86,39 @@ class Kernel:
         self.engine = Engine(backend, make_scheduler(policy), **engine_options)
         self.engine.on_update = self._deliver
         self.started = time.time()
-        self.audit: collections.deque[str] = collections.deque(maxlen=params.LOG_LINES)
+        self.audit = AuditLog(Path(storage.path).with_name("audit.jsonl"))
         self.agents: dict[str, Agent] = {}
+        self.trash: dict[int, AgentRow] = {}  # removed agents that can still be restored, by id
         self.events = EventStream()
         self._nursery: trio.Nursery | None = None
+        self._housekeeping = trio.CancelScope()  # background tasks that end with stop()
         for row in storage.agents():
-            config = parse_config(row.config) if row.config else AgentConfig()
-            self.agents[row.name] = Agent(row, config, storage.messages(row.id))
+            if row.trashed_at is not None:
+                self.trash[row.id] = row
+            else:
+                self._load_agent(row)
         self._by_id = {agent.row.id: agent for agent in self.agents.values()}  # every FUSE op resolves by id
+
+    def _load_agent(self, row: AgentRow) -> Agent:
+        config = parse_config(row.config) if row.config else AgentConfig()
+        agent = Agent(row, config, self.storage.messages(row.id), policy=parse_policy(row.permissions), ceiling=parse_policy(row.ceiling))
+        self.agents[row.name] = agent
+        self._apply_quota(agent)
+        return agent
+
+    def _apply_quota(self, agent: Agent) -> None:
+        quotas = self.memory.store.quotas
+        if agent.policy.memory_quota is None:
+            quotas.pop(agent.row.id, None)
+        else:
+            quotas[agent.row.id] = agent.policy.memory_quota
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.engine.run)
+                nursery.start_soon(self._purge_trash_forever)
                 await self._recover_jobs()  # before the mount serves: readers find the requeued jobs live
                 task_status.started()
         finally:
@@ -133,6 +155,7 @@ class Kernel:
         try:
             self._check_requeue(agent, row)
             message, config = self._parse_request(agent, row["request"])
+            config = access.check_request(agent, config)
         except KernelError as exc:
             job = self._job_from_row(agent, row)
             self._bind_if_latest(agent, job)
@@ -185,6 +208,7 @@ class Kernel:
 
     def stop(self) -> None:
         self.engine.stop()
+        self._housekeeping.cancel()
 
     # -- lookups ---------------------------------------------------------------
     def agent(self, name: str) -> Agent:
@@ -228,32 +252,65 @@ class Kernel:
         self.log_event("mkdir", agent=name, uid=caller.uid)
         return agent
 
-    async def remove_agent(self, caller: Caller, name: str) -> None:
+    def remove_agent(self, caller: Caller, name: str) -> None:
+        """rmdir: the agent, its memory, context and journal go to the trash, from
+        which `restore NAME` in kernel/ctl brings them back until they expire."""
         agent = self.agent(name)
-        self._require_owner(caller, agent, "remove")
+        access.require_owner(caller, agent, "remove it")
         if agent.active:
             ids = " ".join(str(j.id) for j in sorted(agent.active, key=lambda j: j.id))
             raise KernelError(errno.EBUSY, f"agent {name!r} has jobs queued or running ({ids}): echo 'cancel all' > ctl first")
-        if not await self.memory.is_empty(agent):
-            raise KernelError(errno.ENOTEMPTY, f"agent {name!r} still has files in memory/: remove them first")
-        if self.agents.get(name) is not agent:
-            raise KernelError(errno.ENOENT, f"agent {name!r} was removed")
-        self.storage.delete_agent(agent.row.id)
+        now = time.time()
+        self.storage.trash_agent(agent.row.id, name, now)
+        agent.row.trashed_at, agent.row.trashed_name = now, name
+        self.trash[agent.row.id] = agent.row
         del self.agents[name]
         del self._by_id[agent.row.id]
-        await self.memory.drop(agent)
-        self.log_event("rmdir", agent=name, uid=caller.uid)
+        self.log_event("rmdir", agent=name, uid=caller.uid, id=agent.row.id, restorable_until=round(now + params.TRASH_RETENTION_SECONDS))
+
+    def restore_agent(self, caller: Caller, name: str, new_name: str = "") -> Agent:
+        """Bring the most recently removed agent called `name` back (as `new_name`)."""
+        rows = sorted((r for r in self.trash.values() if r.trashed_name == name), key=lambda r: r.trashed_at or 0)
+        if not rows:
+            raise KernelError(errno.ENOENT, f"no agent {name!r} in the trash (see kernel/trash)")
+        row = rows[-1]
+        if not caller.is_root and caller.uid != row.uid:
+            raise KernelError(errno.EPERM, f"only the owner of {name!r} (uid {row.uid}) or root may restore it")
+        target = new_name or name
+        if target in self.agents:
+            raise KernelError(errno.EEXIST, f"an agent named {target!r} exists: restore {name} NEWNAME")
+        restored = self.storage.restore_agent(row.id, target)
+        del self.trash[row.id]
+        agent = self._load_agent(restored)
+        self._by_id[row.id] = agent
+        self.log_event("restore", agent=target, uid=caller.uid, id=row.id, was=name)
+        return agent
+
+    async def purge_trash(self, now: float | None = None) -> list[int]:
+        """Delete for good what stayed in the trash past TRASH_RETENTION_SECONDS."""
+        limit = (now or time.time()) - params.TRASH_RETENTION_SECONDS
+        expired = [row for row in self.trash.values() if (row.trashed_at or 0) <= limit]
+        for row in expired:
+            self.storage.delete_agent(row.id)
+            del self.trash[row.id]
+            await self.memory.drop_id(row.id)
+            self.log_event("purge", agent=row.trashed_name, id=row.id)
+        return [row.id for row in expired]
+
+    async def _purge_trash_forever(self) -> None:
+        with self._housekeeping:  # until stop()
+            while True:
+                try:
+                    await self.purge_trash()
+                except Exception:
+                    log.exception("could not purge the trash; trying again later")
+                await trio.sleep(params.TRASH_PURGE_INTERVAL)
 
     def set_agent_attrs(self, caller: Caller, agent: Agent, **values: Any) -> None:
         """Persist ownership or modes after chmod/chown (the VFS already checked them)."""
         for key, value in values.items():
             setattr(agent.row, key, value)
         self.storage.update_agent(agent.row.id, **values)
-
-    @staticmethod
-    def _require_owner(caller: Caller, agent: Agent, what: str) -> None:
-        if not caller.is_root and caller.uid != agent.row.uid:
-            raise KernelError(errno.EPERM, f"only the owner of {agent.name!r} or root may {what} it")
 
     # -- config and context ----------------------------------------------------------
     def require_live(self, agent: Agent) -> None:
@@ -266,8 +323,31 @@ class Kernel:
         if len(text.encode()) > params.MAX_CONFIG_BYTES:
             raise KernelError(errno.EFBIG, f"config is over {params.MAX_CONFIG_BYTES} bytes")
         config = parse_config(text, self.known_model)
+        access.check_request(agent, config)
         agent.config = config
         self.storage.update_agent(agent.row.id, config=config.render())
+
+    def write_permissions(self, caller: Caller, agent: Agent, text: str) -> None:
+        """The policy: root's text is also the ceiling; an owner's must stay within it."""
+        self.require_live(agent)
+        if len(text.encode()) > params.MAX_CONFIG_BYTES:
+            raise KernelError(errno.EFBIG, f"permissions is over {params.MAX_CONFIG_BYTES} bytes")
+        policy = parse_policy(text)
+        if caller.is_root:
+            agent.ceiling = policy
+        else:
+            policy = policy.within(agent.ceiling)
+        agent.policy = policy
+        self.storage.update_agent(agent.row.id, permissions=policy.render(Policy(), 0), ceiling=agent.ceiling.render(Policy(), 0))
+        self._apply_quota(agent)
+
+    def permissions_text(self, agent: Agent) -> str:
+        return agent.policy.render(agent.ceiling, agent.row.spent_tokens)
+
+    def reset_budget(self, caller: Caller, agent: Agent) -> None:
+        access.require_root(caller, "reset a token budget")
+        agent.row.spent_tokens = 0
+        self.storage.set_spent(agent.row.id, 0)
 
     def write_context(self, caller: Caller, agent: Agent, text: str) -> None:
         self.require_live(agent)
@@ -281,6 +361,7 @@ class Kernel:
         the agent's own context (a `prompt` job), which the answer then extends."""
         text = _decode_request(raw)
         message, config = self._parse_request(agent, text)
+        config = access.check_request(agent, config)
         self.check_queue(agent)
         config, recalled = await self.memory.recall_into(agent, config, message)
         conversation = agent.messages if history is None else history
@@ -352,6 +433,9 @@ class Kernel:
         return len(self.engine.queued()) + sum(len(a.next_turns) for a in self.agents.values())
 
     def check_queue(self, agent: Agent) -> None:
+        """What a prompt write is refused for before the request is read: the agent's
+        budget and queue policy, then the kernel's own queue limits."""
+        access.check_can_submit(agent)
         if len(agent.active) >= params.MAX_QUEUED_PER_AGENT:
             raise KernelError(errno.EAGAIN, f"agent {agent.name!r} has {len(agent.active)} jobs waiting; try again when one finishes")
         if self.queued_count() >= params.MAX_QUEUED_TOTAL:
@@ -396,7 +480,8 @@ class Kernel:
         if agent is None:
             return
         agent.errors[uid] = f"{errno_name(exc.errno)} {job_id if job_id is not None else '-'} {int(time.time())} {exc.message}"
-        self.log_event("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
+        if exc.errno not in (errno.EPERM, errno.EACCES, errno.EDQUOT):  # denials get their own `deny` line
+            self.log_event("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
 
     # -- results from the engine (trio thread) ----------------------------------------
     def emit(self, job: Job, event: str) -> None:
@@ -434,6 +519,10 @@ class Kernel:
         if agent is None:
             return
         agent.active.discard(job)
+        spent = len(job.prompt_tokens) + job.n_generated if job.started_at else 0  # the model's work on it
+        if spent:
+            agent.row.spent_tokens += spent
+            self.storage.set_spent(agent.row.id, agent.row.spent_tokens)
         self.emit(job, job.state.value)
         if agent.turn is job:
             agent.turn = None
@@ -449,7 +538,7 @@ class Kernel:
 
     # -- visibility ---------------------------------------------------------------------
     def log_event(self, kind: str, **fields: Any) -> None:
-        self.audit.append(json.dumps({"ts": round(time.time(), 3), "event": kind, **fields}))
+        self.audit.write(kind, **fields)
 
     def status_line(self) -> str:
         info = self.backend.info

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from . import params
+from .access import check_share, may
 from .config import AgentConfig
 from .errors import KernelError
 from .memfs import Attr, MemoryStore, Passage
@@ -48,9 +49,10 @@ class MemoryManager:
     async def is_empty(self, agent: Agent) -> bool:
         return await self.run(self.store.is_empty, await self.root(agent))
 
-    async def drop(self, agent: Agent) -> None:
-        self._roots.pop(agent.row.id, None)
-        await self.run(self.store.drop_agent, agent.row.id)
+    async def drop_id(self, agent_id: int) -> None:
+        """Forget an agent's memory for good (it was purged from the trash)."""
+        self._roots.pop(agent_id, None)
+        await self.run(self.store.drop_agent, agent_id)
 
     async def recall_into(self, agent: Agent, config: AgentConfig, message: str) -> tuple[AgentConfig, list[str] | None]:
         """With `memory_recall=on`: the config whose system prompt carries the passages
@@ -61,12 +63,17 @@ class MemoryManager:
         passages = await self.run(self.store.search, agent.row.id, message, config.memory_top_k)
         return dataclasses.replace(config, system=with_recall(config.system, passages)), [f"{p.path}:{p.line}" for p in passages]
 
-    async def recall(self, caller: Caller, agent: Agent, query: str, k: int) -> list[Passage]:
-        """The `recall` file: ranked passages, for callers who may read memory/."""
+    async def recall(self, caller: Caller, agent: Agent, query: str, k: int, target: Agent | None = None) -> list[Passage]:
+        """The `recall` file: ranked passages of the agent's memory, for callers who may
+        read its memory/; or of `target`'s, which its policy decides (share_memory):
+        the agent acts for the caller there, as its tools do."""
+        target = target or agent
         attr = await self.run(self.store.getattr, await self.root(agent))
-        if not may(caller, attr, 0o5):
+        if not may(caller, attr.uid, attr.gid, attr.mode, 0o5):
             raise KernelError(errno.EACCES, f"recall: no read permission on {agent.name}/memory/")
-        return await self.run(self.store.search, agent.row.id, query, k)
+        check_share(agent, target)
+        await self.root(target)
+        return await self.run(self.store.search, target.row.id, query, k)
 
     async def rollback(self, caller: Caller, agent: Agent, path: str, version: str) -> int:
         """`rollback PATH [VERSION|@TIME]`: needs search on memory/ and write on the file."""
@@ -74,21 +81,17 @@ class MemoryManager:
         store = self.store
 
         def checked() -> int:
-            if not may(caller, store.getattr(root), 0o1):
+            if not may_attr(caller, store.getattr(root), 0o1):
                 raise KernelError(errno.EACCES, f"rollback: no permission to search {agent.name}/memory/")
-            if not may(caller, store.getattr(store.walk(agent.row.id, path)), 0o2):
+            if not may_attr(caller, store.getattr(store.walk(agent.row.id, path)), 0o2):
                 raise KernelError(errno.EACCES, f"rollback: no write permission on memory/{path}")
             return store.rollback(agent.row.id, path, version)
 
         return await self.run(checked)
 
 
-def may(caller: Caller, attr: Attr, bits: int) -> bool:
-    """The Unix permission check of `bits` (r=4 w=2 x=1) on a memory inode; root passes."""
-    if caller.is_root:
-        return True
-    shift = 6 if caller.uid == attr.uid else 3 if caller.gid == attr.gid else 0
-    return (attr.mode >> shift) & bits == bits
+def may_attr(caller: Caller, attr: Attr, bits: int) -> bool:
+    return may(caller, attr.uid, attr.gid, attr.mode, bits)
 
 
 def with_recall(system: str, passages: list[Passage]) -> str:

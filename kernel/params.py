@@ -57,4 +57,7 @@ MAX_NAME_BYTES = 255  # agent names, as in every POSIX filesystem
 READ_WAKE_SECONDS = 0.25  # blocked readers look for pending signals this often
 POLL_WAIT_SECONDS = 30.0  # a poll() notification is sent at the latest after this (spurious wake-ups are allowed)
 LOG_LINES = 1000  # kernel/log keeps this many newest lines
+AUDIT_FILE_BYTES = 4 * 1024 * 1024  # audit.jsonl is rotated to audit.jsonl.1 past this size
+TRASH_RETENTION_SECONDS = 7 * 24 * 3600  # a removed agent can be restored for this long, then it is purged
+TRASH_PURGE_INTERVAL = 3600.0  # seconds between looks for expired trash
 EVENT_HISTORY = 1000  # lines an events stream keeps for readers that fall behind

@@ -56,6 +56,15 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN request TEXT;  -- NULL: journaled before this migration
     ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: access control: the permissions policy and root's ceiling for it, the tokens
+    # spent against the budget, and the trash (a removed agent keeps its row until purged).
+    """
+    ALTER TABLE agents ADD COLUMN permissions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE agents ADD COLUMN ceiling TEXT NOT NULL DEFAULT '';
+    ALTER TABLE agents ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN trashed_at REAL;  -- NULL: a live agent
+    ALTER TABLE agents ADD COLUMN trashed_name TEXT;
+    """,
 ]
 
 
@@ -70,6 +79,11 @@ class AgentRow:
     config: str = ""
     created: float = 0.0
     changed: float = 0.0
+    permissions: str = ""  # the policy text as the kernel rendered it
+    ceiling: str = ""  # root's limits for that policy
+    spent_tokens: int = 0
+    trashed_at: float | None = None
+    trashed_name: str | None = None
 
 
 @contextmanager
@@ -146,6 +160,21 @@ class Storage:
         values["changed"] = time.time()
         with self.atomic():
             self._table("agents").update(agent_id, values)
+
+    def set_spent(self, agent_id: int, tokens: int) -> None:
+        """The tokens an agent spent against its budget (not a change of the agent: `changed` stays)."""
+        with self.atomic():
+            self.db.execute("UPDATE agents SET spent_tokens = ? WHERE id = ?", [tokens, agent_id])
+
+    def trash_agent(self, agent_id: int, name: str, when: float) -> None:
+        """Move an agent to the trash: its name is freed for a new agent."""
+        with self.atomic():
+            self._table("agents").update(agent_id, {"name": f".trash.{agent_id}", "trashed_name": name, "trashed_at": when, "changed": when})
+
+    def restore_agent(self, agent_id: int, name: str) -> AgentRow:
+        with self.atomic():
+            self._table("agents").update(agent_id, {"name": name, "trashed_name": None, "trashed_at": None, "changed": time.time()})
+        return self._agent(self._table("agents").get(agent_id))
 
     def delete_agent(self, agent_id: int) -> None:
         with self.atomic():

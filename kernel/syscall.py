@@ -11,11 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import errno
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import params
-from .errors import KernelError
+from . import access, params
+from .errors import KernelError, errno_name
 from .kernel import Agent, Caller, Kernel
 from .scheduler import make_scheduler
 
@@ -28,6 +29,7 @@ class Sys(enum.Enum):
     LLM_SUBMIT = "llm_submit"
     CONFIG_WRITE = "config_write"
     CONTEXT_WRITE = "context_write"
+    PERMISSIONS_WRITE = "permissions_write"
     SCHED_SET = "sched_set"
     KERNEL_CTL = "kernel_ctl"
     MEMORY = "memory"
@@ -43,7 +45,7 @@ async def sys_agent_create(kernel: Kernel, caller: Caller, name: str, mode: int)
 
 
 async def sys_agent_remove(kernel: Kernel, caller: Caller, name: str) -> None:
-    await kernel.remove_agent(caller, name)
+    kernel.remove_agent(caller, name)
 
 
 async def sys_agent_setattr(kernel: Kernel, caller: Caller, agent: Agent, **values: Any) -> None:
@@ -58,6 +60,10 @@ async def sys_llm_submit(kernel: Kernel, caller: Caller, agent: Agent, data: byt
 
 async def sys_config_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
     kernel.write_config(caller, agent, _text(data, "config"))
+
+
+async def sys_permissions_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
+    kernel.write_permissions(caller, agent, _text(data, "permissions"))
 
 
 async def sys_context_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
@@ -75,6 +81,8 @@ async def sys_agent_ctl(kernel: Kernel, caller: Caller, agent: Agent, data: byte
             kernel.cancel(caller, agent, arg)
         elif verb in ("pause", "resume"):
             kernel.pause(caller, agent, verb == "pause")
+        elif verb == "budget":
+            kernel.reset_budget(caller, agent)
         elif verb == "rollback":
             path, version = split_rollback(arg)
             restored = await kernel.memory.rollback(caller, agent, path, version)
@@ -91,6 +99,8 @@ def parse_ctl(line: str) -> tuple[str, str]:
     arg = arg.strip()
     if (verb == "cancel" and (arg in ("", "all") or arg.isdigit())) or (verb in ("reset", "pause", "resume") and not arg):
         return verb, arg
+    if verb == "budget" and arg == "reset":
+        return verb, arg
     if verb == "rollback" and arg:
         _, version = split_rollback(arg)
         if version.startswith("@"):
@@ -102,7 +112,7 @@ def parse_ctl(line: str) -> tuple[str, str]:
     raise KernelError(errno.EINVAL, f"ctl: unknown command {line.strip()!r} (known: {CTL_VERBS})")
 
 
-CTL_VERBS = "cancel [ID|all], pause, resume, reset, rollback PATH [VERSION|@TIME]"
+CTL_VERBS = "cancel [ID|all], pause, resume, reset, rollback PATH [VERSION|@TIME], budget reset (root)"
 
 
 def split_rollback(arg: str) -> tuple[str, str]:
@@ -129,7 +139,18 @@ async def sys_memory(kernel: Kernel, caller: Caller, op: str, *args: Any, **kwar
 async def sys_memory_recall(kernel: Kernel, caller: Caller, agent: Agent, query: bytes, k: int = params.DEFAULT_MEMORY_TOP_K) -> Any:
     if len(query) > params.MAX_REQUEST_BYTES:
         raise KernelError(errno.EFBIG, f"the query is {len(query)} bytes; the limit is {params.MAX_REQUEST_BYTES}")
-    return await kernel.memory.recall(caller, agent, _text(query, "recall"), k)
+    text = _text(query, "recall")
+    target = None
+    if text.lstrip().startswith("{"):  # {"query": ..., "agent": NAME, "k": N}: another agent's shared memory
+        try:
+            request = json.loads(text)
+            text, name, k = str(request["query"]), request.get("agent"), int(request.get("k", k))
+        except (ValueError, KeyError, TypeError):
+            raise KernelError(errno.EINVAL, 'recall: a JSON query is {"query": TEXT, "agent": NAME, "k": N}') from None
+        if not 1 <= k <= params.MAX_MEMORY_TOP_K:
+            raise KernelError(errno.EINVAL, f"recall: k must be in [1, {params.MAX_MEMORY_TOP_K}]")
+        target = kernel.agent(str(name)) if name is not None else None
+    return await kernel.memory.recall(caller, agent, text, k, target)
 
 
 async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
@@ -143,26 +164,32 @@ async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> No
 
 
 async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
-    """`kernel/ctl` (root): `sched POLICY`. Every line is checked before any is applied."""
-    if not caller.is_root:
-        raise KernelError(errno.EPERM, "kernel/ctl is for root")
+    """`kernel/ctl`: `sched POLICY` (root), `restore NAME [NEWNAME]` (root or the agent's
+    owner). Every line is checked before any is applied."""
     lines = [line.strip() for line in _text(data, "kernel/ctl").splitlines() if line.strip()]
     if not lines:
         raise KernelError(errno.EINVAL, f"kernel/ctl: no command (known: {KERNEL_CTL_VERBS})")
-    policies = []
+    commands: list[tuple[str, list[str]]] = []
     for line in lines:
         verb, _, arg = line.partition(" ")
-        if verb != "sched":
+        if verb == "sched":
+            access.require_root(caller, "change the scheduling policy")
+            try:
+                commands.append((verb, [make_scheduler(arg).describe()]))
+            except ValueError as exc:
+                raise KernelError(errno.EINVAL, f"kernel/ctl: {exc}") from None
+        elif verb == "restore" and 1 <= len(arg.split()) <= 2:
+            commands.append((verb, arg.split()))
+        else:
             raise KernelError(errno.EINVAL, f"kernel/ctl: unknown command {line!r} (known: {KERNEL_CTL_VERBS})")
-        try:
-            policies.append(make_scheduler(arg).describe())
-        except ValueError as exc:
-            raise KernelError(errno.EINVAL, f"kernel/ctl: {exc}") from None
-    for policy in policies:
-        kernel.set_scheduler(caller, policy)
+    for verb, args in commands:
+        if verb == "sched":
+            kernel.set_scheduler(caller, args[0])
+        else:
+            kernel.restore_agent(caller, *args)
 
 
-KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority"
+KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority (root); restore NAME [NEWNAME] (owner or root)"
 
 
 def _text(data: bytes | str, what: str) -> str:
@@ -182,6 +209,7 @@ TABLE: dict[Sys, Handler] = {
     Sys.LLM_SUBMIT: sys_llm_submit,
     Sys.CONFIG_WRITE: sys_config_write,
     Sys.CONTEXT_WRITE: sys_context_write,
+    Sys.PERMISSIONS_WRITE: sys_permissions_write,
     Sys.SCHED_SET: sys_sched_set,
     Sys.KERNEL_CTL: sys_kernel_ctl,
     Sys.MEMORY: sys_memory,
@@ -189,19 +217,43 @@ TABLE: dict[Sys, Handler] = {
 }
 
 
+# Changes only an agent's owner (or root) may make, whatever the mode bits say.
+OWNER_ONLY = {Sys.CONFIG_WRITE: "change its config", Sys.PERMISSIONS_WRITE: "change its permissions"}
+# Calls in which root uses its power: each one by root is written to the audit log.
+PRIVILEGED = {Sys.SCHED_SET, Sys.KERNEL_CTL, Sys.PERMISSIONS_WRITE, Sys.AGENT_SETATTR, Sys.AGENT_REMOVE, Sys.AGENT_CTL}
+DENIALS = (errno.EPERM, errno.EACCES, errno.EDQUOT)
+
+
+def check_access(kernel: Kernel, number: Sys, caller: Caller, args: tuple[Any, ...]) -> None:
+    """The one gate every syscall passes with the caller's identity; the handlers
+    apply the finer rules of `access` and the policy."""
+    agent = args[0] if args and isinstance(args[0], Agent) else None
+    if agent is not None and number in OWNER_ONLY:
+        access.require_owner(caller, agent, OWNER_ONLY[number])
+    if number is Sys.SCHED_SET:
+        access.require_root(caller, "change the scheduling policy")
+
+
 async def syscall(kernel: Kernel, number: Sys, caller: Caller, *args: Any, **kwargs: Any) -> Any:
     handler = TABLE.get(number)
     if handler is None:
         raise KernelError(errno.ENOSYS, f"no syscall {number}")
+    agent = args[0] if args and isinstance(args[0], Agent) else None
     try:
-        return await handler(kernel, caller, *args, **kwargs)
+        check_access(kernel, number, caller, args)
+        result = await handler(kernel, caller, *args, **kwargs)
     except KernelError as exc:
-        agent = args[0] if args and isinstance(args[0], Agent) else None
+        where = {"agent": agent.name} if agent is not None else {"target": str(args[0]) if args else ""}
+        if exc.errno in DENIALS:
+            kernel.log_event("deny", syscall=number.value, uid=caller.uid, pid=caller.pid, errno=errno_name(exc.errno), message=exc.message, **where)
         if agent is not None:
             kernel.record_error(agent, caller.uid, exc)
-        else:
+        elif exc.errno not in DENIALS:
             kernel.log_event("error", syscall=number.value, uid=caller.uid, message=exc.message)
         raise
+    if caller.is_root and number in PRIVILEGED:
+        kernel.log_event("privileged", syscall=number.value, uid=0, pid=caller.pid, **({"agent": agent.name} if agent is not None else {}))
+    return result
 
 
 def check_agent_name(name: str) -> None:

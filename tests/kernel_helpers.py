@@ -84,3 +84,15 @@ async def refused(code: int, call: Awaitable[Any]) -> KernelError:
         await call
     assert info.value.errno == code, f"expected {errno_name(code)}, got {info.value}"
     return info.value
+
+
+async def remember(kernel: Kernel, agent: Agent, name: str, text: str, mode: int = 0o644) -> int:
+    """Write a memory file the way `echo text > memory/name` does."""
+    store = kernel.memory.store
+    root = await kernel.memory.root(agent)
+    ino = (await kernel.memory.run(store.create, root, name.encode(), mode, agent.row.uid, agent.row.gid)).ino
+    await kernel.memory.run(store.open, ino, True)
+    await kernel.memory.run(store.write, ino, 0, text.encode())
+    await kernel.memory.run(store.flush, ino)
+    await kernel.memory.run(store.release, ino)
+    return ino

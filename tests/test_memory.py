@@ -7,10 +7,12 @@ import errno
 import json
 
 import pytest
-from kernel_helpers import OTHER, OWNER, ROOT, ask, ctl, mkdir, refused, run, running
+from kernel_helpers import OTHER, OWNER, ask, ctl, mkdir, refused, remember, run, running
 
+from kernel import params
 from kernel.backends.fake import FakeBackend
-from kernel.kernel import Agent, Kernel
+from kernel.errors import KernelError
+from kernel.kernel import Kernel
 from kernel.memory import RECALL_HEADER
 from kernel.storage import Storage
 from kernel.syscall import Sys, syscall
@@ -22,18 +24,6 @@ def kernel(tmp_path):
     yield made
     made.storage.close()
     made.memory.store.close()
-
-
-async def remember(kernel: Kernel, agent: Agent, name: str, text: str, mode: int = 0o644) -> int:
-    """Write a memory file the way `echo text > memory/name` does."""
-    store = kernel.memory.store
-    root = await kernel.memory.root(agent)
-    ino = (await kernel.memory.run(store.create, root, name.encode(), mode, agent.row.uid, agent.row.gid)).ino
-    await kernel.memory.run(store.open, ino, True)
-    await kernel.memory.run(store.write, ino, 0, text.encode())
-    await kernel.memory.run(store.flush, ino)
-    await kernel.memory.run(store.release, ino)
-    return ino
 
 
 NOTES = "Groceries: milk and eggs.\n\nThe access code of the lab door is 4711.\n\nBirthday of Ada in May.\n"
@@ -113,20 +103,42 @@ def test_bad_rollback_lines_change_nothing(kernel):
     run(body)
 
 
-def test_an_agent_with_memory_is_not_removed_until_it_is_empty(kernel):
+def test_rmdir_moves_an_agent_with_its_memory_to_the_trash_and_restore_brings_it_back(kernel):
     async def body():
         async with running(kernel):
             agent = await mkdir(kernel, "a")
-            await remember(kernel, agent, "keep.md", "precious")
-            await refused(errno.ENOTEMPTY, syscall(kernel, Sys.AGENT_REMOVE, ROOT, "a"))
-            assert "a" in kernel.agents
-            root = await kernel.memory.root(agent)
-            await kernel.memory.run(kernel.memory.store.unlink, root, b"keep.md")
+            ino = await remember(kernel, agent, "keep.md", "precious")
             await syscall(kernel, Sys.AGENT_REMOVE, OWNER, "a")
-            again = await mkdir(kernel, "a")  # a new agent starts with an empty memory/
-            return await kernel.memory.is_empty(again)
+            assert "a" not in kernel.agents
+            fresh = await mkdir(kernel, "a")  # the name is free again, with an empty memory/
+            assert await kernel.memory.is_empty(fresh)
+            await refused(errno.EEXIST, syscall(kernel, Sys.KERNEL_CTL, OWNER, b"restore a\n"))
+            await refused(errno.EPERM, syscall(kernel, Sys.KERNEL_CTL, OTHER, b"restore a old-a\n"))
+            await syscall(kernel, Sys.KERNEL_CTL, OWNER, b"restore a old-a\n")
+            back = kernel.agents["old-a"]
+            return back, await kernel.memory.run(kernel.memory.store.read, ino, 0, 100)
 
-    assert run(body)
+    back, data = run(body)
+    assert data == b"precious" and back.row.trashed_at is None
+    events = [line for line in kernel.audit if '"restore"' in line or '"rmdir"' in line]
+    assert len(events) == 2
+
+
+def test_expired_trash_is_purged_with_its_memory(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            ino = await remember(kernel, agent, "gone.md", "x")
+            await syscall(kernel, Sys.AGENT_REMOVE, OWNER, "a")
+            assert await kernel.purge_trash() == []  # not yet expired
+            purged = await kernel.purge_trash(now=agent.row.trashed_at + params.TRASH_RETENTION_SECONDS + 1)
+            await refused(errno.ENOENT, syscall(kernel, Sys.KERNEL_CTL, OWNER, b"restore a\n"))
+            return agent, purged, ino
+
+    agent, purged, ino = run(body)
+    assert purged == [agent.row.id] and kernel.storage.agents() == []
+    with pytest.raises(KernelError):
+        kernel.memory.store.getattr(ino)
 
 
 def test_kernel_stats_include_the_memory_counters(kernel):

@@ -341,3 +341,56 @@ def test_scheduler_file_events_and_top(fs: Mount) -> None:
     assert events == ["queued", "running", "first_token", "done"]
     top = aiosfs("top", str(fs.root), "--once")
     assert top.returncode == 0 and top.stdout.startswith("running=") and "mean_batch=" in top.stdout and "id agent uid state" in top.stdout
+
+
+NOBODY = "setpriv --reuid 65534 --regid 65534 --clear-groups"
+
+
+def test_trash_and_restore_survive_a_remount(tmp_path: Path) -> None:
+    with mounted(tmp_path, "--backend", "fake") as mount:
+        made = sh(
+            f"cd {mount.agents} && {NOBODY} bash -c 'mkdir notes && echo keep me > notes/memory/a.md && echo hi > notes/prompt && cat notes/output'"
+        )
+        assert made.returncode == 0, made.stderr
+        removed = sh(f"{NOBODY} rmdir {mount.agents}/notes")
+        assert removed.returncode == 0, removed.stderr
+        assert "notes" not in os.listdir(mount.agents)
+        trash = (mount.root / "kernel" / "trash").read_text().splitlines()
+        assert trash[1].split()[:3] == ["notes", trash[1].split()[1], "65534"]
+    with mounted(tmp_path, "--backend", "fake") as mount:
+        assert (mount.root / "kernel" / "trash").read_text().splitlines()[1].startswith("notes ")
+        stranger = sh(f"setpriv --reuid 65533 --regid 65533 --clear-groups bash -c 'echo restore notes > {mount.root}/kernel/ctl'")
+        assert stranger.returncode != 0 and "Operation not permitted" in stranger.stderr
+        restored = sh(f"{NOBODY} bash -c 'echo restore notes > {mount.root}/kernel/ctl'")
+        assert restored.returncode == 0, restored.stderr
+        agent = mount.agents / "notes"
+        assert (agent / "memory" / "a.md").read_text() == "keep me\n"
+        assert sh(f"{NOBODY} cat {agent}/output").stdout == "turn 1: HI\n"
+        assert os.stat(agent).st_uid == 65534
+        log = [json.loads(line) for line in (mount.root / "kernel" / "log").read_text().splitlines()]
+        events = [e["event"] for e in log]
+        assert "rmdir" in events and "restore" in events  # the audit log outlived the first mount
+        assert any(e["event"] == "deny" and e["uid"] == 65533 and e["syscall"] == "kernel_ctl" for e in log)
+
+
+def test_permissions_file_limits_an_owner(fs: Mount) -> None:
+    made = sh(f"cd {fs.agents} && {NOBODY} mkdir limited")
+    assert made.returncode == 0, made.stderr
+    agent = fs.agents / "limited"
+    (agent / "permissions").write_text("budget_tokens 40\nmax_queue 4\n")  # root sets the ceiling
+    sh(f"{NOBODY} bash -c 'echo budget_tokens 100000 > {agent}/permissions'")  # EPERM at close, which bash ignores
+    assert "budget_tokens 40" in (agent / "permissions").read_text()  # nothing changed
+    error = sh(f"{NOBODY} cat {agent}/error").stdout
+    assert error.startswith("EPERM") and "above root's limit 40" in error
+    lowered = sh(f"{NOBODY} bash -c 'echo budget_tokens 30 > {agent}/permissions && cat {agent}/permissions'")
+    assert lowered.returncode == 0 and "budget_tokens 30  # root's limit: 40; spent: 0" in lowered.stdout
+    assert "max_queue     4" in lowered.stdout  # left out by the owner: root's value stays
+    first = sh(f"{NOBODY} bash -c 'echo one > {agent}/prompt && cat {agent}/output'")
+    assert first.returncode == 0, first.stderr
+    spent = sh(f"{NOBODY} bash -c 'echo two > {agent}/prompt'")
+    assert spent.returncode != 0 and "Disk quota exceeded" in spent.stderr
+    assert sh(f"{NOBODY} bash -c 'echo budget reset > {agent}/ctl'").returncode != 0
+    assert sh(f"echo budget reset > {agent}/ctl && {NOBODY} bash -c 'echo two > {agent}/prompt && cat {agent}/output'").returncode == 0
+    os.chmod(agent / "config", 0o666)
+    other = sh(f"setpriv --reuid 65533 --regid 65533 --clear-groups bash -c 'echo temperature=0 > {agent}/config'")
+    assert "temperature=0.7" in (agent / "config").read_text() and other.returncode == 0  # EPERM at close; bash ignores it

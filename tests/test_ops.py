@@ -232,7 +232,7 @@ def test_agent_inodes_pack_agent_id_and_kind(fs):
 
         stale = await resolve(ops, "agents/second/prompt")
         await ops.rmdir(await resolve(ops, "agents"), b"second", ALICE)
-        for ino in (stale, inode(0, Kind.PROMPT), inode(first.row.id, Kind.README), 0x0D):
+        for ino in (stale, inode(0, Kind.PROMPT), inode(first.row.id, Kind.README), 0x1F):
             with fails(errno.ENOENT):
                 await ops.getattr(ino, ALICE)
 
@@ -265,7 +265,7 @@ def test_readdir(fs, monkeypatch):
         assert [ino for _, ino, _ in listed] == [2, 3, 10]
         assert await listing(ops, "", start=1) == [b"kernel", b"agents"]
         assert await listing(ops, "", space=2) == [b"README", b"kernel"]
-        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events", b"ctl"]
+        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events", b"trash", b"ctl"]
 
         zeta, alpha = await mkdir(ops, "zeta"), await mkdir(ops, "alpha")
         assert await listing(ops, "agents") == [b"zeta", b"alpha"]  # creation order, resumable by id
@@ -279,6 +279,7 @@ def test_readdir(fs, monkeypatch):
             b"error",
             b"context",
             b"config",
+            b"permissions",
             b"ctl",
             b"events",
             b"versions",
@@ -364,7 +365,7 @@ def test_rmdir(fs):
 
         await mkdir(ops, "bobs", BOB)
         await ops.rmdir(agents, b"bobs", ROOT)  # root may remove anyone's agent
-        assert ops.kernel.storage.agents() == []
+        assert [(r.trashed_name, r.trashed_at is not None) for r in ops.kernel.storage.agents()] == [("mine", True), ("bobs", True)]
 
     fs(body)
 
