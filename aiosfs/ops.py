@@ -358,6 +358,7 @@ class Operations(pyfuse3.Operations):
         if entry.cls is Cls.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if entry.kind is Kind.VERSIONS and agent is not None:
+            self._check_class(entry, flags)
             handle: Handle = SnapshotHandle(self.kernel, _caller(ctx), agent, flags, await render.versions(self.kernel, agent))
         else:
             handle = self._make_handle(entry, agent, flags, _caller(ctx))
@@ -379,12 +380,16 @@ class Operations(pyfuse3.Operations):
         handle = MemoryHandle(self.kernel, caller, None, flags, store_ino(inode))
         return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=False, keep_cache=False)
 
-    def _make_handle(self, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
+    @staticmethod
+    def _check_class(entry: Entry, flags: int) -> None:
+        """The class decides what an open may do, for root too (mode bits cannot)."""
         access = flags & os.O_ACCMODE
         reads, writes = access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
-        # The class decides what an open may do, for root too (mode bits cannot).
         if (writes and entry.cls in (Cls.SNAPSHOT, Cls.GROWING, Cls.EVENTS)) or (reads and entry.cls in (Cls.SUBMIT, Cls.CTL)):
             raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _make_handle(self, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
+        self._check_class(entry, flags)
         if entry.cls is Cls.SNAPSHOT:
             return SnapshotHandle(self.kernel, caller, agent, flags, self._snapshot(entry.kind, agent, caller))
         if entry.cls is Cls.EVENTS:
