@@ -8,6 +8,7 @@ is ready, so the next command can use it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--slots", type=int, default=params.DEFAULT_SLOTS, help="sequences decoded together")
     m.add_argument("--ctx", type=int, default=params.DEFAULT_CTX_PER_SLOT, help="context tokens per agent")
     m.add_argument("--memory-quota", type=int, default=params.MEMORY_QUOTA_BYTES, help="bytes of memory/ files per agent (EDQUOT beyond)")
+    m.add_argument(
+        "--agents-dir",
+        type=Path,
+        default=None,
+        help="a directory of agent manifests (NAME.toml): each one's agent is kept in agents/ and its command run as its owner; "
+        "watched for changes (docs/tools.md)",
+    )
+    m.add_argument("--tools", type=Path, default=None, help="a directory of external tools (NAME.json manifests) served in tools/ (docs/tools.md)")
     m.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     m.add_argument("--backend", default="llama", choices=["llama", "fake"], help=argparse.SUPPRESS)
     m.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -84,6 +93,8 @@ def _options(args: argparse.Namespace) -> object:
         ctx=args.ctx,
         fake_delay=args.fake_delay,
         memory_quota=args.memory_quota,
+        agents_dir=args.agents_dir.absolute() if args.agents_dir is not None else None,
+        tools=args.tools.absolute() if args.tools is not None else None,
     )
 
 
@@ -161,14 +172,16 @@ def _spawn_daemon(args: argparse.Namespace, options: object) -> int:
 
 
 def _daemon_argv(args: argparse.Namespace, options: object) -> list[str]:
+    """The daemon's command line: every mount option, so none is lost on the way
+    (each MountOptions field is the flag of the same name)."""
     from .mount import MountOptions
 
     assert isinstance(options, MountOptions)
-    argv = ["mount", str(options.mountpoint), "--foreground", "--state", str(options.state), "--model", str(options.model)]
-    argv += ["--threads", str(options.threads), "--slots", str(options.slots), "--ctx", str(options.ctx), "--log-level", args.log_level]
-    argv += ["--backend", options.backend, "--fake-delay", str(options.fake_delay)]
-    if options.gpu_layers is not None:
-        argv += ["--gpu-layers", str(options.gpu_layers)]
+    argv = ["mount", str(options.mountpoint), "--foreground", "--log-level", args.log_level]
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name != "mountpoint" and value is not None:
+            argv += ["--" + f.name.replace("_", "-"), str(value)]
     return argv
 
 

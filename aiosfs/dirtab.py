@@ -2,7 +2,8 @@
 
 Every synthetic file is a row (name, kind, class, mode); lookup, readdir and
 getattr derive from these tables. An inode number is `agent_id << 8 | kind`, with
-agent id 0 for the global files. Agent ids are never reused, so neither are
+agent id 0 for the global files; the files of tools/ carry the tool's index + 1
+there instead. Agent ids and tool indexes are never reused, so neither are
 inode numbers.
 """
 
@@ -29,6 +30,9 @@ class Kind(enum.IntEnum):
     K_EVENTS = 11
     K_CTL = 12
     K_TRASH = 13
+    TOOLS = 14
+    TOOL = 15  # tools/NAME: the tool's index + 1 in the "agent id" bits
+    TOOL_SCHEMA = 16  # tools/NAME.schema: likewise
     AGENT = 32
     PROMPT = 33
     OUTPUT = 34
@@ -75,6 +79,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("README", Kind.README, Cls.SNAPSHOT, 0o444),
         Entry("kernel", Kind.KERNEL, Cls.DIR, 0o555),
         AGENTS_DIR,
+        Entry("tools", Kind.TOOLS, Cls.DIR, 0o555),
     ],
     Kind.KERNEL: [
         Entry("status", Kind.K_STATUS, Cls.SNAPSHOT, 0o444),
@@ -106,6 +111,8 @@ TABLES: dict[Kind, list[Entry]] = {
 BY_KIND: dict[Kind, Entry] = {e.kind: e for table in TABLES.values() for e in table}
 BY_KIND[Kind.ROOT] = ROOT_DIR
 BY_KIND[Kind.AGENT] = Entry("", Kind.AGENT, Cls.DIR, 0o755)
+BY_KIND[Kind.TOOL] = Entry("", Kind.TOOL, Cls.RPC, 0o666)  # one per tool: named by the tool manager, not a table
+BY_KIND[Kind.TOOL_SCHEMA] = Entry("", Kind.TOOL_SCHEMA, Cls.SNAPSHOT, 0o444)
 
 
 MEMORY = "memory"  # the agent's memory/: a directory of the memory store, not a table row

@@ -3,8 +3,9 @@ attributes, and the handles of memory files and of `recall`.
 
 A memory inode's FUSE number is `MEM_BASE + its store number`, far above every
 synthetic inode (`agent_id << 8 | kind`), so one test tells them apart. Memory
-files use the page cache (`direct_io` off), so `mmap` and `exec` work on them;
-their attribute timeout stays 0, so every process sees sizes at once.
+files are opened with direct I/O, so each write() reaches the store whole and a
+quota refusal writes nothing; attribute timeouts stay 0, so every process sees
+sizes at once.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class MemoryHandle(Handle):
             return await self._call("write", self.ino, off, buf, append=bool(self.flags & os.O_APPEND))
 
     async def flush(self) -> None:
+        if self.flags & os.O_ACCMODE == os.O_RDONLY:
+            return  # a reader's close must not make a writer's unfinished data durable
         async with self.lock:
             await self._call("flush", self.ino)
 

@@ -48,6 +48,8 @@ class MountOptions:
     ctx: int = params.DEFAULT_CTX_PER_SLOT
     fake_delay: float = 0.0
     memory_quota: int = params.MEMORY_QUOTA_BYTES
+    agents_dir: Path | None = None  # agent manifests to keep (kernel/manifests.py)
+    tools: Path | None = None  # external tools' manifests (kernel/tools.py)
 
 
 def slug(mountpoint: Path) -> str:
@@ -92,6 +94,7 @@ def check_mountpoint(mountpoint: Path, out: Any) -> None:
 def check_state(state: Path) -> None:
     try:
         state.mkdir(parents=True, exist_ok=True)
+        state.chmod(0o700)  # neither tools (run as nobody) nor other users may read the databases or the audit log
         probe = state / ".write-test"
         probe.write_text("ok")
         probe.unlink()
@@ -104,11 +107,29 @@ def check_model(options: MountOptions) -> None:
         raise MountError(f"model file {options.model} not found: run scripts/setup (it installs the default model) or pass --model PATH")
 
 
+def check_agents_dir(options: MountOptions) -> None:
+    directory = options.agents_dir
+    if directory is None:
+        return
+    if not directory.is_dir():
+        raise MountError(f"agents directory {directory} is not a directory: create it with 'mkdir -p {directory}' or fix --agents-dir")
+    if directory.resolve().is_relative_to(options.mountpoint.resolve()):
+        # the daemon would read (and start commands in) its own mount, which it serves itself
+        raise MountError(f"agents directory {directory} is inside the mountpoint {options.mountpoint}: keep the manifests outside the mount")
+
+
+def check_tools_dir(options: MountOptions) -> None:
+    if options.tools is not None and not options.tools.is_dir():
+        raise MountError(f"tools directory {options.tools} is not a directory: create it with 'mkdir -p {options.tools}' or fix --tools")
+
+
 def preflight(options: MountOptions, out: Any) -> None:
     check_fuse()
     check_mountpoint(options.mountpoint, out)
     check_state(options.state)
     check_model(options)
+    check_agents_dir(options)
+    check_tools_dir(options)
 
 
 def lock_state(state: Path) -> int:
@@ -166,7 +187,11 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     backend = load_backend(options, out)
     storage = Storage(options.state / "aiosfs.db")
     memory = MemoryStore(options.state / "memory.db", quota=options.memory_quota)
-    kernel = Kernel(storage, backend, memory=memory)
+    kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools)
+    if options.agents_dir is not None:
+        from kernel.manifests import ManifestManager
+
+        kernel.manifests = ManifestManager(kernel, options.agents_dir, options.mountpoint, options.state)
     ops = Operations(kernel)
     opts = fuse_options("aiosfs")
     pids = pid_file(options.mountpoint)  # before init: resolving the path stats the mountpoint

@@ -24,14 +24,14 @@ from kernel.errors import KernelError
 from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
 
-from . import render
+from . import render, toolfiles
 from .dirtab import BY_KIND, MEMORY, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
 from .files import CtlHandle, EventsHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
 from .memfiles import MemoryHandle, RecallHandle, entry_attrs, fuse_ino, is_mem, mem, store_ino
 
 log = logging.getLogger(__name__)
 
-DIR_KINDS = (Kind.ROOT, Kind.KERNEL, Kind.AGENTS, Kind.AGENT)
+DIR_KINDS = (Kind.ROOT, Kind.KERNEL, Kind.AGENTS, Kind.AGENT, Kind.TOOLS)
 
 
 P = ParamSpec("P")
@@ -94,6 +94,8 @@ class Operations(pyfuse3.Operations):
             kind = kind_of(ino)
         except ValueError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if kind in toolfiles.TOOL_KINDS:
+            return toolfiles.entry(self.kernel, ino), None
         agent_id = agent_of(ino)
         if agent_id == 0:
             if kind >= Kind.AGENT:
@@ -158,6 +160,8 @@ class Operations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if parent.kind is Kind.AGENT and text == MEMORY and agent is not None:
             return await self._mem_attrs(await self.kernel.memory.root(agent), ctx)
+        if parent.kind is Kind.TOOLS:
+            return self._attrs(toolfiles.lookup(self.kernel, text), ctx)
         if parent.kind is Kind.AGENTS:
             found = self.kernel.agents.get(text)
             if found is None:
@@ -252,6 +256,8 @@ class Operations(pyfuse3.Operations):
         if entry.kind is Kind.AGENTS:
             for a in sorted(self.kernel.agents.values(), key=lambda a: a.row.id):
                 rows.append((a.row.id, a.name, inode(a.row.id, Kind.AGENT)))
+        elif entry.kind is Kind.TOOLS:
+            rows = toolfiles.listing(self.kernel)
         else:
             table = TABLES[Kind.AGENT if entry.kind is Kind.AGENT else entry.kind]
             base = agent.row.id if agent else 0
@@ -359,7 +365,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if entry.kind is Kind.VERSIONS and agent is not None:
             self._check_class(entry, flags)
-            handle: Handle = SnapshotHandle(self.kernel, _caller(ctx), agent, flags, await render.versions(self.kernel, agent))
+            handle: Handle = SnapshotHandle(self.kernel, _caller(ctx), agent, flags, await render.versions(self.kernel, agent, _caller(ctx)))
+        elif entry.kind in toolfiles.TOOL_KINDS:
+            self._check_class(entry, flags)
+            handle = toolfiles.open_handle(self.kernel, _caller(ctx), inode, flags)
         else:
             handle = self._make_handle(entry, agent, flags, _caller(ctx))
         info = pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
@@ -378,7 +387,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         await mem(self.kernel, caller, "open", store_ino(inode), bool(flags & os.O_TRUNC))
         handle = MemoryHandle(self.kernel, caller, None, flags, store_ino(inode))
-        return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=False, keep_cache=False)
+        # direct I/O: each write() reaches the store whole (up to max_write), so a quota
+        # refusal writes nothing; through the page cache a write is split at page edges.
+        return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
 
     @staticmethod
     def _check_class(entry: Entry, flags: int) -> None:

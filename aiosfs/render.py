@@ -27,6 +27,7 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   exec 3<>agents/NAME/recall             write a query, read ranked memory passages
   echo memory_recall=on >> agents/NAME/config   put recalled passages into each prompt
   echo "budget_tokens 10000" > agents/NAME/permissions   policy beyond mode bits (root sets limits)
+  exec 3<>tools/calculator; echo '{"expression": "6*7"}' >&3; cat <&3   call a tool; tools/NAME.schema says how
   rmdir agents/NAME                      moves the agent to kernel/trash; undo with
   echo "restore NAME" > kernel/ctl       (the owner or root, for 7 days)
   cat kernel/status                      the kernel at a glance; kernel/stats, kernel/ps for more
@@ -55,13 +56,15 @@ def kernel_stats(kernel: Kernel) -> str:
 
 
 def kernel_ps(kernel: Kernel, caller: Caller) -> str:
-    """Every active job; other users' jobs are listed without their content."""
+    """Every active job, then every agent process; other users' jobs are listed without their content."""
     lines = ["id agent uid state priority wait_ms tokens\n"]
     now = time.time()
     jobs = sorted((j for a in kernel.agents.values() for j in a.active), key=lambda j: j.id)
     for job in jobs:
         waited = (job.started_at or now) - job.queued_at
         lines.append(f"{job.id} {job.agent} {job.uid} {job.shown_state} {job.config.priority} {int(waited * 1000)} {job.n_generated}\n")
+    for proc in kernel.manifests.processes() if kernel.manifests is not None else []:  # agent processes (mount --agents-dir)
+        lines.append(f"proc {proc.name} pid={proc.pid or '-'} state={proc.state} restarts={proc.restarts}\n")
     return "".join(lines)
 
 
@@ -88,10 +91,9 @@ def _iso(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat(timespec="seconds")
 
 
-async def versions(kernel: Kernel, agent: Agent) -> str:
+async def versions(kernel: Kernel, agent: Agent, caller: Caller) -> str:
     """`versions`: one kept version per line, `VERSION BYTES TIME PATH` (path last: it may hold spaces)."""
-    await kernel.memory.root(agent)
-    rows = await kernel.memory.run(kernel.memory.store.versions, agent.row.id)
+    rows = await kernel.memory.versions(caller, agent)
     lines = ["version bytes time path\n"]
     for v in rows:
         lines.append(f"{v.n} {v.size} {_iso(v.committed)} {v.path}\n")

@@ -53,6 +53,14 @@ def may(caller: Caller, uid: int, gid: int, mode: int, bits: int) -> bool:
     return (mode >> shift) & bits == bits
 
 
+def require_work(caller: Caller, agent: Agent) -> None:
+    """Acting for an agent (a tool call in its name) needs the right to make it work:
+    `w` on its prompt, with the prompt's mode as chmod left it."""
+    mode = agent.row.file_modes.get("prompt", 0o620)  # 0o620: the prompt's mode in the tree
+    if not may(caller, agent.row.uid, agent.row.gid, mode, 0o2):
+        raise KernelError(errno.EACCES, f"acting for agent {agent.name!r} needs write permission on its prompt")
+
+
 def check_can_submit(agent: Agent) -> None:
     """What a prompt write can be refused for before the request is read: the budget
     (EDQUOT) and the queue limit (EAGAIN)."""

@@ -80,6 +80,13 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _tool_choice(value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", text):
+        raise ValueError(f"{value!r} is not auto, none or a tool name")
+    return text
+
+
 def _stop(value: Any) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
@@ -112,11 +119,12 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "tools": _names,
     "memory_recall": _switch,
     "memory_top_k": _int_in(1, params.MAX_MEMORY_TOP_K),
+    "tool_choice": _tool_choice,
     "ignore_eos": _switch,
     "on_restart": _choice("requeue", "fail"),
 }
 
-ENVELOPE_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "priority", "model", "tools", "ignore_eos")
+ENVELOPE_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "priority", "model", "tools", "tool_choice", "ignore_eos")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class AgentConfig:
     tools: tuple[str, ...] = ()
     memory_recall: bool = False
     memory_top_k: int = params.DEFAULT_MEMORY_TOP_K  # passages recalled into each prompt
+    tool_choice: str = "auto"  # auto | none | a tool's name (the first step must call it)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     on_restart: str = "requeue"  # what a restart does to an unfinished prompt job: requeue | fail
     stop: tuple[str, ...] = field(default=())

@@ -342,7 +342,7 @@ class Engine:
             self._switch_in(slot, seq)
             return False
         seed = job.config.seed if job.config.seed >= 0 else random.getrandbits(32)
-        slot = Slot(job, self.backend.new_sampler(job.config, seed), list(job.prompt_tokens), seq, paused=job.pause_requested)
+        slot = Slot(job, self.backend.new_sampler(job.config, seed, job.grammar), list(job.prompt_tokens), seq, paused=job.pause_requested)
         self._reuse_prefix(slot)
         self._slots[seq] = slot
         return True

@@ -11,6 +11,8 @@ import errno as _errno
 class KernelError(Exception):
     """A request the kernel refuses, with the errno a syscall should return."""
 
+    audited = False  # True when the component that refused it already wrote its `deny` audit line
+
     def __init__(self, errno: int, message: str) -> None:
         super().__init__(f"{errno_name(errno)}: {message}")
         self.errno = errno

@@ -57,6 +57,11 @@ class Job:
     arrival: int = -1  # the scheduler's arrival number; kept across switches
     saved: Any = None  # the engine's sequence while the job is switched out
     added_newline: bool = False  # output got a final "\n" that is not part of the answer
+    grammar: str | None = None  # GBNF that constrains the generation (tool steps)
+    parent: Job | None = None  # set on a step of a tool loop: not journaled or shown; its parent shows it
+    step: Job | None = None  # the running step of this job's tool loop
+    extra_prompt_tokens: int = 0  # prompts of the tool loop's later steps, for the budget
+    tool_messages: list[dict[str, str]] = field(default_factory=list)  # the loop's calls and results, for the context
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
     # -- trio thread only ---------------------------------------------------

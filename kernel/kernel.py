@@ -8,12 +8,14 @@ syscall table in `syscall.py` is the public way in.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import errno
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,6 +33,11 @@ from .memory import MemoryManager
 from .policy import Policy, parse_policy
 from .scheduler import make_scheduler
 from .storage import AgentRow, Storage
+from .toolloop import run_tool_loop, uses_tools, with_tools
+from .tools import ToolManager
+
+if TYPE_CHECKING:
+    from .manifests import ManifestManager
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,13 @@ class Agent:
 
 class Kernel:
     def __init__(
-        self, storage: Storage, backend: Backend, scheduler: str | None = None, memory: MemoryStore | None = None, **engine_options: Any
+        self,
+        storage: Storage,
+        backend: Backend,
+        scheduler: str | None = None,
+        memory: MemoryStore | None = None,
+        tools_dir: Path | None = None,
+        **engine_options: Any,
     ) -> None:
         self.storage = storage
         self.backend = backend
@@ -92,12 +105,14 @@ class Kernel:
         self.events = EventStream()
         self._nursery: trio.Nursery | None = None
         self._housekeeping = trio.CancelScope()  # background tasks that end with stop()
+        self.manifests: ManifestManager | None = None  # agents kept from manifest files (mount --agents-dir); run with the kernel
         for row in storage.agents():
             if row.trashed_at is not None:
                 self.trash[row.id] = row
             else:
                 self._load_agent(row)
         self._by_id = {agent.row.id: agent for agent in self.agents.values()}  # every FUSE op resolves by id
+        self.tools = ToolManager(self, tools_dir)  # built-in tools, and those of the tools directory
 
     def _load_agent(self, row: AgentRow) -> Agent:
         config = parse_config(row.config) if row.config else AgentConfig()
@@ -120,6 +135,8 @@ class Kernel:
                 await nursery.start(self.engine.run)
                 nursery.start_soon(self._purge_trash_forever)
                 await self._recover_jobs()  # before the mount serves: readers find the requeued jobs live
+                if self.manifests is not None:
+                    await nursery.start(self.manifests.run)  # the manifests' agents exist when the mount serves
                 task_status.started()
         finally:
             self._nursery = None
@@ -142,7 +159,8 @@ class Kernel:
                     requeued.append(job)
         self.log_event("recovery", requeued=[job.id for job in requeued], failed=failed)
         for job in requeued:
-            job.config, _ = await self.memory.recall_into(self.agents[job.agent], job.config, job.user_message)
+            with contextlib.suppress(KernelError):  # e.g. a tool gone since: the turn fails when its loop starts
+                job.config, _ = await self._prepare(self.job_caller(job), self.agents[job.agent], job.config, job.user_message)
         for agent in dict.fromkeys(self.agents[job.agent] for job in requeued):
             await self._start_next_turn(agent)  # each agent's turns run in order, as after submit
 
@@ -207,8 +225,13 @@ class Kernel:
                 self._finished(job)
 
     def stop(self) -> None:
+        """End the engine and every background task (tool loops, the trash purge)."""
         self.engine.stop()
         self._housekeeping.cancel()
+        if self.manifests is not None:
+            self.manifests.stop()  # and with it every agent process
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     # -- lookups ---------------------------------------------------------------
     def agent(self, name: str) -> Agent:
@@ -324,6 +347,7 @@ class Kernel:
             raise KernelError(errno.EFBIG, f"config is over {params.MAX_CONFIG_BYTES} bytes")
         config = parse_config(text, self.known_model)
         access.check_request(agent, config)
+        self._tool_specs(config)
         agent.config = config
         self.storage.update_agent(agent.row.id, config=config.render())
 
@@ -363,7 +387,7 @@ class Kernel:
         message, config = self._parse_request(agent, text)
         config = access.check_request(agent, config)
         self.check_queue(agent)
-        config, recalled = await self.memory.recall_into(agent, config, message)
+        config, recalled = await self._prepare(caller, agent, config, message)
         conversation = agent.messages if history is None else history
         messages, tokens = await trio.to_thread.run_sync(build_prompt, self.backend, config, list(conversation), message)
         self.require_live(agent)
@@ -381,10 +405,10 @@ class Kernel:
         if recalled is not None:
             agent.events.emit("recall", job=job.id, agent=agent.name, uid=caller.uid, passages=recalled)
         if source == "call":
-            self.engine.submit(job)
+            self._launch(agent, job)
         elif agent.turn is None:
             agent.turn = job
-            self.engine.submit(job)
+            self._launch(agent, job)
         else:
             agent.next_turns.append(job)  # it must see the answer of the turn before it
         return job
@@ -406,6 +430,32 @@ class Kernel:
             if job.state.finished:
                 self._finished(job)
                 continue
+            self._launch(agent, job)
+
+    async def _prepare(self, caller: Caller, agent: Agent, config: AgentConfig, message: str) -> tuple[AgentConfig, list[str] | None]:
+        """The config a request runs with: recalled memory and the tools block in its
+        system message; EINVAL for a tool nobody serves or a tool_choice not offered."""
+        config, recalled = await self.memory.recall_into(caller, agent, config, message)
+        if uses_tools(config):
+            specs = self._tool_specs(config)
+            if config.tool_choice not in ("auto", *config.tools):
+                raise KernelError(errno.EINVAL, f"tool_choice {config.tool_choice!r} is not one of this request's tools ({' '.join(config.tools)})")
+            config = dataclasses.replace(config, system=with_tools(config.system, specs))
+        return config, recalled
+
+    def _tool_specs(self, config: AgentConfig) -> list[Any]:
+        """The tools a config offers; EINVAL names one nobody serves."""
+        try:
+            return [self.tools.spec(name) for name in config.tools]
+        except KernelError as exc:
+            known = " ".join(spec.name for _, spec in self.tools.served())
+            raise KernelError(errno.EINVAL, f"{exc.message} (served: {known})") from None
+
+    def _launch(self, agent: Agent, job: Job) -> None:
+        """Hand a job to the engine, or to a tool loop that feeds the engine its steps."""
+        if uses_tools(job.config) and self._nursery is not None:
+            self._nursery.start_soon(run_tool_loop, self, agent, job)
+        else:
             self.engine.submit(job)
 
     def set_scheduler(self, caller: Caller, spec: str) -> None:
@@ -455,6 +505,9 @@ class Kernel:
                 agent.next_turns.remove(job)
                 job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
                 self._finished(job)
+            elif job.step is not None:
+                job.cancel_requested = True
+                self.engine.cancel(job.step)  # the tool loop ends the job when its step ends
             elif self.engine.cancel(job):
                 self._finished(job)
         return [job.id for job in targets]
@@ -484,9 +537,9 @@ class Kernel:
             self.log_event("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
 
     # -- results from the engine (trio thread) ----------------------------------------
-    def emit(self, job: Job, event: str) -> None:
+    def emit(self, job: Job, event: str, **extra: Any) -> None:
         """A job event to the agent's `events` and to `kernel/events`."""
-        fields = job_event(job, event)
+        fields = job_event(job, event) | extra
         agent = self.agents.get(job.agent)
         if agent is not None:
             agent.events.emit(**fields)
@@ -494,6 +547,9 @@ class Kernel:
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         for job, chunk, n_tokens, end in deliveries:
+            if job.parent is not None:
+                self._deliver_step(job, chunk, n_tokens, end)
+                continue
             first = not job.first_token_at
             started = job.state is JobState.QUEUED
             if chunk or n_tokens:
@@ -510,6 +566,24 @@ class Kernel:
                 job.finish(*end)
                 self._finished(job)
 
+    def _deliver_step(self, step: Job, chunk: bytes, n_tokens: int, end: tuple[JobState, int, str] | None) -> None:
+        """A tool loop's step: its text stays internal; its job is running from the first step."""
+        assert step.parent is not None
+        if step.parent.state is JobState.QUEUED:
+            step.parent.mark_running()
+            self.emit(step.parent, "running")
+        step.publish(chunk, n_tokens) if chunk or n_tokens else step.mark_running()
+        if end is not None:
+            step.finish(*end)
+
+    def job_finished(self, job: Job) -> None:
+        """A job ended outside the engine (the tool loop): journal it and go on."""
+        self._finished(job)
+
+    def job_caller(self, job: Job) -> Caller:
+        """Whom a job acts for: its uid (no group: the agent's policy decides)."""
+        return Caller(job.uid, -1, 0)
+
     def _finished(self, job: Job) -> None:
         agent = self.agents.get(job.agent)
         try:
@@ -519,7 +593,7 @@ class Kernel:
         if agent is None:
             return
         agent.active.discard(job)
-        spent = len(job.prompt_tokens) + job.n_generated if job.started_at else 0  # the model's work on it
+        spent = len(job.prompt_tokens) + job.extra_prompt_tokens + job.n_generated if job.started_at else 0  # the model's work on it
         if spent:
             agent.row.spent_tokens += spent
             self.storage.set_spent(agent.row.id, agent.row.spent_tokens)
@@ -529,7 +603,7 @@ class Kernel:
             if agent.next_turns and self._nursery is not None:
                 self._nursery.start_soon(self._start_next_turn, agent)
         if job.state is JobState.DONE and job.source == "prompt":
-            turn = [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.answer}]
+            turn = [{"role": "user", "content": job.user_message}, *job.tool_messages, {"role": "assistant", "content": job.answer}]
             agent.messages = agent.messages + turn
             self.storage.append_messages(agent.row.id, turn)
         elif job.state is not JobState.DONE and agent.latest.get(job.uid) is job:

@@ -115,6 +115,7 @@ class Dirty:
 
 @dataclass(frozen=True)
 class Passage:
+    ino: int
     path: str
     line: int
     score: float
@@ -123,6 +124,7 @@ class Passage:
 
 @dataclass(frozen=True)
 class Version:
+    ino: int
     path: str
     n: int
     size: int
@@ -511,7 +513,7 @@ class MemoryStore:
         with self._lock:
             attr = self._row(ino)
             self._open[ino] += 1
-            if truncate and attr.is_reg and self.getattr(ino).size:
+            if truncate and attr.is_reg:  # also when empty: O_TRUNC sets mtime and ctime
                 self._truncate(attr, 0)
                 dirty = self._dirty[ino]
                 dirty.mtime_ns = dirty.ctime_ns = _now()
@@ -721,7 +723,7 @@ class MemoryStore:
                 "SELECT v.ino, v.n, v.size, v.committed FROM versions v JOIN inodes i ON i.ino = v.ino WHERE i.agent_id = ? ORDER BY v.ino, v.n",
                 [agent_id],
             )
-            return [Version(self._path(ino), n, size, committed) for ino, n, size, committed in rows]
+            return [Version(ino, self._path(ino), n, size, committed) for ino, n, size, committed in rows]
 
     def rollback(self, agent_id: int, path: str, which: str) -> int:
         """Make a version current again (as a new version); returns the version restored.
@@ -806,6 +808,19 @@ class MemoryStore:
             ino = child
         return ino
 
+    def lineage(self, ino: int) -> list[Attr]:
+        """The attributes of the directories from memory/ down to the inode's parent,
+        then the inode's own: what a path lookup checks permissions on."""
+        with self._lock:
+            chain = [self.getattr(ino)]
+            for _ in range(10_000):
+                rows = self._q("SELECT parent FROM dentries WHERE ino = ? ORDER BY id LIMIT 1", [ino])
+                if not rows:
+                    break
+                ino = int(rows[0][0])
+                chain.append(self.getattr(ino))
+            return chain[::-1]
+
     def _path(self, ino: int) -> str:
         parts: list[str] = []
         for _ in range(10_000):
@@ -842,7 +857,7 @@ class MemoryStore:
                 "SELECT ino, line, text, bm25(passages) AS score FROM passages WHERE passages MATCH ? AND agent_id = ? ORDER BY score LIMIT ?",
                 [match, agent_id, k],
             )
-            return [Passage(self._path(int(ino)), int(line), round(-float(score), 4), text) for ino, line, text, score in rows]
+            return [Passage(int(ino), self._path(int(ino)), int(line), round(-float(score), 4), text) for ino, line, text, score in rows]
 
     # -- visibility ---------------------------------------------------------------------------
     def statistics(self) -> dict[str, int]:

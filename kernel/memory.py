@@ -20,7 +20,7 @@ from . import params
 from .access import check_share, may
 from .config import AgentConfig
 from .errors import KernelError
-from .memfs import Attr, MemoryStore, Passage
+from .memfs import Attr, MemoryStore, Passage, Version
 
 if TYPE_CHECKING:
     from .kernel import Agent, Caller
@@ -54,13 +54,34 @@ class MemoryManager:
         self._roots.pop(agent_id, None)
         await self.run(self.store.drop_agent, agent_id)
 
-    async def recall_into(self, agent: Agent, config: AgentConfig, message: str) -> tuple[AgentConfig, list[str] | None]:
+    async def search(self, caller: Caller, agent: Agent, query: str, k: int) -> list[Passage]:
+        """The best `k` passages of the agent's memory that the caller may read: a file
+        the caller could not `cat` never reaches it through recall either."""
+        store = self.store
+
+        def visible() -> list[Passage]:
+            found = store.search(agent.row.id, query, k * params.RECALL_OVERFETCH)
+            return [p for p in found if readable(caller, store.lineage(p.ino))][:k]
+
+        return await self.run(visible)
+
+    async def versions(self, caller: Caller, agent: Agent) -> list[Version]:
+        """Kept versions of the files the caller may read."""
+        await self.root(agent)
+        store = self.store
+
+        def visible() -> list[Version]:
+            return [v for v in store.versions(agent.row.id) if readable(caller, store.lineage(v.ino))]
+
+        return await self.run(visible)
+
+    async def recall_into(self, caller: Caller, agent: Agent, config: AgentConfig, message: str) -> tuple[AgentConfig, list[str] | None]:
         """With `memory_recall=on`: the config whose system prompt carries the passages
         recalled for `message`, and their `path:line`s (None when recall is off)."""
         if not config.memory_recall:
             return config, None
         await self.root(agent)
-        passages = await self.run(self.store.search, agent.row.id, message, config.memory_top_k)
+        passages = await self.search(caller, agent, message, config.memory_top_k)
         return dataclasses.replace(config, system=with_recall(config.system, passages)), [f"{p.path}:{p.line}" for p in passages]
 
     async def recall(self, caller: Caller, agent: Agent, query: str, k: int, target: Agent | None = None) -> list[Passage]:
@@ -73,7 +94,9 @@ class MemoryManager:
             raise KernelError(errno.EACCES, f"recall: no read permission on {agent.name}/memory/")
         check_share(agent, target)
         await self.root(target)
-        return await self.run(self.store.search, target.row.id, query, k)
+        if target is agent:
+            return await self.search(caller, agent, query, k)
+        return await self.run(self.store.search, target.row.id, query, k)  # shared: the policy decides, not modes
 
     async def rollback(self, caller: Caller, agent: Agent, path: str, version: str) -> int:
         """`rollback PATH [VERSION|@TIME]`: needs search on memory/ and write on the file."""
@@ -83,8 +106,9 @@ class MemoryManager:
         def checked() -> int:
             if not may_attr(caller, store.getattr(root), 0o1):
                 raise KernelError(errno.EACCES, f"rollback: no permission to search {agent.name}/memory/")
-            if not may_attr(caller, store.getattr(store.walk(agent.row.id, path)), 0o2):
-                raise KernelError(errno.EACCES, f"rollback: no write permission on memory/{path}")
+            *dirs, target = store.lineage(store.walk(agent.row.id, path))
+            if not all(may_attr(caller, d, 0o1) for d in dirs) or not may_attr(caller, target, 0o2):
+                raise KernelError(errno.EACCES, f"rollback: no permission to write memory/{path} (every directory on the way needs x)")
             return store.rollback(agent.row.id, path, version)
 
         return await self.run(checked)
@@ -92,6 +116,12 @@ class MemoryManager:
 
 def may_attr(caller: Caller, attr: Attr, bits: int) -> bool:
     return may(caller, attr.uid, attr.gid, attr.mode, bits)
+
+
+def readable(caller: Caller, lineage: list[Attr]) -> bool:
+    """Could the caller open this file for reading: x on every directory, r on it?"""
+    *dirs, target = lineage
+    return all(may_attr(caller, d, 0o1) for d in dirs) and may_attr(caller, target, 0o4)
 
 
 def with_recall(system: str, passages: list[Passage]) -> str:

@@ -33,6 +33,26 @@ MAX_QUANTUM = 1_000_000  # the largest rr quantum accepted
 PRIORITY_AGING_SECONDS = 10.0  # a waiting job gains one priority level per this many seconds
 SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a switch recomputes instead
 
+# -- model-driven tool calls ----------------------------------------------------------
+MAX_TOOL_STEPS = 4  # generations of one request that uses tools; the last may only answer
+
+# -- the tool manager (kernel/tools.py, tools/) -----------------------------------------
+TOOL_TIMEOUT_SECONDS = 10.0  # a call (its wait for a free turn included) takes at most this unless the tool says otherwise; beyond → ETIMEDOUT
+TOOL_MAX_TIMEOUT_SECONDS = 300.0  # the largest timeout a manifest may ask for
+TOOL_CONCURRENCY = 4  # calls of one tool running at once; more wait their turn within the timeout
+TOOL_MAX_CONCURRENCY = 64  # the largest concurrency a manifest may ask for
+TOOL_NAME_BYTES = 64  # a tool's name, [a-z][a-z0-9_]*
+TOOL_ARGUMENTS_MAX_BYTES = 256 * 1024  # one call written to tools/NAME; larger → EFBIG
+TOOL_READ_MAX_BYTES = 64 * 1024  # memory_read returns at most this much of a file
+TOOL_OUTPUT_MAX_BYTES = 1024 * 1024  # an external tool's stdout; more → EIO (the process is killed)
+TOOL_ERROR_CHARS = 500  # stderr tail, bad output and audit fields are cut to this many characters
+TOOL_UID = 65534  # external tools run as this uid (nobody) when the daemon is root
+TOOL_GID = 65534  # ... and this gid (nogroup)
+TOOL_PATH = "/usr/local/bin:/usr/bin:/bin"  # PATH of an external tool's minimal environment
+CALC_MAX_CHARS = 1000  # a calculator expression; the schema refuses longer ones
+CALC_MAX_EXPONENT = 10_000  # |exponent| of ** in the calculator; beyond → EINVAL
+CALC_MAX_INT_BITS = 4096  # integers the calculator may produce (about 1233 digits); beyond → EINVAL
+
 # -- memory (each agent's memory/) -----------------------------------------------------
 MEMORY_QUOTA_BYTES = 64 * 1024 * 1024  # bytes of files and symlinks per agent; beyond → EDQUOT (mount --memory-quota)
 MEMORY_MAX_INODES = 100_000  # files and directories per agent; beyond → ENOSPC
@@ -47,6 +67,7 @@ MEMORY_MAX_SYMLINK_BYTES = 4095  # a symlink target, as PATH_MAX - 1
 MEMORY_DIR_MODE = 0o750  # a new agent's memory/
 DEFAULT_MEMORY_TOP_K = 3  # passages recalled into a prompt when memory_recall=on
 MAX_MEMORY_TOP_K = 20  # the largest memory_top_k accepted
+RECALL_OVERFETCH = 4  # recall ranks this many times k passages, then keeps the k the caller may read
 MEMORY_RECALL_MAX_CHARS = 4000  # recalled text placed in one prompt, at most
 
 # -- files and logs -------------------------------------------------------------
@@ -61,3 +82,14 @@ AUDIT_FILE_BYTES = 4 * 1024 * 1024  # audit.jsonl is rotated to audit.jsonl.1 pa
 TRASH_RETENTION_SECONDS = 7 * 24 * 3600  # a removed agent can be restored for this long, then it is purged
 TRASH_PURGE_INTERVAL = 3600.0  # seconds between looks for expired trash
 EVENT_HISTORY = 1000  # lines an events stream keeps for readers that fall behind
+
+# -- agent manifests and processes (aiosfs mount --agents-dir) ----------------------------
+MANIFEST_MAX_BYTES = 64 * 1024  # one manifest file; larger → manifest_error
+MANIFEST_DEBOUNCE_SECONDS = 0.2  # the directory must be quiet this long before it is read: editors write in several steps
+MANIFEST_SETTLE_MAX_SECONDS = 1.0  # ... yet a directory that keeps changing is read at least this often
+MANIFEST_RESCAN_SECONDS = 30.0  # the directory is also read this often, for a change the watcher missed
+AGENT_RESTART_MIN_SECONDS = 0.5  # the first wait before an exited agent process starts again
+AGENT_RESTART_MAX_SECONDS = 30.0  # the wait doubles at each exit up to this, so a crashing command costs little
+AGENT_RESTART_RESET_SECONDS = 10.0  # a run this long starts the wait over from the minimum
+AGENT_STOP_SECONDS = 5.0  # SIGTERM, then SIGKILL after this long
+AGENT_LOG_BYTES = 4 * 1024 * 1024  # agents-logs/NAME.log is rotated to NAME.log.1 past this size when the process starts

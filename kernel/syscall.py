@@ -34,6 +34,7 @@ class Sys(enum.Enum):
     KERNEL_CTL = "kernel_ctl"
     MEMORY = "memory"
     MEMORY_RECALL = "memory_recall"
+    TOOL_CALL = "tool_call"
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -153,6 +154,11 @@ async def sys_memory_recall(kernel: Kernel, caller: Caller, agent: Agent, query:
     return await kernel.memory.recall(caller, agent, text, k, target)
 
 
+async def sys_tool_call(kernel: Kernel, caller: Caller, agent: Agent | None, name: str, arguments: Any) -> Any:
+    """One call of a tool, for an agent (its policy applies) or for nobody in particular."""
+    return await kernel.tools.call(caller, agent, name, arguments)
+
+
 async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
     """`kernel/scheduler`: one line, `fifo`, `rr [quantum=N]` or `priority`."""
     lines = [line for line in _text(data, "scheduler").splitlines() if line.strip()]
@@ -165,7 +171,7 @@ async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> No
 
 async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
     """`kernel/ctl`: `sched POLICY` (root), `restore NAME [NEWNAME]` (root or the agent's
-    owner). Every line is checked before any is applied."""
+    owner), `tools reload` (root). Every line is checked before any is applied."""
     lines = [line.strip() for line in _text(data, "kernel/ctl").splitlines() if line.strip()]
     if not lines:
         raise KernelError(errno.EINVAL, f"kernel/ctl: no command (known: {KERNEL_CTL_VERBS})")
@@ -180,16 +186,21 @@ async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> N
                 raise KernelError(errno.EINVAL, f"kernel/ctl: {exc}") from None
         elif verb == "restore" and 1 <= len(arg.split()) <= 2:
             commands.append((verb, arg.split()))
+        elif verb == "tools" and arg.strip() == "reload":
+            access.require_root(caller, "reload the tools")
+            commands.append((verb, []))
         else:
             raise KernelError(errno.EINVAL, f"kernel/ctl: unknown command {line!r} (known: {KERNEL_CTL_VERBS})")
     for verb, args in commands:
         if verb == "sched":
             kernel.set_scheduler(caller, args[0])
+        elif verb == "tools":
+            kernel.log_event("tools_reload", uid=caller.uid, external=kernel.tools.reload())
         else:
             kernel.restore_agent(caller, *args)
 
 
-KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority (root); restore NAME [NEWNAME] (owner or root)"
+KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority (root); restore NAME [NEWNAME] (owner or root); tools reload (root)"
 
 
 def _text(data: bytes | str, what: str) -> str:
@@ -214,6 +225,7 @@ TABLE: dict[Sys, Handler] = {
     Sys.KERNEL_CTL: sys_kernel_ctl,
     Sys.MEMORY: sys_memory,
     Sys.MEMORY_RECALL: sys_memory_recall,
+    Sys.TOOL_CALL: sys_tool_call,
 }
 
 
@@ -232,6 +244,8 @@ def check_access(kernel: Kernel, number: Sys, caller: Caller, args: tuple[Any, .
         access.require_owner(caller, agent, OWNER_ONLY[number])
     if number is Sys.SCHED_SET:
         access.require_root(caller, "change the scheduling policy")
+    if agent is not None and number is Sys.TOOL_CALL:
+        access.require_work(caller, agent)
 
 
 async def syscall(kernel: Kernel, number: Sys, caller: Caller, *args: Any, **kwargs: Any) -> Any:
@@ -244,7 +258,7 @@ async def syscall(kernel: Kernel, number: Sys, caller: Caller, *args: Any, **kwa
         result = await handler(kernel, caller, *args, **kwargs)
     except KernelError as exc:
         where = {"agent": agent.name} if agent is not None else {"target": str(args[0]) if args else ""}
-        if exc.errno in DENIALS:
+        if exc.errno in DENIALS and not exc.audited:
             kernel.log_event("deny", syscall=number.value, uid=caller.uid, pid=caller.pid, errno=errno_name(exc.errno), message=exc.message, **where)
         if agent is not None:
             kernel.record_error(agent, caller.uid, exc)

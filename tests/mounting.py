@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -86,3 +87,12 @@ def wait_for(predicate: object, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached in time")
+
+
+def dead(root: Path) -> bool:
+    """Is the mount at `root` left by a daemon that died (ENOTCONN)?"""
+    try:
+        os.stat(root / "kernel")
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False

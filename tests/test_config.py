@@ -142,6 +142,7 @@ def test_render_lists_every_key_in_order():
         "tools",
         "memory_recall",
         "memory_top_k",
+        "tool_choice",
         "ignore_eos",
         "on_restart",
     ]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, aiosfs, mounted, needs_fuse, sh, wait_for
+from mounting import Mount, aiosfs, dead, mounted, needs_fuse, sh, wait_for
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -34,7 +34,7 @@ def agent(fs: Mount, request: pytest.FixtureRequest) -> Path:
 
 
 def test_tree_and_readme(fs: Mount) -> None:
-    assert sorted(os.listdir(fs.root)) == ["README", "agents", "kernel"]
+    assert sorted(os.listdir(fs.root)) == ["README", "agents", "kernel", "tools"]
     assert set(os.listdir(fs.root / "kernel")) >= {"status", "stats", "ps", "models"}
     assert "agents/NAME/prompt" in (fs.root / "README").read_text()
     assert oct(os.stat(fs.agents).st_mode & 0o7777) == oct(0o1777)
@@ -293,7 +293,7 @@ def test_busy_and_dead_mounts(tmp_path: Path) -> None:
         assert again.returncode == 1 and "already" in again.stderr
         assert aiosfs("status", str(mount.root)).stdout.startswith("running=")
         os.kill(mount.daemon_pid(), signal.SIGKILL)
-        wait_for(lambda: _dead(mount.root))
+        wait_for(lambda: dead(mount.root))
         restarted = mount.start()
         assert "cleaned a dead mount" in restarted.stderr
         assert (mount.root / "kernel" / "status").read_text().startswith("running=")
@@ -307,20 +307,12 @@ def test_a_job_survives_a_killed_daemon(tmp_path: Path) -> None:
         wait_for(lambda: os.stat(agent / "output").st_size > 0)
         assert (agent / "status").read_text() == f"running {job_id}\n"
         os.kill(mount.daemon_pid(), signal.SIGKILL)
-        wait_for(lambda: _dead(mount.root))
+        wait_for(lambda: dead(mount.root))
         assert "cleaned a dead mount" in mount.start().stderr
         result = sh(f"cat {agent}/output && cat {agent}/status")
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"turn 1: {'Y' * 40}\ndone {job_id}\n"  # the whole answer, once, under the same id
         assert [json.loads(line)["role"] for line in (agent / "context").read_text().splitlines()] == ["user", "assistant"]
-
-
-def _dead(path: Path) -> bool:
-    try:
-        os.stat(path / "kernel")
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
 
 
 def test_scheduler_file_events_and_top(fs: Mount) -> None:

@@ -261,9 +261,9 @@ def test_readdir(fs, monkeypatch):
         return [name for name, _, _ in listed]
 
     async def body(ops):
-        assert await listing(ops, "") == [b"README", b"kernel", b"agents"]
-        assert [ino for _, ino, _ in listed] == [2, 3, 10]
-        assert await listing(ops, "", start=1) == [b"kernel", b"agents"]
+        assert await listing(ops, "") == [b"README", b"kernel", b"agents", b"tools"]
+        assert [ino for _, ino, _ in listed] == [2, 3, 10, 14]
+        assert await listing(ops, "", start=1) == [b"kernel", b"agents", b"tools"]
         assert await listing(ops, "", space=2) == [b"README", b"kernel"]
         assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events", b"trash", b"ctl"]
 

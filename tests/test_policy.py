@@ -9,27 +9,15 @@ import json
 import pytest
 from kernel_helpers import OTHER, OWNER, ROOT, ask, ctl, mkdir, refused, remember, run, running, submit
 
-from kernel.backends.fake import FakeBackend
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
 from kernel.policy import Policy, parse_policy
-from kernel.storage import Storage
 from kernel.syscall import Sys, syscall
 
 
 @pytest.fixture
-def make_kernel(tmp_path):
-    made: list[Kernel] = []
-
-    def make() -> Kernel:
-        kernel = Kernel(Storage(tmp_path / "aiosfs.db"), FakeBackend())
-        made.append(kernel)
-        return kernel
-
-    yield make
-    for kernel in made:
-        kernel.storage.close()
-        kernel.memory.store.close()
+def make_kernel(new_kernel):
+    return new_kernel
 
 
 def audit(kernel: Kernel, event: str) -> list[dict]:

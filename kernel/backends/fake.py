@@ -9,6 +9,7 @@ makes each decode step take time, so jobs can be caught while running.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ class FakeBackend:
         self._seqs: dict[int, list[int]] = {}
         self._last: list[tuple[int, int]] = []  # (batch index, seq) of entries with logits
         self.decode_calls: list[list[BatchEntry]] = []  # kept for tests of batching
+        self.grammars: list[str | None] = []  # the grammar of every sampler made, for tests of tool steps
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode())
@@ -72,14 +74,16 @@ class FakeBackend:
                 self._last.append((index, entry.seq))
         return 0
 
-    def new_sampler(self, config: AgentConfig, seed: int) -> Any:
-        return {"reply": None, "ignore_eos": config.ignore_eos}
+    def new_sampler(self, config: AgentConfig, seed: int, grammar: str | None = None) -> Any:
+        self.grammars.append(grammar)
+        return {"reply": None, "ignore_eos": config.ignore_eos, "grammar": grammar}
 
     def sample(self, sampler: Any, batch_index: int) -> int:
         seq = dict(self._last)[batch_index]
         tokens = self._seqs[seq]
         if sampler["reply"] is None:
-            sampler["reply"] = self._reply(bytes(t for t in tokens if t < 256).decode(errors="replace"))
+            prompt = bytes(t for t in tokens if t < 256).decode(errors="replace")
+            sampler["reply"] = self._tool_reply(prompt, sampler["grammar"]) if sampler["grammar"] else self._reply(prompt)
             sampler["start"] = len(tokens)
         produced = len(tokens) - sampler["start"]
         reply: bytes = sampler["reply"]
@@ -92,6 +96,21 @@ class FakeBackend:
         turns = prompt.split(USER_TAG)[1:]
         last = turns[-1].split(END_TAG)[0] if turns else ""
         return f"turn {len(turns)}: {last.strip().upper()}".encode()
+
+    @staticmethod
+    def _tool_reply(prompt: str, grammar: str) -> bytes:
+        """Under a grammar (a tool step): a user message `call NAME {JSON}` becomes that
+        tool call, unless the grammar allows only an answer; a tool result gets
+        `{"answer": "tool said: ..."}`; anything else is answered in upper case."""
+        messages = re.findall(r"<\|(\w+)\|>\n(.*?)<\|end\|>\n", prompt, re.S)
+        role, content = messages[-1] if messages else ("user", "")
+        content = content.strip()
+        if role == "tool":
+            return json.dumps({"answer": f"tool said: {content}"}).encode()
+        if content.startswith("call ") and '"\\"tool\\""' in grammar:
+            name, _, arguments = content[5:].partition(" ")
+            return json.dumps({"tool": name, "arguments": json.loads(arguments or "{}")}).encode()
+        return json.dumps({"answer": content.upper()}).encode()
 
     def free_sampler(self, sampler: Any) -> None:
         sampler.clear()

@@ -193,8 +193,14 @@ class LlamaBackend:
         batch.n_tokens = len(entries)
         return int(llama_cpp.llama_decode(self.ctx, batch))
 
-    def new_sampler(self, config: AgentConfig, seed: int) -> Any:
+    def new_sampler(self, config: AgentConfig, seed: int, grammar: str | None = None) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if grammar is not None:
+            constraint = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not constraint:
+                llama_cpp.llama_sampler_free(chain)
+                raise KernelError(22, "llama.cpp could not parse the grammar of this request")
+            llama_cpp.llama_sampler_chain_add(chain, constraint)
         if config.ignore_eos and self._eog:
             biases = (llama_cpp.llama_logit_bias * len(self._eog))(*[llama_cpp.llama_logit_bias(t, float("-inf")) for t in self._eog])
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(self._eog), biases))

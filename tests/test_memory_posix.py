@@ -1,0 +1,1180 @@
+"""memory/ as a POSIX filesystem, checked against a real one.
+
+The differential suite runs the same syscalls on a fresh directory of the local
+disk (ext4 or similar under /tmp) and on a fresh directory inside an agent's
+memory/, and compares every outcome: the return value or the errno name. What
+may differ by design is left out of the comparison: absolute times (only how
+they move), directory sizes, block counts and inode numbers.
+
+The other tests cover what only memory/ has: errnos at the agent boundary,
+durability under `kill -9`, the quota, versions and rollback, and permissions
+for an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mounting import Mount, dead, mounted, needs_fuse, sh, wait_for
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+Step = tuple[Any, ...]
+Outcome = tuple[str, Any]  # ("ok", value) or ("err", "ENOENT")
+
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+TICK = 0.02  # longer than the coarse clock step of local filesystems, so a change always shows in a time
+RW, WO, RO = os.O_RDWR, os.O_WRONLY, os.O_RDONLY
+CREAT, EXCL, TRUNC, APPEND = os.O_CREAT, os.O_EXCL, os.O_TRUNC, os.O_APPEND
+CHUNK = 64 * 1024  # the store's chunk size: writes across this boundary touch two rows
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted(tmp_path_factory.mktemp("memposix"), "--backend", "fake") as mount:
+        yield mount
+
+
+@pytest.fixture(scope="module")
+def posix_memory(fs: Mount) -> Path:
+    return fs.agent("posix") / "memory"
+
+
+# -- the harness ---------------------------------------------------------------------------
+
+
+def summary(st: os.stat_result) -> dict[str, Any]:
+    """The stat fields both filesystems must agree on (a directory's size is the filesystem's own business)."""
+    out: dict[str, Any] = {
+        "type": stat.filemode(st.st_mode)[0],
+        "mode": oct(stat.S_IMODE(st.st_mode)),
+        "nlink": st.st_nlink,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+    if not stat.S_ISDIR(st.st_mode):
+        out["size"] = st.st_size
+    return out
+
+
+class Side:
+    """One filesystem under test: a root directory, its open descriptors and time marks.
+    Each `do_NAME` method is the operation a step `("NAME", *args)` runs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fds: dict[str, int] = {}
+        self.marks: dict[str, os.stat_result] = {}
+
+    def p(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def fd(self, handle: str) -> int:
+        if handle not in self.fds:
+            raise OSError(errno.EBADF, f"handle {handle} is not open")
+        return self.fds[handle]
+
+    def close_all(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    # descriptors
+    def do_open(self, handle: str, path: str, flags: int, mode: int = 0o644) -> None:
+        fd = os.open(self.p(path), flags, mode)
+        if handle in self.fds:
+            os.close(self.fds.pop(handle))
+        self.fds[handle] = fd
+
+    def do_close(self, handle: str) -> None:
+        os.close(self.fd(handle))
+        del self.fds[handle]
+
+    def do_write(self, handle: str, data: bytes) -> int:
+        return os.write(self.fd(handle), data)
+
+    def do_pwrite(self, handle: str, data: bytes, offset: int) -> int:
+        return os.pwrite(self.fd(handle), data, offset)
+
+    def do_read(self, handle: str, size: int) -> bytes:
+        return os.read(self.fd(handle), size)
+
+    def do_pread(self, handle: str, size: int, offset: int) -> bytes:
+        return os.pread(self.fd(handle), size, offset)
+
+    def do_lseek(self, handle: str, offset: int, whence: int) -> int:
+        return os.lseek(self.fd(handle), offset, whence)
+
+    def do_ftruncate(self, handle: str, size: int) -> None:
+        os.ftruncate(self.fd(handle), size)
+
+    def do_fstat(self, handle: str) -> dict[str, Any]:
+        return summary(os.fstat(self.fd(handle)))
+
+    def do_fsync(self, handle: str) -> None:
+        os.fsync(self.fd(handle))
+
+    # whole files
+    def do_put(self, path: str, data: bytes) -> None:
+        fd = os.open(self.p(path), WO | CREAT | TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def do_writeat(self, path: str, offset: int, data: bytes) -> int:
+        fd = os.open(self.p(path), WO)
+        try:
+            return os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def do_content(self, path: str) -> bytes:
+        with open(self.p(path), "rb") as f:
+            return f.read()
+
+    def do_truncate(self, path: str, size: int) -> None:
+        os.truncate(self.p(path), size)
+
+    # names
+    def do_rename(self, old: str, new: str) -> None:
+        os.rename(self.p(old), self.p(new))
+
+    def do_unlink(self, path: str) -> None:
+        os.unlink(self.p(path))
+
+    def do_mkdir(self, path: str, mode: int = 0o777) -> None:
+        os.mkdir(self.p(path), mode)
+
+    def do_rmdir(self, path: str) -> None:
+        os.rmdir(self.p(path))
+
+    def do_symlink(self, target: str, path: str) -> None:
+        os.symlink(target, self.p(path))
+
+    def do_readlink(self, path: str) -> str:
+        return os.readlink(self.p(path))
+
+    def do_link(self, old: str, new: str) -> None:
+        os.link(self.p(old), self.p(new), follow_symlinks=False)
+
+    def do_listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(self.p(path)))
+
+    # attributes
+    def do_stat(self, path: str) -> dict[str, Any]:
+        return summary(os.stat(self.p(path)))
+
+    def do_lstat(self, path: str) -> dict[str, Any]:
+        return summary(os.lstat(self.p(path)))
+
+    def do_chmod(self, path: str, mode: int) -> None:
+        os.chmod(self.p(path), mode)
+
+    def do_chown(self, path: str, uid: int, gid: int) -> None:
+        os.chown(self.p(path), uid, gid)
+
+    def do_lchown(self, path: str, uid: int, gid: int) -> None:
+        os.chown(self.p(path), uid, gid, follow_symlinks=False)
+
+    def do_utime(self, path: str, ns: tuple[int, int] | None, follow: bool = True) -> None:
+        if ns is None:
+            os.utime(self.p(path), None, follow_symlinks=follow)
+        else:
+            os.utime(self.p(path), ns=ns, follow_symlinks=follow)
+
+    def do_times(self, path: str) -> tuple[int, int]:
+        st = os.lstat(self.p(path))
+        return st.st_atime_ns, st.st_mtime_ns
+
+    def do_recent(self, path: str) -> bool:
+        """Were atime and mtime set to now (utime with None)? Local clocks are coarse: allow seconds."""
+        st, now = os.lstat(self.p(path)), time.time_ns()
+        return abs(now - st.st_mtime_ns) < 5 * 10**9 and abs(now - st.st_atime_ns) < 5 * 10**9
+
+    def do_mark(self, path: str) -> None:
+        self.marks[path] = os.lstat(self.p(path))
+        time.sleep(TICK)
+
+    def do_changed(self, path: str, mark: str | None = None) -> dict[str, bool]:
+        """Which times moved since the mark of `path` (or of `mark`: the name it had then)."""
+        before, now = self.marks[mark or path], os.lstat(self.p(path))
+        return {"mtime": now.st_mtime_ns != before.st_mtime_ns, "ctime": now.st_ctime_ns != before.st_ctime_ns}
+
+    def do_statvfs(self, path: str) -> int:
+        return os.statvfs(self.p(path)).f_namemax
+
+    def do_tree(self) -> dict[str, Any]:
+        """Every name below the root: its stat summary and content or target."""
+        out: dict[str, Any] = {}
+        for top, dirs, files in os.walk(self.root):
+            for name in sorted(dirs + files):
+                path = os.path.join(top, name)
+                rel = os.path.relpath(path, self.root)
+                st = os.lstat(path)
+                entry: dict[str, Any] = summary(st)
+                if stat.S_ISLNK(st.st_mode):
+                    entry["target"] = os.readlink(path)
+                elif stat.S_ISREG(st.st_mode):
+                    entry["content"] = self.do_content(rel)
+                out[rel] = entry
+        return out
+
+
+def outcome(side: Side, step: Step) -> Outcome:
+    name, *args = step
+    try:
+        return "ok", getattr(side, "do_" + name)(*args)
+    except OSError as exc:
+        return "err", errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def show(value: Any) -> str:
+    """A readable form of an outcome or step: long bytes as their length, hash and start."""
+    if isinstance(value, bytes) and len(value) > 48:
+        return f"<{len(value)} bytes sha1={hashlib.sha1(value).hexdigest()[:10]} {value[:24]!r}...>"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(show(v) for v in value) + ")"
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and len(value) > 48:
+        return f"<{len(value)} chars {value[:24]!r}...>"
+    return repr(value)
+
+
+FLAG_NAMES = {"O_WRONLY": WO, "O_RDWR": RW, "O_CREAT": CREAT, "O_EXCL": EXCL, "O_TRUNC": TRUNC, "O_APPEND": APPEND, "O_NOFOLLOW": os.O_NOFOLLOW}
+
+
+def show_step(step: Step) -> str:
+    """A step as text, with open flags by name."""
+    if step[0] != "open":
+        return show(step)
+    flags = "|".join(name for name, bit in FLAG_NAMES.items() if step[3] & bit) or "O_RDONLY"
+    return show((*step[:3], flags, *step[4:]))
+
+
+def difference(expected: Outcome, got: Outcome) -> str:
+    """For two trees, only the names whose entries differ; otherwise both outcomes."""
+    if expected[0] == got[0] == "ok" and isinstance(expected[1], dict) and isinstance(got[1], dict):
+        keys = sorted(set(expected[1]) | set(got[1]), key=str)
+        rows = [f"  {k}: local disk {show(expected[1].get(k))}, memory/ {show(got[1].get(k))}" for k in keys if expected[1].get(k) != got[1].get(k)]
+        return "differences:\n" + "\n".join(rows)
+    return f"local disk gave {show(expected)}, memory/ gave {show(got)}"
+
+
+def run_both(disk_root: Path, mem_root: Path, steps: list[Step], label: str) -> None:
+    """Run each step on the local disk, then on memory/; stop at the first disagreement."""
+    disk_root.mkdir()
+    mem_root.mkdir()
+    disk, mem = Side(disk_root), Side(mem_root)
+    try:
+        for i, step in enumerate(steps):
+            expected, got = outcome(disk, step), outcome(mem, step)
+            if got != expected:
+                recent = [show_step(s) for s in steps[max(0, i - 12) : i] if s[0] != "tree"]
+                pytest.fail(f"{label}, step {i} {show_step(step)}: {difference(expected, got)}\nsteps before: {recent}", pytrace=False)
+    finally:
+        disk.close_all()
+        mem.close_all()
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+LONG = "n" * 256
+MAX = "m" * 255
+
+SCENARIOS: dict[str, list[Step]] = {
+    "open_flags": [
+        ("open", "f", "a", WO | CREAT | EXCL, 0o640),
+        ("stat", "a"),
+        ("open", "g", "a", WO | CREAT | EXCL, 0o640),
+        ("write", "f", b"hello world"),
+        ("close", "f"),
+        ("open", "r", "a", RO),
+        ("write", "r", b"x"),
+        ("read", "r", 100),
+        ("read", "r", 100),
+        ("close", "r"),
+        ("open", "w", "a", WO | CREAT, 0o600),  # O_CREAT on an existing file: no truncation, mode kept
+        ("stat", "a"),
+        ("read", "w", 10),
+        ("write", "w", b"HE"),
+        ("close", "w"),
+        ("content", "a"),
+        ("open", "ap", "a", WO | APPEND),
+        ("open", "other", "a", RW),
+        ("write", "other", b"0123456789abcdef"),  # makes the file longer than the appender knew
+        ("write", "ap", b"!"),
+        ("lseek", "ap", 0, os.SEEK_CUR),
+        ("pwrite", "ap", b"?", 0),  # Linux appends even with an offset when O_APPEND is set
+        ("close", "ap"),
+        ("close", "other"),
+        ("content", "a"),
+        ("open", "rw", "a", RW),
+        ("read", "rw", 5),
+        ("write", "rw", b"_"),
+        ("lseek", "rw", 0, os.SEEK_END),
+        ("lseek", "rw", -3, os.SEEK_END),
+        ("read", "rw", 10),
+        ("lseek", "rw", -100, os.SEEK_END),
+        ("close", "rw"),
+        ("open", "t", "a", WO | TRUNC),
+        ("fstat", "t"),
+        ("close", "t"),
+        ("content", "a"),
+        ("open", "rt", "a", RO | TRUNC),
+        ("close", "rt"),
+        ("open", "c", "new", RW | CREAT | TRUNC, 0o6755),
+        ("stat", "new"),
+        ("close", "c"),
+        ("open", "x", "missing", RO),
+        ("open", "x", "missing/sub", WO | CREAT, 0o644),
+        ("open", "x", "a/sub", RO),
+        ("open", "x", "a/sub", WO | CREAT, 0o644),
+        ("mkdir", "d", 0o755),
+        ("open", "x", "d", WO),
+        ("open", "x", "d", RW),
+        ("open", "x", "d", WO | CREAT, 0o644),
+        ("open", "dfd", "d", RO),
+        ("read", "dfd", 10),
+        ("close", "dfd"),
+        ("open", "x", LONG, WO | CREAT, 0o644),
+        ("stat", LONG),
+        ("mkdir", LONG, 0o755),
+        ("open", "y", MAX, WO | CREAT, 0o644),
+        ("close", "y"),
+        ("put", "caf\udce9", b"not UTF-8"),  # names are bytes: any but / and NUL
+        ("listdir", "."),
+        ("content", "caf\udce9"),
+    ],
+    "offsets_and_holes": [
+        ("open", "f", "f", RW | CREAT, 0o644),
+        ("pwrite", "f", b"abc", 10),
+        ("fstat", "f"),
+        ("pread", "f", 13, 0),
+        ("pwrite", "f", b"far", MIB),
+        ("fstat", "f"),
+        ("pread", "f", 16, 500_000),
+        ("pread", "f", 10, MIB - 2),
+        ("pread", "f", 10, MIB + 3),
+        ("pread", "f", 10, 5 * MIB),
+        ("pwrite", "f", b"XYZW", CHUNK - 2),
+        ("pread", "f", 8, CHUNK - 4),
+        ("lseek", "f", 0, os.SEEK_END),
+        ("lseek", "f", 100, os.SEEK_END),
+        ("write", "f", b"end"),
+        ("fstat", "f"),
+        ("pread", "f", 110, MIB),
+        ("open", "g", "f", RO),  # a second reader sees the writes not yet closed
+        ("pread", "g", 8, CHUNK - 4),
+        ("ftruncate", "f", 20),
+        ("fstat", "g"),
+        ("pread", "g", 100, 0),
+        ("ftruncate", "f", 70_000),
+        ("pread", "f", 100, 0),
+        ("pread", "f", 10, CHUNK - 4),  # what the shrink cut must not come back
+        ("pread", "f", 10, 69_995),
+        ("close", "f"),
+        ("close", "g"),
+        ("content", "f"),
+        ("truncate", "f", 5),
+        ("content", "f"),
+        ("truncate", "f", 3 * CHUNK + 7),
+        ("stat", "f"),
+        ("content", "f"),
+        ("writeat", "f", 2 * CHUNK - 1, b"--"),
+        ("content", "f"),
+        ("open", "r", "f", RO),
+        ("ftruncate", "r", 0),
+        ("close", "r"),
+        ("truncate", "missing", 0),
+        ("mkdir", "d", 0o755),
+        ("truncate", "d", 0),
+        ("open", "big", "big", WO | CREAT, 0o644),
+        ("write", "big", bytes(range(256)) * 1024),  # 256 KiB in one write: several chunks and FUSE requests
+        ("lseek", "big", 0, os.SEEK_CUR),
+        ("close", "big"),
+        ("content", "big"),
+        ("writeat", "big", CHUNK * 3 - 5, b"#" * (CHUNK + 10)),
+        ("content", "big"),
+    ],
+    "rename": [
+        ("put", "a", b"A"),
+        ("put", "b", b"B"),
+        ("mark", "a"),
+        ("rename", "a", "c"),
+        ("changed", "c", "a"),
+        ("stat", "a"),
+        ("content", "c"),
+        ("rename", "c", "b"),
+        ("content", "b"),
+        ("listdir", "."),
+        ("mkdir", "d1", 0o755),
+        ("mkdir", "d2", 0o755),
+        ("mark", "d1"),
+        ("rename", "b", "d1/b"),
+        ("changed", "d1"),
+        ("listdir", "d1"),
+        ("stat", "d1"),
+        ("mkdir", "e", 0o755),
+        ("stat", "."),
+        ("rename", "d2", "e"),
+        ("stat", "."),
+        ("stat", "e"),
+        ("stat", "d2"),
+        ("mkdir", "f", 0o755),
+        ("put", "f/x", b"x"),
+        ("rename", "e", "f"),
+        ("listdir", "f"),
+        ("rename", "d1", "d1/sub"),
+        ("mkdir", "d1/sub", 0o755),
+        ("rename", "d1", "d1/sub/deeper"),
+        ("rename", "d1", "d1/sub"),
+        ("put", "g", b"G"),
+        ("rename", "g", "d1"),
+        ("rename", "d1", "g"),
+        ("rename", "missing", "z"),
+        ("rename", "g", "missingdir/x"),
+        ("rename", "g", "g/x"),
+        ("rename", "g", "g"),
+        ("link", "g", "h"),
+        ("rename", "g", "h"),  # two names of one file: nothing happens
+        ("listdir", "."),
+        ("stat", "g"),
+        ("mkdir", "p", 0o755),
+        ("mkdir", "q", 0o755),
+        ("mkdir", "p/c", 0o755),
+        ("put", "p/c/deep", b"deep"),
+        ("rename", "p/c", "q/c"),
+        ("stat", "p"),
+        ("stat", "q"),
+        ("content", "q/c/deep"),
+        ("open", "o", "h", RW),
+        ("rename", "h", "q/c/moved"),
+        ("pwrite", "o", b"g", 0),
+        ("close", "o"),
+        ("content", "q/c/moved"),
+        ("put", "victim", b"victim"),
+        ("open", "v", "victim", RO),
+        ("rename", "q/c/moved", "victim"),  # replaces a file that is still open
+        ("pread", "v", 100, 0),
+        ("fstat", "v"),
+        ("close", "v"),
+        ("content", "victim"),
+        ("stat", "g"),
+        ("listdir", "."),
+    ],
+    "unlink_while_open": [
+        ("open", "f", "u", RW | CREAT, 0o644),
+        ("write", "f", b"data"),
+        ("unlink", "u"),
+        ("stat", "u"),
+        ("listdir", "."),
+        ("pwrite", "f", b"MORE", 4),
+        ("pread", "f", 100, 0),
+        ("fstat", "f"),
+        ("put", "u", b"a new file under the old name"),
+        ("pread", "f", 100, 0),
+        ("ftruncate", "f", 2),
+        ("pread", "f", 100, 0),
+        ("fsync", "f"),
+        ("close", "f"),
+        ("content", "u"),
+        ("listdir", "."),
+        ("unlink", "missing"),
+        ("mkdir", "d", 0o755),
+        ("unlink", "d"),
+        ("unlink", "u/x"),
+        ("unlink", "missing/x"),
+        ("open", "r", "u", RO),
+        ("unlink", "u"),
+        ("read", "r", 100),
+        ("close", "r"),
+        ("listdir", "."),
+    ],
+    "mkdir_rmdir": [
+        ("mark", "."),
+        ("mkdir", "d", 0o755),
+        ("changed", "."),
+        ("mkdir", "d", 0o755),
+        ("stat", "d"),
+        ("stat", "."),
+        ("mkdir", "d/e", 0o700),
+        ("stat", "d"),
+        ("stat", "d/e"),
+        ("mkdir", "s", 0o1777),
+        ("stat", "s"),
+        ("mkdir", "missing/x", 0o755),
+        ("put", "f", b"f"),
+        ("mkdir", "f/x", 0o755),
+        ("mkdir", "f", 0o755),
+        ("rmdir", "d"),
+        ("rmdir", "missing"),
+        ("rmdir", "f"),
+        ("rmdir", "f/x"),
+        ("rmdir", "d/e/."),
+        ("rmdir", "d/.."),
+        ("mark", "d"),
+        ("rmdir", "d/e"),
+        ("changed", "d"),
+        ("stat", "d"),
+        ("rmdir", "d"),
+        ("rmdir", "s"),
+        ("listdir", "."),
+        ("stat", "."),
+        ("mkdir", "g", 0o2775),  # setgid directories pass their group on
+        ("chown", "g", 0, 65534),
+        ("chmod", "g", 0o2775),
+        ("put", "g/f", b""),
+        ("mkdir", "g/sub", 0o755),
+        ("stat", "g/f"),
+        ("stat", "g/sub"),
+    ],
+    "symlinks": [
+        ("put", "t", b"target data"),
+        ("symlink", "t", "s"),
+        ("readlink", "s"),
+        ("lstat", "s"),
+        ("stat", "s"),
+        ("content", "s"),
+        ("symlink", "nowhere", "dang"),
+        ("readlink", "dang"),
+        ("stat", "dang"),
+        ("lstat", "dang"),
+        ("content", "dang"),
+        ("open", "x", "dang", WO | CREAT | EXCL, 0o644),
+        ("open", "x", "s", RO | os.O_NOFOLLOW),
+        ("listdir", "."),
+        ("readlink", "t"),
+        ("readlink", "missing"),
+        ("mkdir", "d", 0o755),
+        ("readlink", "d"),
+        ("symlink", "x", "t"),
+        ("symlink", "/" + "long/" * 200, "longlink"),
+        ("readlink", "longlink"),
+        ("lstat", "longlink"),
+        ("put", "d/f", b"in d"),
+        ("symlink", "d", "ld"),
+        ("content", "ld/f"),
+        ("listdir", "ld"),
+        ("put", "dang", b"written through the link"),  # creates the target
+        ("content", "nowhere"),
+        ("stat", "dang"),
+        ("rename", "s", "s2"),
+        ("readlink", "s2"),
+        ("unlink", "s2"),
+        ("content", "t"),
+        ("lchown", "dang", 65534, 65534),
+        ("lstat", "dang"),
+        ("stat", "dang"),
+        ("link", "dang", "hardlink-to-link"),
+        ("lstat", "hardlink-to-link"),
+        ("readlink", "hardlink-to-link"),
+        ("rmdir", "ld"),
+        ("unlink", "ld"),
+        ("listdir", "."),
+    ],
+    "hard_links": [
+        ("put", "a", b"shared"),
+        ("mark", "a"),
+        ("mark", "."),
+        ("link", "a", "b"),
+        ("changed", "a"),
+        ("changed", "."),
+        ("stat", "a"),
+        ("stat", "b"),
+        ("open", "app", "b", WO | APPEND),
+        ("write", "app", b" and more"),
+        ("close", "app"),
+        ("content", "a"),
+        ("mkdir", "d", 0o755),
+        ("link", "a", "d/c"),
+        ("stat", "d/c"),
+        ("mark", "b"),
+        ("unlink", "a"),
+        ("changed", "b"),
+        ("stat", "b"),
+        ("content", "b"),
+        ("link", "d", "d2"),
+        ("link", "a", "z"),
+        ("link", "b", "d/c"),
+        ("link", "b", "b"),
+        ("link", "missing", "x"),
+        ("link", "b", "missingdir/x"),
+        ("open", "h", "b", RW),
+        ("unlink", "b"),
+        ("pwrite", "h", b"SHARED", 0),
+        ("content", "d/c"),
+        ("fstat", "h"),
+        ("close", "h"),
+        ("unlink", "d/c"),
+        ("listdir", "."),
+        ("listdir", "d"),
+    ],
+    "chmod_chown": [
+        ("put", "f", b"f"),
+        ("mark", "f"),
+        ("chmod", "f", 0o600),
+        ("changed", "f"),
+        ("stat", "f"),
+        ("chmod", "f", 0o7777),
+        ("stat", "f"),
+        ("mark", "f"),
+        ("chown", "f", 65534, 65534),
+        ("changed", "f"),
+        ("stat", "f"),  # chown clears setuid and setgid
+        ("chown", "f", -1, 0),
+        ("stat", "f"),
+        ("chmod", "f", 0o000),
+        ("content", "f"),  # root reads anyway
+        ("stat", "f"),
+        ("mkdir", "d", 0o755),
+        ("chmod", "d", 0o1777),
+        ("chown", "d", 1, 2),
+        ("stat", "d"),
+        ("chmod", "missing", 0o644),
+        ("chown", "missing", 0, 0),
+    ],
+    "times": [
+        ("put", "f", b"abc"),
+        ("mark", "f"),
+        ("content", "f"),
+        ("changed", "f"),
+        ("mark", "f"),
+        ("writeat", "f", 1, b"Z"),
+        ("changed", "f"),
+        ("mark", "f"),
+        ("open", "o", "f", RO),
+        ("close", "o"),
+        ("changed", "f"),
+        ("mark", "f"),
+        ("open", "o", "f", RW),
+        ("pwrite", "o", b"Q", 0),
+        ("changed", "f"),
+        ("close", "o"),
+        ("mark", "f"),
+        ("truncate", "f", 2),
+        ("changed", "f"),
+        ("mark", "f"),
+        ("truncate", "f", 2),  # the same size: still a change
+        ("changed", "f"),
+        ("mark", "f"),
+        ("open", "t", "f", WO | TRUNC),
+        ("close", "t"),
+        ("changed", "f"),
+        ("utime", "f", (1_000_000_001, 2_000_000_002)),
+        ("times", "f"),
+        ("utime", "f", (1_700_000_000_123_456_789, 1_600_000_000_987_654_321)),
+        ("times", "f"),
+        ("mark", "f"),
+        ("utime", "f", (5, 7)),
+        ("changed", "f"),
+        ("times", "f"),
+        ("utime", "f", None),
+        ("recent", "f"),
+        ("mkdir", "d", 0o755),
+        ("utime", "d", (3_000_000_000, 4_000_000_000)),
+        ("times", "d"),
+        ("mark", "d"),
+        ("put", "d/x", b"x"),
+        ("changed", "d"),
+        ("mark", "d"),
+        ("rename", "d/x", "d/y"),
+        ("changed", "d"),
+        ("mark", "d"),
+        ("unlink", "d/y"),
+        ("changed", "d"),
+        ("symlink", "f", "s"),
+        ("utime", "s", (11, 13), False),
+        ("times", "s"),
+        ("recent", "f"),  # the link's times, not its target's
+        ("utime", "missing", None),
+    ],
+    "o_trunc_of_an_empty_file": [
+        ("put", "f", b""),
+        ("mark", "f"),
+        ("open", "t", "f", WO | TRUNC),  # POSIX: O_TRUNC on an existing file marks mtime and ctime for update
+        ("close", "t"),
+        ("changed", "f"),
+    ],
+    "errors_and_limits": [
+        ("statvfs", "."),
+        ("stat", "missing"),
+        ("put", "f", b"f"),
+        ("stat", "f/x"),
+        ("listdir", "f"),
+        ("listdir", "missing"),
+        ("mkdir", "d", 0o755),
+        ("open", "x", "d", WO),
+        ("put", "d", b"x"),
+        ("content", "d"),
+        ("open", "x", LONG, RO),
+        ("put", LONG, b"x"),
+        ("rename", "f", LONG),
+        ("link", "f", LONG),
+        ("symlink", "f", LONG),
+        ("put", MAX, b"the longest name"),
+        ("content", MAX),
+        ("rename", MAX, "short"),
+        ("listdir", "."),
+        ("stat", "f/"),
+        ("stat", "d/"),
+        ("rename", "f", "d/"),
+    ],
+}
+
+
+# Enough names that listing them takes several readdir calls, then half of them gone.
+SCENARIOS["many_names"] = [
+    *[("put", f"entry-with-a-rather-long-name-{i:04d}", str(i).encode()) for i in range(100)],
+    ("listdir", "."),
+    *[("unlink", f"entry-with-a-rather-long-name-{i:04d}") for i in range(0, 100, 2)],
+    ("listdir", "."),
+    ("content", "entry-with-a-rather-long-name-0099"),
+]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_differential_scenario(name: str, posix_memory: Path, tmp_path: Path) -> None:
+    run_both(tmp_path / name, posix_memory / name, SCENARIOS[name], f"scenario {name}")
+
+
+# -- the randomized scenario ------------------------------------------------------------------
+
+SEED = 20261125
+RANDOM_STEPS = 300
+TREE_EVERY = 10  # a tree reads every file (about 4 ms each in memory/): often enough to place a difference
+FILES = ["a", "b", "c", "x/a", "x/b", "y/c", "x/z/a"]
+DIRS = ["x", "y", "x/z", "w"]
+HANDLES = ["h0", "h1"]
+
+
+def _offset(rng: random.Random) -> int:
+    """Offsets and sizes near the interesting places: the start, a chunk boundary, far away."""
+    return rng.choice([0, rng.randrange(0, 5000), CHUNK - rng.randrange(1, 64), rng.randrange(0, 3 * CHUNK)])
+
+
+def _data(rng: random.Random) -> bytes:
+    return rng.randbytes(rng.choice([rng.randrange(0, 3000), rng.randrange(0, 3000), rng.randrange(CHUNK - 100, CHUNK + 100)]))
+
+
+def random_operation(rng: random.Random) -> list[Step]:
+    """One random operation (creating with open is followed by its close)."""
+    name, other, handle = rng.choice(FILES + DIRS), rng.choice(FILES + DIRS), rng.choice(HANDLES)
+    choices: list[list[Step]] = [
+        [("put", name, _data(rng))],
+        [("open", "t", name, WO | CREAT | rng.choice([0, EXCL, TRUNC]), 0o644), ("close", "t")],
+        [("writeat", name, _offset(rng), _data(rng))],
+        [("truncate", name, _offset(rng))],
+        [("rename", name, other)],
+        [("unlink", name)],
+        [("mkdir", name, 0o755)],
+        [("rmdir", name)],
+        [("link", name, other)],
+        [("symlink", other, name)],
+        [("content", name)],
+        [("stat", name)],
+        [("open", handle, name, RW | rng.choice([0, 0, APPEND, CREAT, TRUNC]))],
+        [("pwrite", handle, _data(rng), _offset(rng))],
+        [("write", handle, _data(rng))],
+        [("pread", handle, rng.randrange(0, 2 * CHUNK), _offset(rng))],
+        [("ftruncate", handle, _offset(rng))],
+        [("fstat", handle)],
+        [("fsync", handle)],
+        [("close", handle)],
+    ]
+    return rng.choice(choices)
+
+
+def random_steps(seed: int, count: int) -> list[Step]:
+    """`count` random operations, with a look at the whole tree every TREE_EVERY of them and at the end."""
+    rng = random.Random(seed)
+    steps: list[Step] = []
+    for i in range(1, count + 1):
+        steps += random_operation(rng)
+        if i % TREE_EVERY == 0 or i == count:
+            steps.append(("tree",))
+    return steps
+
+
+def test_differential_random_sequence(posix_memory: Path, tmp_path: Path) -> None:
+    steps = random_steps(SEED, RANDOM_STEPS)
+    run_both(tmp_path / "random", posix_memory / "random", steps, f"random sequence, seed {SEED}")
+
+
+# -- across the memory/ boundary -----------------------------------------------------------------
+
+
+def attempt(action: Any) -> Any:
+    """What a call gave: its errno name, or its result (None for most)."""
+    try:
+        return action()
+    except OSError as exc:
+        return errno.errorcode[exc.errno or 0]
+
+
+def test_cross_agent_and_synthetic_boundaries(fs: Mount) -> None:
+    a, b = fs.agent("xa"), fs.agent("xb")
+    (a / "memory" / "f").write_text("mine")
+    (a / "memory" / "dir").mkdir()
+    assert attempt(lambda: os.rename(a / "memory" / "f", b / "memory" / "f")) == "EXDEV"
+    assert attempt(lambda: os.rename(a / "memory" / "dir", b / "memory" / "dir")) == "EXDEV"
+    assert attempt(lambda: os.link(a / "memory" / "f", b / "memory" / "f")) == "EXDEV"
+    assert attempt(lambda: os.rename(a / "memory" / "f", a / "newname")) == "EXDEV"
+    assert attempt(lambda: os.rename(a / "memory" / "f", a / "prompt")) == "EXDEV"
+    assert attempt(lambda: os.rename(a / "config", a / "memory" / "config")) == "EXDEV"
+    assert attempt(lambda: os.link(a / "config", a / "memory" / "config")) == "EXDEV"
+    assert attempt(lambda: os.rmdir(a / "memory")) == "EPERM"
+    assert (a / "memory" / "f").read_text() == "mine" and os.listdir(b / "memory") == []
+    assert (a / "prompt").exists() and sorted(os.listdir(a / "memory")) == ["dir", "f"]
+
+
+def test_rmdir_of_an_agent_with_memory_loses_nothing(fs: Mount) -> None:
+    """rmdir moves the agent, memory included, to the trash; `restore` brings it all back."""
+    agent = fs.agent("gone")
+    (agent / "memory" / "sub").mkdir()
+    (agent / "memory" / "sub" / "keep.md").write_text("precious")
+    os.rmdir(agent)
+    assert "gone" not in os.listdir(fs.agents)
+    assert any(line.split()[0] == "gone" for line in (fs.root / "kernel" / "trash").read_text().splitlines()[1:])
+    assert sh(f'echo "restore gone" > {fs.root}/kernel/ctl').returncode == 0
+    assert (agent / "memory" / "sub" / "keep.md").read_text() == "precious"
+
+
+# -- durability under kill -9 -------------------------------------------------------------------
+# One daemon is killed while three agents' files are in three states; each test checks one.
+
+PIECE = "{name} piece {k}|"  # one write() of a file: this, repeated
+REPEAT, PIECES = 120, 4  # about 2.3 KiB per write, 9 KiB per file
+
+WRITER = """
+import os, sys
+root, count, piece, repeat, pieces = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+for i in range(count):
+    name = f"f{i:05d}"
+    fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    for k in range(pieces):
+        os.write(fd, (piece.format(name=name, k=k) * repeat).encode())
+    os.close(fd)
+    print(name, flush=True)
+"""
+
+PENDING = """
+import os, sys
+root = sys.argv[1]
+fd = os.open(os.path.join(root, "old.txt"), os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b"NEW CONTENT, NEVER CLOSED")
+synced = os.open(os.path.join(root, "synced.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(synced, b"durable after fsync\\n")
+os.fsync(synced)
+os.write(synced, b"written after the fsync, never closed\\n")
+print("ready", flush=True)
+sys.stdin.read()  # keep the descriptors open until the daemon is gone
+"""
+
+HALF_WRITER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b"the first half of a new text, ")
+print("ready", flush=True)
+sys.stdin.read()  # the second half never comes: the daemon dies first
+"""
+
+
+HALF_WRITTEN = b"the first half of a new text, "
+OLD = b"OLD CONTENT"
+
+
+def expected_content(name: str) -> bytes:
+    return b"".join((PIECE.format(name=name, k=k) * REPEAT).encode() for k in range(PIECES))
+
+
+def kill_daemon(mount: Mount) -> None:
+    os.kill(mount.daemon_pid(), signal.SIGKILL)
+    wait_for(lambda: dead(mount.root))
+
+
+def _holder(code: str, root: Path) -> subprocess.Popen[str]:
+    """A child that writes without closing, says `ready`, then waits on stdin."""
+    child = subprocess.Popen([sys.executable, "-c", code, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    return child
+
+
+@dataclass
+class Crash:
+    mount: Mount
+    printed: list[str]  # files the writer reported closed
+    writer_rc: int | None
+    pending_size: int  # old.txt's size before the kill, with the uncommitted overwrite
+    seen_by_reader: bytes  # notes.txt as a reader saw it before the kill
+
+
+@pytest.fixture(scope="module")
+def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crash]:
+    with mounted(tmp_path_factory.mktemp("crash"), "--backend", "fake") as mount:
+        writer_dir, pending, reader = (mount.agent(name) / "memory" for name in ("writer", "pending", "reader"))
+        (pending / "old.txt").write_bytes(OLD)
+        (reader / "notes.txt").write_bytes(OLD)
+        holders = [_holder(PENDING, pending), _holder(HALF_WRITER, reader / "notes.txt")]
+        seen = (reader / "notes.txt").read_bytes()  # a reader opens and closes the half-written file
+        args = [sys.executable, "-c", WRITER, str(writer_dir), "100000", PIECE, str(REPEAT), str(PIECES)]
+        writer = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert writer.stdout is not None
+        printed = [writer.stdout.readline().strip() for _ in range(40)]
+        size = os.stat(pending / "old.txt").st_size  # stat, not read: a reader's close would commit
+        kill_daemon(mount)
+        rest, _ = writer.communicate(timeout=60)
+        for child in holders:
+            child.kill()
+            child.communicate(timeout=30)
+        assert "cleaned a dead mount" in mount.start().stderr
+        # a close that returned before the kill may be reported after it
+        yield Crash(mount, printed + rest.split(), writer.returncode, size, seen)
+
+
+def test_kill9_keeps_closed_files_whole_and_none_torn(crash: Crash) -> None:
+    memory = crash.mount.agents / "writer" / "memory"
+    assert crash.writer_rc != 0, "the writer finished: the kill did not land in the middle"
+    names = sorted(os.listdir(memory))
+    assert set(crash.printed) <= set(names), f"closed but lost: {sorted(set(crash.printed) - set(names))}"
+    for name in crash.printed:
+        assert (memory / name).read_bytes() == expected_content(name), f"{name} was closed before the kill but is not whole"
+    for name in names:
+        # Created (size 0, committed) at open, its whole content committed at close: nothing in between survives.
+        data = (memory / name).read_bytes()
+        assert data in (b"", expected_content(name)), f"{name} is torn: {len(data)} of {len(expected_content(name))} bytes"
+
+
+def test_kill9_before_close_keeps_the_last_commit(crash: Crash) -> None:
+    memory = crash.mount.agents / "pending" / "memory"
+    assert crash.pending_size == len(b"NEW CONTENT, NEVER CLOSED")
+    assert (memory / "old.txt").read_bytes() == OLD  # the truncation was uncommitted too
+    assert (memory / "synced.txt").read_bytes() == b"durable after fsync\n"
+
+
+def test_kill9_after_a_reader_closed_keeps_the_writers_file_whole(crash: Crash) -> None:
+    """Another process reading a file (and closing it) must not make a half-written content the durable one."""
+    assert crash.seen_by_reader == HALF_WRITTEN  # readers see the writes at once
+    assert (crash.mount.agents / "reader" / "memory" / "notes.txt").read_bytes() == OLD, "a half-written file survived the crash"
+
+
+# -- quota ---------------------------------------------------------------------------------------
+
+QUOTA = 100_000
+
+
+@pytest.fixture(scope="module")
+def quota_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted(tmp_path_factory.mktemp("quota"), "--backend", "fake", "--memory-quota", str(QUOTA)) as mount:
+        yield mount
+
+
+def _memory_bytes(mount: Mount) -> int:
+    """What the quota counts: the sizes of every file and symlink in every agent's memory/."""
+    return sum(os.lstat(os.path.join(top, n)).st_size for a in mount.agents.iterdir() for top, _, files in os.walk(a / "memory") for n in files)
+
+
+def test_quota_is_what_df_shows(quota_fs: Mount) -> None:
+    memory = quota_fs.agent("df") / "memory"
+    (memory / "f").write_bytes(b"x" * 40_000)
+    # statfs names no directory, so the mount's size is its agents' quotas together
+    total = len(os.listdir(quota_fs.agents)) * QUOTA
+    vfs = os.statvfs(memory)
+    shown = (vfs.f_blocks, vfs.f_bavail)
+    assert shown == (total // vfs.f_frsize, (total - _memory_bytes(quota_fs)) // vfs.f_frsize), f"--memory-quota {QUOTA} is not in force"
+    df = sh(f"df -B1 --output=size {memory}")
+    assert df.returncode == 0 and int(df.stdout.split()[-1]) == total // vfs.f_frsize * vfs.f_frsize
+
+
+def test_quota_refuses_whole_writes_and_frees_on_delete(quota_fs: Mount) -> None:
+    memory = quota_fs.agent("quota") / "memory"
+    (memory / "a").write_bytes(b"a" * 60_000)
+    fd = os.open(memory / "b", WO | CREAT, 0o644)
+    try:
+        assert attempt(lambda: os.write(fd, b"b" * 50_000)) == "EDQUOT"
+        assert os.fstat(fd).st_size == 0
+        assert os.write(fd, b"c" * 32_768) == 32_768
+        assert os.pwrite(fd, b"d" * 20_000, 0) == 20_000  # rewriting inside the file costs nothing
+        assert attempt(lambda: os.write(fd, b"e" * 8_192)) == "EDQUOT"
+        assert attempt(lambda: os.ftruncate(fd, 200_000)) == "EDQUOT"
+        assert os.fstat(fd).st_size == 32_768
+    finally:
+        os.close(fd)
+    assert (memory / "b").read_bytes() == b"d" * 20_000 + b"c" * 12_768
+    assert attempt(lambda: os.truncate(memory / "b", 80_000)) == "EDQUOT"
+    (memory / "c").write_bytes(b"c" * 4_000)
+    assert attempt(lambda: os.symlink("t" * 4_000, memory / "link")) == "EDQUOT"  # a target counts too
+    assert not os.path.lexists(memory / "link")
+    (memory / "c").unlink()
+    (memory / "a").unlink()
+    with open(memory / "b", "ab") as f:
+        f.write(b"f" * 50_000)
+    assert os.stat(memory / "b").st_size == 82_768
+
+
+def test_quota_refuses_a_write_that_starts_inside_a_page(quota_fs: Mount) -> None:
+    memory = quota_fs.agent("quota-unaligned") / "memory"
+    (memory / "a").write_bytes(b"a" * 60_000)
+    fd = os.open(memory / "b", WO | CREAT, 0o644)
+    try:
+        assert os.write(fd, b"c" * 30_000) == 30_000  # 92 KB of 100 KB used; the file ends inside a page
+        written = attempt(lambda: os.write(fd, b"e" * 20_000))
+        assert (written, os.fstat(fd).st_size) == ("EDQUOT", 30_000), "a write past the quota was partly done (write returned a count)"
+    finally:
+        os.close(fd)
+    assert (memory / "b").read_bytes() == b"c" * 30_000
+
+
+# -- versions and rollback -----------------------------------------------------------------------
+
+
+def versions_of(agent: Path, path: str) -> list[tuple[int, int]]:
+    """(version, bytes) of one memory file, from the agent's `versions` file."""
+    lines = (agent / "versions").read_text().splitlines()
+    assert lines[0] == "version bytes time path"
+    rows = [line.split(" ", 3) for line in lines[1:]]
+    return [(int(n), int(size)) for n, size, _, p in rows if p == path]
+
+
+def wait_versions(agent: Path, path: str, count: int) -> list[tuple[int, int]]:
+    # the kernel sends release (which keeps the version) just after close() returns
+    wait_for(lambda: len(versions_of(agent, path)) == count, timeout=10)
+    return versions_of(agent, path)
+
+
+def test_versions_and_rollback_through_ctl(fs: Mount) -> None:
+    agent = fs.agent("vers")
+    notes = agent / "memory" / "notes.md"
+    texts = ["first draft\n", "second, longer draft\n", "third\n"]
+    for text in texts:
+        notes.write_text(text)
+    assert wait_versions(agent, "notes.md", 3) == [(1, 12), (2, 21), (3, 6)]
+    assert sh(f'echo "rollback notes.md 1" > {agent}/ctl').returncode == 0
+    assert notes.read_text() == texts[0]
+    assert wait_versions(agent, "notes.md", 4)[-1] == (4, 12)
+    missing = sh(f'echo "rollback notes.md 9" > {agent}/ctl')
+    assert missing.returncode != 0 and "No such file" in missing.stderr
+    assert (agent / "error").read_text().startswith("ENOENT ")
+    assert notes.read_text() == texts[0] and len(versions_of(agent, "notes.md")) == 4
+
+
+def test_rollback_paths_stay_inside_memory(fs: Mount) -> None:
+    agent, other = fs.agent("jail"), fs.agent("jail-other")
+    target = other / "memory" / "x"
+    for text in ("one\n", "two\n"):
+        target.write_text(text)
+    wait_versions(other, "x", 2)
+    (agent / "memory" / "sub").mkdir()
+    for path in ["../../x", "../jail-other/memory/x", "../../../agents/jail-other/memory/x", "/x", "sub/../../x"]:
+        result = sh(f'echo "rollback {path} 1" > {agent}/ctl')
+        assert result.returncode != 0, f"rollback {path} was accepted"
+        assert (agent / "error").read_text().split()[0] in ("ENOENT", "EINVAL"), path
+    assert target.read_text() == "two\n" and len(versions_of(other, "x")) == 2
+
+
+# -- an unprivileged user ------------------------------------------------------------------------
+
+PROBE = """
+import errno, os, sys
+memory = sys.argv[1]
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+def create():
+    fd = os.open(os.path.join(memory, "mine"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"by nobody")
+    os.close(fd)
+print(attempt(lambda: os.listdir(memory)), attempt(create), attempt(lambda: os.mkdir(os.path.join(memory, "mydir"))),
+      attempt(lambda: os.open(os.path.join(memory, "roots"), os.O_WRONLY)), attempt(lambda: os.chmod(memory, 0o700)))
+"""
+
+
+def as_nobody(memory: Path) -> list[str]:
+    result = subprocess.run([*NOBODY, sys.executable, "-c", PROBE, str(memory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_unprivileged_user_needs_the_mode_bits(fs: Mount) -> None:
+    agent = fs.agent("shared")
+    memory = agent / "memory"
+    st = os.stat(memory)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 0, 0)
+    (memory / "roots").write_text("root's file")
+    assert as_nobody(memory) == ["EACCES", "EACCES", "EACCES", "EACCES", "EPERM"]
+    os.chmod(memory, 0o777)
+    assert as_nobody(memory) == ["ok", "ok", "ok", "EACCES", "EPERM"]
+    for name in ("mine", "mydir"):
+        st = os.stat(memory / name)
+        assert (st.st_uid, st.st_gid) == (65534, 65534), name
+    assert (memory / "mine").read_bytes() == b"by nobody"
+    assert stat.S_IMODE(os.stat(memory / "mine").st_mode) == 0o644 and stat.S_IMODE(os.stat(memory).st_mode) == 0o777
+
+
+def nobodys_agent(fs: Mount, name: str) -> Path:
+    """An agent made by uid 65534, who so owns its ctl, recall and memory/."""
+    made = subprocess.run([*NOBODY, "mkdir", str(fs.agents / name)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return fs.agents / name
+
+
+def test_rollback_needs_search_on_every_directory_of_the_path(fs: Mount) -> None:
+    agent = nobodys_agent(fs, "nobodys-rollback")
+    private = agent / "memory" / "private"
+    private.mkdir(mode=0o700)  # root's corner inside nobody's memory/
+    secret = private / "secret.md"
+    for text in ("first\n", "second\n"):
+        secret.write_text(text)
+    os.chmod(secret, 0o666)
+    wait_versions(agent, "private/secret.md", 2)
+    denied = subprocess.run([*NOBODY, "cat", str(secret)], capture_output=True, text=True, timeout=60)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr  # the VFS keeps nobody out of private/
+    rollback = subprocess.run(
+        [*NOBODY, "bash", "-c", f'echo "rollback private/secret.md 1" > {agent}/ctl'], capture_output=True, text=True, timeout=60
+    )
+    assert rollback.returncode != 0, "rollback changed a file its caller cannot reach"
+    assert secret.read_text() == "second\n"
+
+
+RECALL = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.write(fd, sys.argv[2].encode())
+print(os.read(fd, 1 << 16).decode())
+"""
+
+
+def test_recall_shows_only_what_its_caller_may_read(fs: Mount) -> None:
+    agent = nobodys_agent(fs, "nobodys-recall")
+    memory = agent / "memory"
+    (memory / "open.md").write_text("the weather is sunny today\n")
+    (memory / "rootonly.md").write_text("the launch code is swordfish\n")
+    os.chmod(memory / "rootonly.md", 0o600)
+    (memory / "private").mkdir(mode=0o700)
+    (memory / "private" / "code.md").write_text("swordfish opens the vault\n")
+    result = subprocess.run(
+        [*NOBODY, sys.executable, "-c", RECALL, str(agent / "recall"), "swordfish sunny"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sunny" in result.stdout
+    assert "swordfish" not in result.stdout, f"recall gave text its caller cannot read:\n{result.stdout}"

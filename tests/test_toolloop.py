@@ -1,0 +1,141 @@
+"""Model-driven tool calls: grammars, step parsing, and the loop in the kernel with
+the FakeBackend (which calls a tool when asked `call NAME {JSON}`)."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import trio
+from kernel_helpers import OWNER, ROOT, ask, ctl, finished, mkdir, refused, run, running, submit
+
+from kernel import params
+from kernel.backends.fake import FakeBackend
+from kernel.errors import KernelError
+from kernel.kernel import Kernel
+from kernel.storage import Storage
+from kernel.syscall import Sys, syscall
+from kernel.toolloop import parse_step, step_grammar
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    made = Kernel(Storage(tmp_path / "aiosfs.db"), FakeBackend(step_delay=0.001))
+    yield made
+    made.storage.close()
+    made.memory.store.close()
+
+
+def events_of(agent, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, agent.events.since(0)[0].decode().splitlines()) if e["event"] == kind]
+
+
+def test_step_grammar_offers_calls_and_the_answer_as_asked(kernel):
+    specs = [kernel.tools.spec("calculator"), kernel.tools.spec("clock")]
+    auto = step_grammar(specs, "auto")
+    assert '"\\"calculator\\""' in auto and '"\\"clock\\""' in auto and "answer" in auto
+    named = step_grammar(specs, "clock")
+    assert "clock" in named and "calculator" not in named and "answer" not in named
+    assert "calculator" not in step_grammar(specs, "answer")
+
+
+def test_parse_step():
+    assert parse_step('{"answer": "hi"}') == ("answer", "hi")
+    assert parse_step('{"tool": "clock", "arguments": {}}') == ("tool", ("clock", {}))
+    assert parse_step('{"answer": "two\nlines"}') == ("answer", "two\nlines")  # raw newlines: the grammar allows them
+    for bad in ('{"answer": "cut sho', "[1]", '{"x": 1}'):
+        with pytest.raises(KernelError) as info:
+            parse_step(bad)
+        assert info.value.errno == errno.EIO
+
+
+def test_the_model_calls_a_tool_and_answers_with_its_result(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=calculator clock\n")
+            job = await ask(kernel, agent, 'call calculator {"expression": "6*7"}')
+            return agent, job
+
+    agent, job = run(body)
+    assert job.state.value == "done"
+    assert json.loads(job.answer.removeprefix("tool said: ")) == {"ok": True, "result": {"result": 42}}
+    calls, results = events_of(agent, "tool_call"), events_of(agent, "tool_result")
+    assert calls[0]["tool"] == "calculator" and calls[0]["arguments"] == {"expression": "6*7"} and calls[0]["job"] == job.id
+    assert results[0]["ok"] is True
+    roles = [m["role"] for m in agent.messages]
+    assert roles == ["user", "assistant", "tool", "assistant"]  # the turn keeps its tool step
+    assert "calculator" in job.messages[0]["content"] and "Arguments:" in job.messages[0]["content"]
+    grammars = [g for g in kernel.backend.grammars if g]
+    assert len(grammars) == 2 and "answer" in grammars[1]
+    assert any(json.loads(line)["event"] == "tool" for line in kernel.audit)
+
+
+def test_a_failing_tool_call_is_shown_to_the_model_and_the_loop_goes_on(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=calculator\n")
+            return await ask(kernel, agent, 'call calculator {"expr": "1"}')
+
+    job = run(body)
+    result = json.loads(job.answer.removeprefix("tool said: "))
+    assert result["ok"] is False and result["errno"] == "EINVAL" and "expression" in result["error"]
+
+
+def test_the_last_step_may_only_answer(kernel, monkeypatch):
+    monkeypatch.setattr(params, "MAX_TOOL_STEPS", 1)
+
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=clock\n")
+            return await ask(kernel, agent, "call clock {}")
+
+    run(body)
+    grammar = [g for g in kernel.backend.grammars if g][0]
+    assert "clock" not in grammar and "answer" in grammar
+
+
+def test_tool_choice_none_and_unknown_tools(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=clock\ntool_choice=none\n")
+            plain = await ask(kernel, agent, "hello")
+            await refused(errno.EINVAL, submit(kernel, agent, '{"prompt": "x", "tool_choice": "calculator"}'))
+            await refused(errno.EINVAL, submit(kernel, agent, '{"prompt": "x", "tools": ["teleport"], "tool_choice": "auto"}'))
+            await refused(errno.EINVAL, syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=teleport\n"))
+            return plain
+
+    assert run(body).answer == "turn 1: HELLO"
+    assert all(g is None for g in kernel.backend.grammars)
+
+
+def test_the_policy_decides_which_tools_a_request_may_offer(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.PERMISSIONS_WRITE, ROOT, agent, "tools clock\n")
+            await refused(errno.EPERM, syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=calculator\n"))
+            await refused(errno.EPERM, submit(kernel, agent, '{"prompt": "call calculator {}", "tools": ["calculator"]}'))
+
+    run(body)
+
+
+def test_cancelling_a_tool_job_stops_its_step(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=clock\n")
+            job = await submit(kernel, agent, "x" * 300)  # a long answer: the step runs a while
+            while not job.state.finished and (job.step is None or not job.step.data):
+                await trio.sleep(0.001)
+            assert job.step is not None  # caught while its step generates
+            await ctl(kernel, agent, "cancel")
+            await finished(job)
+            return job
+
+    job = run(body)
+    assert job.state.value == "cancelled" and job.errno == errno.ECANCELED
