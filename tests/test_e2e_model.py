@@ -151,3 +151,17 @@ def test_remount_keeps_the_conversation(tmp_path: Path, model: Path) -> None:
         assert "temperature=0.0" in (agent / "config").read_text()
         assert sh(f"echo 'And again?' > {agent}/prompt && cat {agent}/output", timeout=300).stdout.strip()
         assert len((agent / "context").read_text().splitlines()) == 4
+
+
+def test_the_model_calls_a_tool_under_its_grammar(fs: Mount) -> None:
+    agent = fs.agent("calculating")
+    greedy(agent, "tools=calculator", "tool_choice=calculator", "max_tokens=96", "system=Use the calculator for arithmetic.")
+    result = sh(f"echo 'What is 1234 * 5678?' > {agent}/prompt && cat {agent}/output && cat {agent}/status", timeout=300)
+    assert result.returncode == 0, result.stderr
+    answer, status = result.stdout.strip().rsplit("\n", 1)
+    assert status.startswith("done")
+    assert "7006652" in answer  # the tool's result reached the answer
+    messages = [json.loads(line) for line in (agent / "context").read_text().splitlines()]
+    call = json.loads(messages[1]["content"])  # the grammar made it well-formed JSON
+    assert call["tool"] == "calculator" and "1234" in call["arguments"]["expression"]
+    assert json.loads(messages[2]["content"]) == {"ok": True, "result": {"result": 7006652}}
