@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory of agent manifests (NAME.toml): each one's agent is kept in agents/ and its command run as its owner; "
         "watched for changes (docs/tools.md)",
     )
+    m.add_argument("--config", type=Path, default=None, help="a TOML file with remote OpenAI-compatible cores and the route (docs/scale-out.md)")
     m.add_argument("--tools", type=Path, default=None, help="a directory of external tools (NAME.json manifests) served in tools/ (docs/tools.md)")
     m.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     m.add_argument("--backend", default="llama", choices=["llama", "fake"], help=argparse.SUPPRESS)
@@ -95,6 +96,7 @@ def _options(args: argparse.Namespace) -> object:
         memory_quota=args.memory_quota,
         agents_dir=args.agents_dir.absolute() if args.agents_dir is not None else None,
         tools=args.tools.absolute() if args.tools is not None else None,
+        config=args.config.absolute() if args.config is not None else None,
     )
 
 

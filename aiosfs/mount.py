@@ -24,9 +24,11 @@ from kernel import params
 from kernel.backends import Backend
 from kernel.kernel import Kernel
 from kernel.memfs import MemoryStore
+from kernel.remote import load_api_key
 from kernel.storage import Storage
 
 from .model import data_dir
+from .mountconfig import ConfigError, MountConfig, load_mount_config
 from .ops import Operations
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class MountOptions:
     memory_quota: int = params.MEMORY_QUOTA_BYTES
     agents_dir: Path | None = None  # agent manifests to keep (kernel/manifests.py)
     tools: Path | None = None  # external tools' manifests (kernel/tools.py)
+    config: Path | None = None  # remote cores and the route (aiosfs/mountconfig.py)
 
 
 def slug(mountpoint: Path) -> str:
@@ -123,6 +126,18 @@ def check_tools_dir(options: MountOptions) -> None:
         raise MountError(f"tools directory {options.tools} is not a directory: create it with 'mkdir -p {options.tools}' or fix --tools")
 
 
+def check_config(options: MountOptions) -> MountConfig:
+    if options.config is None:
+        return MountConfig()
+    try:
+        config = load_mount_config(options.config)
+        for remote in config.remotes:
+            load_api_key(remote)  # a missing key stops the mount now, not at the first request
+    except (ConfigError, ValueError) as exc:
+        raise MountError(f"{exc}; fix {options.config} or leave out --config") from None
+    return config
+
+
 def preflight(options: MountOptions, out: Any) -> None:
     check_fuse()
     check_mountpoint(options.mountpoint, out)
@@ -130,6 +145,7 @@ def preflight(options: MountOptions, out: Any) -> None:
     check_model(options)
     check_agents_dir(options)
     check_tools_dir(options)
+    check_config(options)
 
 
 def lock_state(state: Path) -> int:
@@ -187,7 +203,8 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     backend = load_backend(options, out)
     storage = Storage(options.state / "aiosfs.db")
     memory = MemoryStore(options.state / "memory.db", quota=options.memory_quota)
-    kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools)
+    config = check_config(options)
+    kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools, remotes=config.remotes, route=config.route)
     if options.agents_dir is not None:
         from kernel.manifests import ManifestManager
 

@@ -7,6 +7,7 @@ import time
 
 from kernel import params
 from kernel.kernel import Agent, Caller, Kernel
+from kernel.remote import RemoteEngine
 
 README = """\
 aiosfs: an operating system for LLM agents, in the filesystem.
@@ -69,8 +70,15 @@ def kernel_ps(kernel: Kernel, caller: Caller) -> str:
 
 
 def kernel_models(kernel: Kernel) -> str:
-    info = kernel.backend.info
-    return f"{info.name} {info.backend} {info.path} {info.n_ctx_seq}\n"
+    """One line per LLM core: `NAME BACKEND WHERE CONTEXT DEVICE STATE running=N queued=N`."""
+    lines = []
+    for name, core in kernel.cores.items():
+        info = core.info if isinstance(core, RemoteEngine) else kernel.backend.info
+        default = " default" if name == kernel.backend.info.name else ""
+        lines.append(
+            f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} running={core.running()} queued={len(core.queued())}\n"
+        )
+    return "".join(lines)
 
 
 def kernel_log(kernel: Kernel) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from .jobs import Job, JobState
 from .memfs import MemoryStore
 from .memory import MemoryManager
 from .policy import Policy, parse_policy
+from .remote import RemoteConfig, RemoteEngine
 from .scheduler import make_scheduler
 from .storage import AgentRow, Storage
 from .toolloop import run_tool_loop, uses_tools, with_tools
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from .manifests import ManifestManager
 
 log = logging.getLogger(__name__)
+Core = Engine | RemoteEngine  # an LLM core: the local engine or a remote server
+ROUTES = ("default", "least-loaded")
 
 RESTARTED = "the kernel restarted before this job finished"
 
@@ -90,14 +94,28 @@ class Kernel:
         scheduler: str | None = None,
         memory: MemoryStore | None = None,
         tools_dir: Path | None = None,
+        remotes: Sequence[RemoteConfig] = (),
+        route: str = "default",
         **engine_options: Any,
     ) -> None:
+        """`backend` is the local core (its model is the default); each of `remotes` is a
+        remote OpenAI-compatible core; `route` picks a core for requests that name no
+        model: `default` (the local one) or `least-loaded`."""
         self.storage = storage
         self.backend = backend
         self.memory = MemoryManager(memory or MemoryStore(Path(storage.path).with_name("memory.db")))
         policy = scheduler or storage.setting("scheduler", params.DEFAULT_SCHEDULER)
         self.engine = Engine(backend, make_scheduler(policy), **engine_options)
-        self.engine.on_update = self._deliver
+        self.cores: dict[str, Core] = {backend.info.name: self.engine}  # every LLM core, by model name
+        for remote in remotes:
+            if remote.name in self.cores:
+                raise ValueError(f"model name {remote.name!r} is used twice")
+            self.cores[remote.name] = RemoteEngine(remote, make_scheduler(policy))
+        for core in self.cores.values():
+            core.on_update = self._deliver
+        if route not in ROUTES:
+            raise ValueError(f"route {route!r} is not one of {', '.join(ROUTES)}")
+        self.route = route
         self.started = time.time()
         self.audit = AuditLog(Path(storage.path).with_name("audit.jsonl"))
         self.agents: dict[str, Agent] = {}
@@ -132,7 +150,8 @@ class Kernel:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self.engine.run)
+                for core in self.cores.values():
+                    await nursery.start(core.run)
                 nursery.start_soon(self._purge_trash_forever)
                 await self._recover_jobs()  # before the mount serves: readers find the requeued jobs live
                 if self.manifests is not None:
@@ -226,7 +245,8 @@ class Kernel:
 
     def stop(self) -> None:
         """End the engine and every background task (tool loops, the trash purge)."""
-        self.engine.stop()
+        for core in self.cores.values():
+            core.stop()
         self._housekeeping.cancel()
         if self.manifests is not None:
             self.manifests.stop()  # and with it every agent process
@@ -262,7 +282,18 @@ class Kernel:
         return job
 
     def known_model(self, name: str) -> bool:
-        return name == self.backend.info.name
+        return name in self.cores
+
+    def core_of(self, job: Job) -> Core:
+        """The core that serves a job: its model's, or the route's choice (kept in the job)."""
+        if not job.config.model:
+            job.config = dataclasses.replace(job.config, model=self._routed())
+        return self.cores[job.config.model]
+
+    def _routed(self) -> str:
+        if self.route == "least-loaded":
+            return min(self.cores, key=lambda name: len(self.cores[name].queued()) + self.cores[name].running())
+        return self.backend.info.name
 
     # -- agents ------------------------------------------------------------------
     def create_agent(self, caller: Caller, name: str, mode: int) -> Agent:
@@ -456,7 +487,7 @@ class Kernel:
         if uses_tools(job.config) and self._nursery is not None:
             self._nursery.start_soon(run_tool_loop, self, agent, job)
         else:
-            self.engine.submit(job)
+            self.core_of(job).submit(job)
 
     def set_scheduler(self, caller: Caller, spec: str) -> None:
         """Switch the scheduling policy (root only); it is kept across remounts."""
@@ -466,7 +497,8 @@ class Kernel:
             scheduler = make_scheduler(spec)
         except ValueError as exc:
             raise KernelError(errno.EINVAL, str(exc)) from None
-        self.engine.set_scheduler(scheduler)
+        for core in self.cores.values():
+            core.set_scheduler(make_scheduler(scheduler.describe()))  # one queue per core, one policy
         self.storage.set_setting("scheduler", scheduler.describe())
         self.log_event("sched", uid=caller.uid, policy=scheduler.describe())
 
@@ -474,13 +506,13 @@ class Kernel:
         """Suspend (or resume) the agent's jobs: they keep their place, not the CPU."""
         jobs = [j for j in agent.active if caller.is_root or j.uid == caller.uid or caller.uid == agent.row.uid]
         for job in jobs:
-            self.engine.pause(job, paused)
+            self.core_of(job).pause(job, paused)
             self.emit(job, "suspended" if paused else "resumed")
         return [job.id for job in jobs]
 
     def queued_count(self) -> int:
         """Jobs waiting anywhere: in the scheduler, or behind their agent's running turn."""
-        return len(self.engine.queued()) + sum(len(a.next_turns) for a in self.agents.values())
+        return sum(len(core.queued()) for core in self.cores.values()) + sum(len(a.next_turns) for a in self.agents.values())
 
     def check_queue(self, agent: Agent) -> None:
         """What a prompt write is refused for before the request is read: the agent's
@@ -507,8 +539,8 @@ class Kernel:
                 self._finished(job)
             elif job.step is not None:
                 job.cancel_requested = True
-                self.engine.cancel(job.step)  # the tool loop ends the job when its step ends
-            elif self.engine.cancel(job):
+                self.core_of(job.step).cancel(job.step)  # the tool loop ends the job when its step ends
+            elif self.core_of(job).cancel(job):
                 self._finished(job)
         return [job.id for job in targets]
 
@@ -617,13 +649,17 @@ class Kernel:
     def status_line(self) -> str:
         info = self.backend.info
         return (
-            f"running={self.engine.running()} queued={self.queued_count()} sched={self.engine.scheduler.describe().replace(' ', ',')} "
+            f"running={sum(c.running() for c in self.cores.values())} queued={self.queued_count()} "
+            f"sched={self.engine.scheduler.describe().replace(' ', ',')} "
             f"model={info.name} device={info.device} uptime={int(time.time() - self.started)}"
         )
 
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"agents": len(self.agents)}
         stats.update(self.engine.statistics())
+        for name, core in self.cores.items():
+            if core is not self.engine:
+                stats.update({f"{name}.{key}": value for key, value in core.statistics().items()})
         stats.update(self.memory.store.statistics())
         return stats
 

@@ -33,6 +33,17 @@ MAX_QUANTUM = 1_000_000  # the largest rr quantum accepted
 PRIORITY_AGING_SECONDS = 10.0  # a waiting job gains one priority level per this many seconds
 SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a switch recomputes instead
 
+# -- remote LLM cores (kernel/remote.py: OpenAI-compatible servers) ----------------
+REMOTE_MAX_IN_FLIGHT = 8  # requests one remote core runs at once unless configured: the server batches them
+REMOTE_MAX_IN_FLIGHT_LIMIT = 1024  # the largest max_in_flight accepted
+REMOTE_TIMEOUT_SECONDS = 60.0  # a request that makes no progress this long ends with ETIMEDOUT
+REMOTE_MAX_TIMEOUT_SECONDS = 3600.0  # the largest timeout a remote core may be given
+REMOTE_RETRIES = 3  # connect errors and 5xx are retried this often, only before any byte was published; then EIO
+REMOTE_BACKOFF_SECONDS = 0.5  # the wait before the first retry; it doubles at each further one
+REMOTE_ERROR_BODY_BYTES = 64 * 1024  # the part of an error response read for its message
+REMOTE_ERROR_CHARS = 500  # a server's error message is cut to this many characters in the job's message
+REMOTE_KEY_MAX_BYTES = 4096  # an API key file larger than this is refused: it is not a key
+
 # -- model-driven tool calls ----------------------------------------------------------
 MAX_TOOL_STEPS = 4  # generations of one request that uses tools; the last may only answer
 

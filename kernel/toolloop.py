@@ -131,7 +131,7 @@ async def _run_step(kernel: Kernel, job: Job, messages: list[dict[str, str]], to
         return None
     step = Job(job.id, job.agent, job.uid, job.user_message, messages, tokens, config, job.source, grammar=grammar, parent=job)
     job.step = step
-    kernel.engine.submit(step)
+    kernel.core_of(step).submit(step)
     while not step.state.finished:
         await step.wait_beyond(len(step.data), 1.0)
     job.step = None
