@@ -41,7 +41,7 @@ import trio
 from . import params
 from .backends import Backend, BatchEntry
 from .jobs import Job, JobState
-from .scheduler import Running, Scheduler
+from .scheduler import Running, Scheduler, park
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,7 @@ class Engine:
     def pause(self, job: Job, paused: bool) -> None:
         """Leave a job out of the batches, or out of the queue (or take it back)."""
         with self._cond:
-            if not paused and job in self._parked:
-                self._parked.remove(job)
-                self.scheduler.push(job)
-            elif paused and self.scheduler.remove(job):
-                self._parked.append(job)
-            job.pause_requested = paused
+            park(self.scheduler, self._parked, job, paused)
             self._poke()
 
     def _poke(self) -> None:

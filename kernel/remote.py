@@ -39,7 +39,7 @@ from . import params
 from .backends import BackendInfo
 from .engine import Delivery
 from .jobs import Job, JobState
-from .scheduler import Scheduler
+from .scheduler import Scheduler, park
 
 log = logging.getLogger(__name__)
 
@@ -292,12 +292,7 @@ class RemoteEngine:
     def pause(self, job: Job, paused: bool) -> None:
         """Take a waiting job out of the queue (or put it back). A running one keeps its
         request (a server cannot switch it out) and its output is held until resumed."""
-        if not paused and job in self._parked:
-            self._parked.remove(job)
-            self.scheduler.push(job)
-        elif paused and self.scheduler.remove(job):
-            self._parked.append(job)
-        job.pause_requested = paused
+        park(self.scheduler, self._parked, job, paused)
         request = self._running.get(job)
         if request is not None and not paused:
             self._release_held(request)

@@ -150,6 +150,17 @@ class PriorityScheduler(Scheduler):
         return [r.job for r in running if self.effective(r.job, now) < top]
 
 
+def park(scheduler: Scheduler, parked: list[Job], job: Job, paused: bool) -> None:
+    """Pause or resume a job on the queue side: a waiting job leaves the queue for
+    `parked` (or returns, in its old place); the flag tells whoever runs it."""
+    if not paused and job in parked:
+        parked.remove(job)
+        scheduler.push(job)
+    elif paused and scheduler.remove(job):
+        parked.append(job)
+    job.pause_requested = paused
+
+
 POLICIES = "fifo | rr [quantum=N] | priority"
 
 
