@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from kernel.remote import load_api_key
 from kernel.storage import Storage
 
 from .model import data_dir
-from .mountconfig import ConfigError, MountConfig, load_mount_config
+from .mountconfig import ConfigError, LocalModel, MountConfig, load_mount_config
 from .ops import Operations
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,21 @@ def load_backend(options: MountOptions, out: Any) -> Backend:
     )
 
 
+def load_local(options: MountOptions, model: LocalModel) -> Backend:
+    """A local model of the mount configuration, with the mount's values where it gives none."""
+    from kernel.backends.llama import LlamaBackend
+
+    log.info("loading model %s from %s", model.name, model.path)
+    return LlamaBackend(
+        model.path,
+        threads=model.threads or options.threads or None,
+        gpu_layers=model.gpu_layers if model.gpu_layers is not None else options.gpu_layers,
+        n_slots=model.slots or options.slots,
+        n_ctx_seq=model.ctx or options.ctx,
+        name=model.name,
+    )
+
+
 def fuse_options(fsname: str) -> set[str]:
     opts = set(pyfuse3.default_options)  # includes default_permissions: the VFS enforces modes
     opts.add(f"fsname={fsname}")
@@ -204,7 +220,8 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     storage = Storage(options.state / "aiosfs.db")
     memory = MemoryStore(options.state / "memory.db", quota=options.memory_quota)
     config = check_config(options)
-    kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools, remotes=config.remotes, route=config.route)
+    loaders = {m.name: (functools.partial(load_local, options, m), m.load) for m in config.locals}
+    kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools, remotes=config.remotes, route=config.route, loaders=loaders)
     if options.agents_dir is not None:
         from kernel.manifests import ManifestManager
 

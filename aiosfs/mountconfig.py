@@ -11,10 +11,20 @@ name no model.
     max_in_flight = 16              # requests at once; the server batches them
     timeout = 60                    # seconds without progress → ETIMEDOUT
     api_key_env = "OPENAI_API_KEY"  # or api_key_file = "/etc/aiosfs/key" (not world-readable)
+
+    [[local]]                       # more GGUF models in this process, besides --model
+    name = "coder"
+    path = "/models/qwen2.5-coder-1.5b.Q4_0.gguf"
+    threads = 2                     # default: --threads
+    gpu_layers = 0                  # default: all layers when llama.cpp has a GPU
+    ctx = 4096                      # tokens per sequence (default: --ctx)
+    slots = 4                       # sequences decoded together (default: --slots)
+    load = false                    # load later with `echo load coder > kernel/ctl` (default: true)
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,8 +34,22 @@ from kernel.remote import RemoteConfig
 
 
 @dataclass(frozen=True)
+class LocalModel:
+    """One more GGUF model in the daemon; None/0 take the mount's own values."""
+
+    name: str
+    path: Path
+    threads: int = 0
+    gpu_layers: int | None = None
+    ctx: int = 0
+    slots: int = 0
+    load: bool = True  # at mount; else at `load NAME` in kernel/ctl
+
+
+@dataclass(frozen=True)
 class MountConfig:
     remotes: tuple[RemoteConfig, ...] = ()
+    locals: tuple[LocalModel, ...] = ()
     route: str = "default"
 
 
@@ -40,16 +64,47 @@ def load_mount_config(path: Path) -> MountConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"route", "remote"})
+    unknown = sorted(set(data) - {"route", "remote", "local"})
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown} (known: route, remote)")
+        raise ConfigError(f"{path}: unknown keys {unknown} (known: route, remote, local)")
     route = data.get("route", "default")
     if route not in ROUTES:
         raise ConfigError(f"{path}: route {route!r} is not one of {', '.join(ROUTES)}")
-    tables = data.get("remote", [])
+    remotes = tuple(_remote(path, i, t) for i, t in enumerate(_tables(path, data, "remote"), 1))
+    locals_ = tuple(_local(path, i, t) for i, t in enumerate(_tables(path, data, "local"), 1))
+    names = [m.name for m in remotes] + [m.name for m in locals_]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: model names used twice: {', '.join(twice)}")
+    return MountConfig(remotes, locals_, route)
+
+
+def _tables(path: Path, data: dict[str, object], key: str) -> list[object]:
+    tables = data.get(key, [])
     if not isinstance(tables, list):
-        raise ConfigError(f"{path}: remote must be an array of tables ([[remote]])")
-    return MountConfig(tuple(_remote(path, i, t) for i, t in enumerate(tables, 1)), route)
+        raise ConfigError(f"{path}: {key} must be an array of tables ([[{key}]])")
+    return tables
+
+
+def _local(path: Path, number: int, table: object) -> LocalModel:
+    where = f"{path}: local #{number}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} is not a table")
+    known = {f.name for f in fields(LocalModel)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+    if not isinstance(table.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", table["name"]):
+        raise ConfigError(f"{where}: name must be 1-64 of A-Z a-z 0-9 . _ : -")
+    model = Path(str(table.get("path", "")))
+    if not model.is_file():
+        raise ConfigError(f"{where}: no model file at {model!s}")
+    for key in ("threads", "ctx", "slots"):
+        if not isinstance(table.get(key, 0), int) or table.get(key, 0) < 0:
+            raise ConfigError(f"{where}: {key} must be a whole number")
+    if not isinstance(table.get("load", True), bool):
+        raise ConfigError(f"{where}: load must be true or false")
+    return LocalModel(**{**table, "path": model.absolute()})
 
 
 def _remote(path: Path, number: int, table: object) -> RemoteConfig:

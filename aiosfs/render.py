@@ -70,14 +70,17 @@ def kernel_ps(kernel: Kernel, caller: Caller) -> str:
 
 
 def kernel_models(kernel: Kernel) -> str:
-    """One line per LLM core: `NAME BACKEND WHERE CONTEXT DEVICE STATE running=N queued=N`."""
+    """One line per LLM core: `NAME BACKEND WHERE CONTEXT DEVICE STATE [default] running=N queued=N`,
+    then the configured local models that are not loaded."""
     lines = []
     for name, core in kernel.cores.items():
-        info = core.info if isinstance(core, RemoteEngine) else kernel.backend.info
-        default = " default" if name == kernel.backend.info.name else ""
+        info = core.info if isinstance(core, RemoteEngine) else core.backend.info
+        default = " default" if core is kernel.engine else ""
         lines.append(
             f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} running={core.running()} queued={len(core.queued())}\n"
         )
+    for name in kernel.unloaded_models():
+        lines.append(f"{name} llama.cpp - 0 - unloaded running=0 queued=0\n")
     return "".join(lines)
 
 

@@ -257,6 +257,9 @@ class Engine:
         for slot in self._slots.values():
             slot.paused = slot.job.pause_requested
         deliveries += self._schedule()
+        if deliveries:  # cancels and admissions now: a job is `running` while its prompt is prefilled
+            self._hand_over(deliveries)
+            deliveries = []
         entries, batch_slots, samplers = self._build_batch()
         if entries:
             started = time.perf_counter()

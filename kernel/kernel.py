@@ -13,7 +13,7 @@ import dataclasses
 import errno
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,11 +96,14 @@ class Kernel:
         tools_dir: Path | None = None,
         remotes: Sequence[RemoteConfig] = (),
         route: str = "default",
+        loaders: Mapping[str, tuple[Callable[[], Backend], bool]] | None = None,
         **engine_options: Any,
     ) -> None:
         """`backend` is the local core (its model is the default); each of `remotes` is a
         remote OpenAI-compatible core; `route` picks a core for requests that name no
-        model: `default` (the local one) or `least-loaded`."""
+        model: `default` (the local one) or `least-loaded`. `loaders` are more local models
+        by name: (a function that loads the backend, whether to load it at start); they can
+        be loaded and unloaded at run time."""
         self.storage = storage
         self.backend = backend
         self.memory = MemoryManager(memory or MemoryStore(Path(storage.path).with_name("memory.db")))
@@ -113,6 +116,10 @@ class Kernel:
             self.cores[remote.name] = RemoteEngine(remote, make_scheduler(policy))
         for core in self.cores.values():
             core.on_update = self._deliver
+        self._loaders = dict(loaders or {})
+        for name in self._loaders:
+            if name in self.cores:
+                raise ValueError(f"model name {name!r} is used twice")
         if route not in ROUTES:
             raise ValueError(f"route {route!r} is not one of {', '.join(ROUTES)}")
         self.route = route
@@ -152,6 +159,9 @@ class Kernel:
                 self._nursery = nursery
                 for core in self.cores.values():
                     await nursery.start(core.run)
+                for name, (_, at_start) in self._loaders.items():
+                    if at_start:
+                        await self.load_model(Caller(0, 0), name)
                 nursery.start_soon(self._purge_trash_forever)
                 await self._recover_jobs()  # before the mount serves: readers find the requeued jobs live
                 if self.manifests is not None:
@@ -282,7 +292,55 @@ class Kernel:
         return job
 
     def known_model(self, name: str) -> bool:
-        return name in self.cores
+        return name in self.cores or name in self._loaders
+
+    def require_loaded(self, config: AgentConfig) -> None:
+        """EAGAIN for a request to a local model that is unloaded now."""
+        if config.model and config.model not in self.cores:
+            raise KernelError(errno.EAGAIN, f"model {config.model!r} is not loaded; root can load it: echo load {config.model} > kernel/ctl")
+
+    def unloaded_models(self) -> list[str]:
+        return [name for name in self._loaders if name not in self.cores]
+
+    async def load_model(self, caller: Caller, name: str) -> None:
+        """Load a declared local model (root); it serves once this returns."""
+        access.require_root(caller, "load a model")
+        if name not in self._loaders:
+            raise KernelError(errno.ENOENT, f"no local model {name!r} in the mount configuration (kernel/models lists them)")
+        if name in self.cores:
+            raise KernelError(errno.EEXIST, f"model {name!r} is loaded already")
+        try:
+            backend = await trio.to_thread.run_sync(self._loaders[name][0])
+        except Exception as exc:
+            log.exception("loading model %s failed", name)
+            raise KernelError(errno.EIO, f"loading model {name!r} failed: {exc}") from None
+        engine = Engine(backend, make_scheduler(self.engine.scheduler.describe()))
+        engine.on_update = self._deliver
+        assert self._nursery is not None
+        await self._nursery.start(self._serve_core, engine)
+        self.cores[name] = engine
+        self.log_event("load", model=name, uid=caller.uid)
+
+    @staticmethod
+    async def _serve_core(engine: Engine, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await engine.run(task_status=task_status)
+        finally:
+            await trio.to_thread.run_sync(engine.backend.close)  # the engine thread has ended
+
+    def unload_model(self, caller: Caller, name: str) -> None:
+        """Stop a loaded local model from the configuration and free it (EBUSY while it works)."""
+        access.require_root(caller, "unload a model")
+        if name not in self._loaders:
+            raise KernelError(errno.EINVAL, f"only local models declared in the mount configuration can be unloaded, not {name!r}")
+        core = self.cores.get(name)
+        if core is None:
+            raise KernelError(errno.ENOENT, f"model {name!r} is not loaded")
+        if core.queued() or core.running():
+            raise KernelError(errno.EBUSY, f"model {name!r} has queued or running jobs; cancel them or wait")
+        del self.cores[name]
+        core.stop()
+        self.log_event("unload", model=name, uid=caller.uid)
 
     def core_of(self, job: Job) -> Core:
         """The core that serves a job: its model's, or the route's choice (kept in the job)."""
@@ -416,6 +474,7 @@ class Kernel:
         the agent's own context (a `prompt` job), which the answer then extends."""
         text = _decode_request(raw)
         message, config = self._parse_request(agent, text)
+        self.require_loaded(config)
         config = access.check_request(agent, config)
         self.check_queue(agent)
         config, recalled = await self._prepare(caller, agent, config, message)

@@ -186,6 +186,9 @@ async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> N
                 raise KernelError(errno.EINVAL, f"kernel/ctl: {exc}") from None
         elif verb == "restore" and 1 <= len(arg.split()) <= 2:
             commands.append((verb, arg.split()))
+        elif verb in ("load", "unload") and len(arg.split()) == 1:
+            access.require_root(caller, f"{verb} a model")
+            commands.append((verb, [arg.strip()]))
         elif verb == "tools" and arg.strip() == "reload":
             access.require_root(caller, "reload the tools")
             commands.append((verb, []))
@@ -196,11 +199,17 @@ async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> N
             kernel.set_scheduler(caller, args[0])
         elif verb == "tools":
             kernel.log_event("tools_reload", uid=caller.uid, external=kernel.tools.reload())
+        elif verb == "load":
+            await kernel.load_model(caller, args[0])
+        elif verb == "unload":
+            kernel.unload_model(caller, args[0])
         else:
             kernel.restore_agent(caller, *args)
 
 
-KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority (root); restore NAME [NEWNAME] (owner or root); tools reload (root)"
+KERNEL_CTL_VERBS = (
+    "sched fifo | sched rr [quantum=N] | sched priority, tools reload, load MODEL, unload MODEL (root); restore NAME [NEWNAME] (owner or root)"
+)
 
 
 def _text(data: bytes | str, what: str) -> str:

@@ -26,3 +26,14 @@ def new_kernel(tmp_path):
     for kernel in made:
         kernel.storage.close()
         kernel.memory.store.close()
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    """The embedded model's file; a test that needs it fails (never skips) when it is missing."""
+    from aiosfs.model import default_model_path
+
+    path = default_model_path()
+    if not path.is_file():
+        pytest.fail(f"the embedded model is not installed at {path}: run scripts/setup")
+    return path

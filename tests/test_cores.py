@@ -75,3 +75,23 @@ def test_two_mounts_share_one_server(tmp_path: Path, server: LlamaServer) -> Non
             for agent in agents:
                 assert (agent / "status").read_text().startswith("done")
                 assert (agent.parent.parent.parent / f"answer-{agent.name}").read_text().strip()
+
+
+def test_a_second_local_model_loads_and_unloads_at_run_time(tmp_path: Path) -> None:
+    from aiosfs.model import default_model_path
+
+    config = tmp_path / "aiosfs.toml"
+    config.write_text(f'[[local]]\nname = "second"\npath = "{default_model_path()}"\nthreads = 2\nctx = 512\nslots = 2\nload = false\n')
+    with mounted(tmp_path, "--backend", "fake", "--config", str(config)) as mount:
+        models = mount.root / "kernel" / "models"
+        assert "second llama.cpp - 0 - unloaded" in models.read_text()
+        agent = mount.agent("second-user")
+        (agent / "config").write_text("model=second\ntemperature=0\nmax_tokens=16\n")
+        early = sh(f"echo hi > {agent}/prompt; cat {agent}/error")
+        assert "EAGAIN" in early.stdout and "load second" in early.stdout
+        assert sh(f"echo load second > {mount.root}/kernel/ctl").returncode == 0
+        assert "second llama.cpp" in models.read_text() and " loaded " in models.read_text().splitlines()[1]
+        answer, status = ask(agent, "What is the capital of France?")
+        assert status.startswith("done") and answer and not answer.startswith("turn 1:")
+        assert sh(f"echo unload second > {mount.root}/kernel/ctl").returncode == 0
+        assert "unloaded" in models.read_text()

@@ -12,17 +12,7 @@ from pathlib import Path
 import pytest
 from mounting import Mount, mounted, needs_fuse, sh
 
-from aiosfs.model import default_model_path
-
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.model]
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    path = default_model_path()
-    if not path.is_file():
-        pytest.fail(f"the embedded model is not installed at {path}: run scripts/setup")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
+from kernel_helpers import OWNER, ROOT, ask, finished, mkdir, refused, run, running, submit
 
 from aiosfs.mountconfig import ConfigError, load_mount_config
+from kernel.backends.fake import FakeBackend
 from kernel.config import AgentConfig
 from kernel.jobs import Job
 from kernel.remote import RemoteConfig
+from kernel.syscall import Sys, syscall
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -63,3 +67,49 @@ def test_least_loaded_routes_to_the_idler_core(new_kernel):
 def test_two_cores_with_one_name_are_refused(new_kernel):
     with pytest.raises(ValueError):
         new_kernel(remotes=[RemoteConfig("fake", "http://127.0.0.1:9", "m")])
+
+
+def test_local_models_load_and_unload_at_run_time(new_kernel):
+    loads: list[str] = []
+
+    def loader() -> FakeBackend:
+        loads.append("second")
+        return FakeBackend(step_delay=0.01)
+
+    kernel = new_kernel(loaders={"second": (loader, False)})
+
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "model=second\n")  # known, though not loaded
+            await refused(errno.EAGAIN, submit(kernel, agent, "early"))
+            await refused(errno.EPERM, syscall(kernel, Sys.KERNEL_CTL, OWNER, b"load second\n"))
+            await syscall(kernel, Sys.KERNEL_CTL, ROOT, b"load second\n")
+            await refused(errno.EEXIST, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"load second\n"))
+            answered = await ask(kernel, agent, "hi")
+            busy = await submit(kernel, agent, "x" * 200)
+            await refused(errno.EBUSY, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"unload second\n"))
+            await finished(busy)
+            await syscall(kernel, Sys.KERNEL_CTL, ROOT, b"unload second\n")
+            await refused(errno.EAGAIN, submit(kernel, agent, "late"))
+            await refused(errno.EINVAL, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"unload fake\n"))  # the mount's own model stays
+            return answered
+
+    answered = run(body)
+    assert answered.answer == "turn 1: HI" and answered.config.model == "second" and loads == ["second"]
+    assert "second" not in kernel.cores and kernel.unloaded_models() == ["second"]
+
+
+def test_local_models_in_the_file(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    config = load_mount_config(write(tmp_path, f'[[local]]\nname = "coder"\npath = "{model}"\nslots = 2\nload = false\n'))
+    assert [(m.name, m.path, m.slots, m.load) for m in config.locals] == [("coder", model, 2, False)]
+    for text, words in (
+        (f'[[local]]\nname = "c"\npath = "{tmp_path}/missing.gguf"\n', "no model file"),
+        (f'[[local]]\nname = "c"\npath = "{model}"\nslots = -1\n', "slots"),
+        (f'[[local]]\nname = "c"\npath = "{model}"\n[[remote]]\nname = "c"\nbase_url = "http://h"\nmodel = "m"\n', "used twice"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_mount_config(write(tmp_path, text))
+        assert words in str(info.value)

@@ -55,7 +55,9 @@ class LlamaBackend:
         n_ctx_seq: int = params.DEFAULT_CTX_PER_SLOT,
         n_batch: int = params.DEFAULT_BATCH_TOKENS,
         progress: Callable[[float], None] | None = None,
+        name: str = "",
     ) -> None:
+        """`name`: the model's name in kernel/models and `model=` (default: from the file name)."""
         if not model_path.is_file():
             raise KernelError(2, f"model file {model_path} not found")
         llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
@@ -91,7 +93,7 @@ class LlamaBackend:
         self._template = llama_cpp.llama_model_chat_template(self.model, None)
         offloaded = min(gpu_layers if gpu_layers >= 0 else n_layer + 1, n_layer + 1) if gpu else 0
         self.info = BackendInfo(
-            name=model_name(model_path),
+            name=name or model_name(model_path),
             backend="llama.cpp",
             path=str(model_path),
             device=("gpu" if gpu and offloaded else "cpu"),
