@@ -70,17 +70,18 @@ def kernel_ps(kernel: Kernel, caller: Caller) -> str:
 
 
 def kernel_models(kernel: Kernel) -> str:
-    """One line per LLM core: `NAME BACKEND WHERE CONTEXT DEVICE STATE [default] running=N queued=N`,
+    """One line per LLM core: `NAME BACKEND WHERE CONTEXT DEVICE STATE [default] running=N queued=N gpu_layers=N`,
     then the configured local models that are not loaded."""
     lines = []
     for name, core in kernel.cores.items():
         info = core.info if isinstance(core, RemoteEngine) else core.backend.info
         default = " default" if core is kernel.engine else ""
         lines.append(
-            f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} running={core.running()} queued={len(core.queued())}\n"
+            f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} "
+            f"running={core.running()} queued={len(core.queued())} gpu_layers={info.gpu_layers}\n"
         )
     for name in kernel.unloaded_models():
-        lines.append(f"{name} llama.cpp - 0 - unloaded running=0 queued=0\n")
+        lines.append(f"{name} llama.cpp - 0 - unloaded running=0 queued=0 gpu_layers=0\n")
     return "".join(lines)
 
 

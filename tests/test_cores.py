@@ -3,6 +3,7 @@ server (a real `python -m llama_cpp.server` on loopback), chosen with `model=`."
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,21 @@ def test_a_second_local_model_loads_and_unloads_at_run_time(tmp_path: Path) -> N
         assert status.startswith("done") and answer and not answer.startswith("turn 1:")
         assert sh(f"echo unload second > {mount.root}/kernel/ctl").returncode == 0
         assert "unloaded" in models.read_text()
+
+
+def test_through_the_mount_a_remote_answer_streams_and_a_dead_server_is_eio_until_it_is_back(remote_mount: Mount, server: LlamaServer) -> None:  # noqa: F811
+    agent = remote_mount.agent("streamer")
+    (agent / "config").write_text("model=far\ntemperature=0\nmax_tokens=48\nignore_eos=on\n")
+    (agent / "prompt").write_text("Count from one to twenty in words.")
+    fd = os.open(agent / "output", os.O_RDONLY)
+    try:
+        chunks = list(iter(lambda: os.read(fd, 65536), b""))
+    finally:
+        os.close(fd)
+    assert len(chunks) >= 2 and all(chunks)  # bytes came before the end of the answer
+    server.kill()
+    answer, status = ask(agent, "Are you there?")
+    assert status.startswith("error") and "EIO" in (agent / "error").read_text()
+    server.start()
+    answer, status = ask(agent, "Are you back?")
+    assert status.startswith("done") and answer
