@@ -344,9 +344,12 @@ class Kernel:
 
     def core_of(self, job: Job) -> Core:
         """The core that serves a job: its model's, or the route's choice (kept in the job)."""
-        if not job.config.model:
-            job.config = dataclasses.replace(job.config, model=self._routed())
+        job.config = self.routed(job.config)
         return self.cores[job.config.model]
+
+    def routed(self, config: AgentConfig) -> AgentConfig:
+        """The config with its model chosen (by the route when it names none)."""
+        return config if config.model else dataclasses.replace(config, model=self._routed())
 
     def _routed(self) -> str:
         if self.route == "least-loaded":

@@ -107,7 +107,7 @@ async def _steps(kernel: Kernel, agent: Agent, job: Job) -> None:
     specs = [kernel.tools.spec(name) for name in job.config.tools]
     messages = list(job.messages)
     tokens = job.prompt_tokens
-    config = dataclasses.replace(job.config, ignore_eos=False)  # a step ends when its JSON is complete
+    config = kernel.routed(dataclasses.replace(job.config, ignore_eos=False))  # one core for every step; a step ends when its JSON is complete
     for number in range(params.MAX_TOOL_STEPS):
         last = number == params.MAX_TOOL_STEPS - 1
         choice = "answer" if last else job.config.tool_choice if number == 0 else "auto"
