@@ -177,6 +177,7 @@ class SubmitHandle(Handle):
             self.oversized = True
             exc = KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
             self.kernel.record_error(self.agent, self.caller.uid, exc)
+            self.agent.refused[self.caller.uid] = exc
             self.pending.clear()
             raise exc
         if not self.pending:
@@ -184,6 +185,7 @@ class SubmitHandle(Handle):
                 self.kernel.check_queue(self.agent)
             except KernelError as exc:
                 self.kernel.record_error(self.agent, self.caller.uid, exc)
+                self.agent.refused[self.caller.uid] = exc
                 raise
         self.pending += buf
         return len(buf)
@@ -200,7 +202,12 @@ class SubmitHandle(Handle):
         if not self.pending:
             return  # bash sends an empty FLUSH before writing: never a job
         data, self.pending = bytes(self.pending), bytearray()
-        await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)
+        try:
+            await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)
+        except KernelError as exc:
+            assert self.agent is not None
+            self.agent.refused[self.caller.uid] = exc  # `cat output` must not show an older answer as this one's
+            raise
 
     async def release(self) -> None:
         try:
@@ -277,8 +284,11 @@ class GrowingHandle(Handle):
         super().__init__(kernel, caller, agent, flags)
         self.stream = Stream(job)
         self.waiting = waiting
+        self.refused = agent.refused.get(caller.uid)  # the uid's last prompt made no job
 
     async def read(self, off: int, size: int) -> bytes:
+        if self.refused is not None:
+            raise pyfuse3.FUSEError(self.refused.errno)
         async with self.stream.lock:
             if self.stream.job is None:
                 await self._wait_for_first_job()

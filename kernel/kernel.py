@@ -71,6 +71,7 @@ class Agent:
     turn: Job | None = None  # the prompt job now extending the context (in the engine)
     next_turns: collections.deque[Job] = field(default_factory=collections.deque)  # prompt jobs waiting for it
     events: EventStream = field(default_factory=EventStream, repr=False)
+    refused: dict[int, KernelError] = field(default_factory=dict)  # uid → why its last prompt made no job
     policy: Policy = field(default_factory=Policy)  # the permissions file in force
     ceiling: Policy = field(default_factory=Policy)  # root's limits for it
 
@@ -491,6 +492,8 @@ class Kernel:
         job = Job(job_id, agent.name, caller.uid, message, messages, tokens, config, source, queued_at=queued_at)
         agent.latest[caller.uid] = job
         agent.errors.pop(caller.uid, None)
+        if history is None:
+            agent.refused.pop(caller.uid, None)
         agent.active.add(job)
         agent.submitted.set()
         agent.submitted = trio.Event()

@@ -386,3 +386,11 @@ def test_permissions_file_limits_an_owner(fs: Mount) -> None:
     os.chmod(agent / "config", 0o666)
     other = sh(f"setpriv --reuid 65533 --regid 65533 --clear-groups bash -c 'echo temperature=0 > {agent}/config'")
     assert "temperature=0.7" in (agent / "config").read_text() and other.returncode == 0  # EPERM at close; bash ignores it
+
+
+def test_output_after_a_refused_prompt_is_that_refusal_not_an_older_answer(agent: Path) -> None:
+    assert sh(f"echo first > {agent}/prompt && cat {agent}/output").stdout == "turn 1: FIRST\n"
+    refused = sh(f"printf '\\xff bad' > {agent}/prompt && cat {agent}/output")  # EINVAL at close, which bash ignores
+    assert refused.returncode != 0 and "Invalid argument" in refused.stderr and "FIRST" not in refused.stdout
+    assert sh(f"cat {agent}/error").stdout.startswith("EINVAL - ")
+    assert sh(f"echo second > {agent}/prompt && cat {agent}/output").stdout == "turn 2: SECOND\n"  # accepted: output follows again
