@@ -296,9 +296,13 @@ class Kernel:
         return name in self.cores or name in self._loaders
 
     def require_loaded(self, config: AgentConfig) -> None:
-        """EAGAIN for a request to a local model that is unloaded now."""
-        if config.model and config.model not in self.cores:
+        """EAGAIN for a request to a local model that is unloaded now; EINVAL for a model
+        this mount does not serve (a config kept from a mount with other models)."""
+        if not config.model or config.model in self.cores:
+            return
+        if config.model in self._loaders:
             raise KernelError(errno.EAGAIN, f"model {config.model!r} is not loaded; root can load it: echo load {config.model} > kernel/ctl")
+        raise KernelError(errno.EINVAL, f"model {config.model!r} is not served by this mount (kernel/models lists the models)")
 
     def unloaded_models(self) -> list[str]:
         return [name for name in self._loaders if name not in self.cores]

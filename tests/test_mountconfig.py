@@ -113,3 +113,16 @@ def test_local_models_in_the_file(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_mount_config(write(tmp_path, text))
         assert words in str(info.value)
+
+
+def test_a_config_that_names_a_model_this_mount_lacks_is_einval_at_submit(new_kernel):
+    kernel = new_kernel()
+
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            agent.config = AgentConfig(model="far")  # kept from a mount that had a remote core "far"
+            error = await refused(errno.EINVAL, submit(kernel, agent, "hello"))
+            assert "not served by this mount" in error.message
+
+    run(body)
