@@ -175,18 +175,13 @@ class SubmitHandle(Handle):
         assert self.agent is not None
         if self.oversized or len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
             self.oversized = True
-            exc = KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
-            self.kernel.record_error(self.agent, self.caller.uid, exc)
-            self.agent.refused[self.caller.uid] = exc
             self.pending.clear()
-            raise exc
+            raise self._refused(KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes"))
         if not self.pending:
             try:
                 self.kernel.check_queue(self.agent)
             except KernelError as exc:
-                self.kernel.record_error(self.agent, self.caller.uid, exc)
-                self.agent.refused[self.caller.uid] = exc
-                raise
+                raise self._refused(exc) from None
         self.pending += buf
         return len(buf)
 
@@ -203,11 +198,18 @@ class SubmitHandle(Handle):
             return  # bash sends an empty FLUSH before writing: never a job
         data, self.pending = bytes(self.pending), bytearray()
         try:
-            await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)
+            await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)  # it writes `error` itself
         except KernelError as exc:
-            assert self.agent is not None
-            self.agent.refused[self.caller.uid] = exc  # `cat output` must not show an older answer as this one's
-            raise
+            raise self._refused(exc, record=False) from None
+
+    def _refused(self, exc: KernelError, record: bool = True) -> KernelError:
+        """A request that made no job: say why in `error`, and make the uid's next
+        `output` open fail with it rather than show an older answer as this one's."""
+        assert self.agent is not None
+        if record:
+            self.kernel.record_error(self.agent, self.caller.uid, exc)
+        self.agent.refused[self.caller.uid] = exc
+        return exc
 
     async def release(self) -> None:
         try:

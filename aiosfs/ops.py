@@ -363,14 +363,7 @@ class Operations(pyfuse3.Operations):
         entry, agent = self._resolve(inode)
         if entry.cls is Cls.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if entry.kind is Kind.VERSIONS and agent is not None:
-            self._check_class(entry, flags)
-            handle: Handle = SnapshotHandle(self.kernel, _caller(ctx), agent, flags, await render.versions(self.kernel, agent, _caller(ctx)))
-        elif entry.kind in toolfiles.TOOL_KINDS:
-            self._check_class(entry, flags)
-            handle = toolfiles.open_handle(self.kernel, _caller(ctx), inode, flags)
-        else:
-            handle = self._make_handle(entry, agent, flags, _caller(ctx))
+        handle = await self._make_handle(inode, entry, agent, flags, _caller(ctx))
         info = pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
         info.nonseekable = entry.cls in (Cls.RPC, Cls.EVENTS)
         return info
@@ -399,10 +392,12 @@ class Operations(pyfuse3.Operations):
         if (writes and entry.cls in (Cls.SNAPSHOT, Cls.GROWING, Cls.EVENTS)) or (reads and entry.cls in (Cls.SUBMIT, Cls.CTL)):
             raise pyfuse3.FUSEError(errno.EACCES)
 
-    def _make_handle(self, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
+    async def _make_handle(self, ino: int, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
         self._check_class(entry, flags)
+        if entry.kind in toolfiles.TOOL_KINDS:
+            return toolfiles.open_handle(self.kernel, caller, ino, flags)
         if entry.cls is Cls.SNAPSHOT:
-            return SnapshotHandle(self.kernel, caller, agent, flags, self._snapshot(entry.kind, agent, caller))
+            return SnapshotHandle(self.kernel, caller, agent, flags, await self._snapshot(entry.kind, agent, caller))
         if entry.cls is Cls.EVENTS:
             return EventsHandle(self.kernel, caller, agent, flags, agent.events if agent else self.kernel.events, self.waiting)
         if entry.cls is Cls.STORED:
@@ -421,9 +416,11 @@ class Operations(pyfuse3.Operations):
             return RpcHandle(self.kernel, caller, agent, flags, self.waiting)
         return CtlHandle(self.kernel, caller, agent, flags)
 
-    def _snapshot(self, kind: Kind, agent: Agent | None, caller: Caller) -> str:
+    async def _snapshot(self, kind: Kind, agent: Agent | None, caller: Caller) -> str:
         k = self.kernel
         if agent is not None:
+            if kind is Kind.VERSIONS:
+                return await render.versions(k, agent, caller)
             return render.agent_status(k, agent, caller) if kind is Kind.STATUS else render.agent_error(agent, caller)
         renderers: dict[Kind, Callable[[], str]] = {
             Kind.README: lambda: render.README,

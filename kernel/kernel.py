@@ -130,7 +130,6 @@ class Kernel:
         self.trash: dict[int, AgentRow] = {}  # removed agents that can still be restored, by id
         self.events = EventStream()
         self._nursery: trio.Nursery | None = None
-        self._housekeeping = trio.CancelScope()  # background tasks that end with stop()
         self.manifests: ManifestManager | None = None  # agents kept from manifest files (mount --agents-dir); run with the kernel
         for row in storage.agents():
             if row.trashed_at is not None:
@@ -234,7 +233,8 @@ class Kernel:
             )
 
     def _parse_request(self, agent: Agent, text: str) -> tuple[str, AgentConfig]:
-        """A journaled request parsed as `submit` parses it, with the agent's config of now."""
+        """A request's message and config (with the agent's config of now), for `submit`
+        and for a journaled job queued again after a restart."""
         message, config = parse_envelope(text, agent.config, self.known_model)
         message = message.rstrip("\r\n")  # `echo` adds a newline that is not part of the question
         if not message.strip():
@@ -258,7 +258,6 @@ class Kernel:
         """End the engine and every background task (tool loops, the trash purge)."""
         for core in self.cores.values():
             core.stop()
-        self._housekeeping.cancel()
         if self.manifests is not None:
             self.manifests.stop()  # and with it every agent process
         if self._nursery is not None:
@@ -418,13 +417,12 @@ class Kernel:
         return [row.id for row in expired]
 
     async def _purge_trash_forever(self) -> None:
-        with self._housekeeping:  # until stop()
-            while True:
-                try:
-                    await self.purge_trash()
-                except Exception:
-                    log.exception("could not purge the trash; trying again later")
-                await trio.sleep(params.TRASH_PURGE_INTERVAL)
+        while True:  # until stop() cancels the kernel's nursery
+            try:
+                await self.purge_trash()
+            except Exception:
+                log.exception("could not purge the trash; trying again later")
+            await trio.sleep(params.TRASH_PURGE_INTERVAL)
 
     def set_agent_attrs(self, caller: Caller, agent: Agent, **values: Any) -> None:
         """Persist ownership or modes after chmod/chown (the VFS already checked them)."""
@@ -687,17 +685,24 @@ class Kernel:
 
     def _finished(self, job: Job) -> None:
         agent = self.agents.get(job.agent)
-        try:
-            self.storage.finish_job(job.id, job.state.value, bytes(job.data), job.errno, job.message, job.finished_at)
+        spent = len(job.prompt_tokens) + job.extra_prompt_tokens + job.n_generated if job.started_at else 0  # the model's work on it
+        if agent is not None:
+            agent.row.spent_tokens += spent
+        try:  # the job's end and the agent's spending in one transaction
+            self.storage.finish_job(
+                job.id,
+                job.state.value,
+                bytes(job.data),
+                job.errno,
+                job.message,
+                job.finished_at,
+                (agent.row.id, agent.row.spent_tokens) if agent and spent else None,
+            )
         except Exception:
             log.exception("could not journal the end of job %d", job.id)
         if agent is None:
             return
         agent.active.discard(job)
-        spent = len(job.prompt_tokens) + job.extra_prompt_tokens + job.n_generated if job.started_at else 0  # the model's work on it
-        if spent:
-            agent.row.spent_tokens += spent
-            self.storage.set_spent(agent.row.id, agent.row.spent_tokens)
         self.emit(job, job.state.value)
         if agent.turn is job:
             agent.turn = None

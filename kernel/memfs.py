@@ -163,9 +163,11 @@ class MemoryStore:
             ["cache_hits", "cache_misses", "cache_evictions", "commits", "versions", "rollbacks", "recalls"], 0
         )
         self._usage: dict[int, int] = {}
+        self._inodes: dict[int, int] = {}  # agent id → its inodes, for MEMORY_MAX_INODES without a count per create
         with self._tx():
             self._collect_orphans()
         self._usage = self._measure_usage()
+        self._inodes = {int(a): int(n) for a, n in self._q("SELECT agent_id, COUNT(*) FROM inodes GROUP BY agent_id")}
 
     def close(self) -> None:
         with self._lock:
@@ -243,6 +245,7 @@ class MemoryStore:
                 self._delete_inode(ino)
             self.db.execute("DELETE FROM roots WHERE agent_id = ?", [agent_id])
             self._usage.pop(agent_id, None)
+            self._inodes.pop(agent_id, None)
 
     def is_empty(self, ino: int) -> bool:
         with self._lock:
@@ -251,13 +254,13 @@ class MemoryStore:
     # -- creating names -------------------------------------------------------------
     def _new_inode(self, agent_id: int, mode: int, uid: int, gid: int, nlink: int = 1, target: bytes | None = None, rdev: int = 0) -> int:
         now = _now()
-        count = self._q("SELECT COUNT(*) FROM inodes WHERE agent_id = ?", [agent_id])[0][0]
-        if count >= params.MEMORY_MAX_INODES:
+        if self._inodes.get(agent_id, 0) >= params.MEMORY_MAX_INODES:
             raise KernelError(errno.ENOSPC, f"memory/ holds at most {params.MEMORY_MAX_INODES} files and directories")
         cursor = self.db.execute(
             "INSERT INTO inodes(agent_id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [agent_id, mode, uid, gid, nlink, len(target or b""), rdev, now, now, now, target],
         )
+        self._inodes[agent_id] = self._inodes.get(agent_id, 0) + 1
         return int(cursor.lastrowid or 0)
 
     def _add(self, parent: int, name: bytes, mode: int, uid: int, gid: int, target: bytes | None = None, rdev: int = 0) -> Attr:
@@ -365,6 +368,7 @@ class MemoryStore:
         rows = self._q("SELECT agent_id, size, mode FROM inodes WHERE ino = ?", [ino])
         if rows:
             agent_id, size, mode = rows[0]
+            self._inodes[agent_id] = self._inodes.get(agent_id, 1) - 1
             dirty = self._dirty.get(ino)
             used = dirty.size if dirty is not None else size
             if not stat.S_ISDIR(mode):

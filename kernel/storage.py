@@ -225,9 +225,14 @@ class Storage:
             )
             return int(table.last_pk or 0)
 
-    def finish_job(self, job_id: int, state: str, output: bytes, errno: int, message: str, finished_at: float) -> None:
+    def finish_job(
+        self, job_id: int, state: str, output: bytes, errno: int, message: str, finished_at: float, spent: tuple[int, int] | None = None
+    ) -> None:
+        """Journal a job's end and, when given, (agent id, tokens it spent so far), together."""
         with self.atomic():
             self._table("jobs").update(job_id, {"state": state, "output": output, "errno": errno, "message": message, "finished_at": finished_at})
+            if spent is not None:
+                self.set_spent(*spent)
 
     def latest_job(self, agent_id: int, uid: int) -> dict[str, Any] | None:
         rows = list(self._table("jobs").rows_where("agent_id = ? AND uid = ?", [agent_id, uid], order_by="id DESC", limit=1))

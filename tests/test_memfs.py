@@ -252,3 +252,20 @@ def test_hot_chunks_are_cached_with_lru_eviction(tmp_path):
     store.read(inos[0], 0, 10)  # evicted: read from SQLite
     assert store.statistics()["memory_cache_misses"] == misses + 1
     store.close()
+
+
+def test_the_inode_limit_counts_what_an_agent_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(params, "MEMORY_MAX_INODES", 3)
+    store = MemoryStore(tmp_path / "m.db")
+    root = store.root(AGENT, 0, 0)  # memory/ itself is one
+    store.create(root, b"a", 0o644, 0, 0)
+    store.mkdir(root, b"d", 0o755, 0, 0)
+    refused(errno.ENOSPC, store.create, root, b"b", 0o644, 0, 0)
+    store.unlink(root, b"a")
+    store.create(root, b"b", 0o644, 0, 0)
+    store.close()
+    again = MemoryStore(tmp_path / "m.db")  # the count is rebuilt at open
+    refused(errno.ENOSPC, again.symlink, again.root(AGENT, 0, 0), b"s", b"b", 0, 0)
+    other = again.root(AGENT + 1, 0, 0)  # another agent has its own count
+    again.create(other, b"x", 0o644, 0, 0)
+    again.close()
