@@ -20,6 +20,7 @@ from kernel import params
 from .model import default_model_path
 
 READY = b"\0aiosfs-ready\n"
+CLEAN_EXIT = "aiosfs: daemon stopped cleanly"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +121,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             out.report = None
 
     serve(options, out, ready)
+    sys.stderr.write(f"{CLEAN_EXIT} (pid {os.getpid()})\n")  # the last line of a daemon that was not killed
     return 0
 
 

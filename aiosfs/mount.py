@@ -83,7 +83,11 @@ def check_mountpoint(mountpoint: Path, out: Any) -> None:
     try:
         os.stat(mountpoint)
     except FileNotFoundError:
-        raise MountError(f"mountpoint {mountpoint} does not exist: create it with 'mkdir -p {mountpoint}'") from None
+        try:  # as `mount --mkdir` does
+            mountpoint.mkdir(parents=True)
+        except OSError as exc:
+            raise MountError(f"mountpoint {mountpoint} does not exist and cannot be created: {exc.strerror}") from None
+        out.write(f"aiosfs: created the mountpoint {mountpoint}\n")
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise MountError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from None
@@ -93,6 +97,8 @@ def check_mountpoint(mountpoint: Path, out: Any) -> None:
         raise MountError(f"{mountpoint} is already a mount point: run 'aiosfs unmount {mountpoint}' first, or choose another directory")
     if not mountpoint.is_dir():
         raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if any(mountpoint.iterdir()):
+        raise MountError(f"mountpoint {mountpoint} is not empty: mount on an empty directory")
 
 
 def check_state(state: Path) -> None:

@@ -274,8 +274,16 @@ def test_remount_keeps_agents_config_and_context(tmp_path: Path) -> None:
 
 
 def test_cli_errors_say_what_to_do(tmp_path: Path) -> None:
-    missing = aiosfs("mount", str(tmp_path / "nowhere"), "--backend", "fake")
-    assert missing.returncode == 1 and "mkdir -p" in missing.stderr
+    created = tmp_path / "new" / "mp"  # a missing mountpoint is made, as `mount --mkdir` does
+    made = aiosfs("mount", str(created), "--backend", "fake", "--state", str(tmp_path / "s0"))
+    try:
+        assert made.returncode == 0 and f"created the mountpoint {created}" in made.stderr, made.stderr
+        assert (created / "kernel" / "status").read_text().startswith("running=")
+    finally:
+        assert aiosfs("unmount", str(created)).returncode == 0
+    (created / "left").write_text("x")
+    busy = aiosfs("mount", str(created), "--backend", "fake", "--state", str(tmp_path / "s0"))
+    assert busy.returncode == 1 and "not empty" in busy.stderr
     (tmp_path / "mp").mkdir()
     no_model = aiosfs("mount", str(tmp_path / "mp"), "--model", str(tmp_path / "none.gguf"), "--state", str(tmp_path / "s"))
     assert no_model.returncode == 1 and "scripts/setup" in no_model.stderr
