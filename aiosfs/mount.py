@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from kernel import params
-from kernel.backends import Backend
+from kernel.enginehost import EngineDied, EngineSpec, ProcessCore
 from kernel.kernel import Kernel
 from kernel.memfs import MemoryStore
 from kernel.remote import load_api_key
@@ -168,38 +168,87 @@ def lock_state(state: Path) -> int:
     return fd
 
 
-def load_backend(options: MountOptions, out: Any) -> Backend:
-    if options.backend == "fake":
-        from kernel.backends.fake import FakeBackend
+def start_engine(spec: EngineSpec, progress: Callable[[float], None] | None = None) -> ProcessCore:
+    """An engine process that has loaded its model and decoded once; EngineDied otherwise."""
+    core = ProcessCore(spec)
+    try:
+        core.start(progress)
+    except BaseException:
+        core.close()
+        raise
+    return core
 
-        return FakeBackend(n_slots=options.slots, n_ctx_seq=options.ctx, step_delay=options.fake_delay)
-    from kernel.backends.llama import LlamaBackend, print_progress
 
-    out.write(f"aiosfs: loading {options.model} ({options.model.stat().st_size / 1e6:.0f} MB)\n")
-    out.flush()
-    return LlamaBackend(
-        options.model,
+def load_engine(options: MountOptions, out: Any) -> ProcessCore:
+    """The mount's default core, ready: `mount` reports ready only once the model has run."""
+    spec = EngineSpec(
+        kind="fake" if options.backend == "fake" else "llama",
+        model=str(options.model),
         threads=options.threads or None,
         gpu_layers=options.gpu_layers,
         n_slots=options.slots,
         n_ctx_seq=options.ctx,
-        progress=lambda fraction: print_progress(fraction, out),
+        fake_delay=options.fake_delay,
     )
+    progress = None
+    if spec.kind == "llama":
+        out.write(f"aiosfs: loading {options.model} ({options.model.stat().st_size / 1e6:.0f} MB) in the engine process\n")
+        out.flush()
+        progress = ProgressBar(out)
+    try:
+        core = start_engine(spec, progress)
+    except EngineDied as exc:
+        raise MountError(f"the engine process could not load and run the model: {exc.reason}.\n{_engine_advice(exc.reason, options)}") from None
+    out.write(f"aiosfs: engine ready (pid {core.pid}): model loaded and warmed up\n")
+    return core
 
 
-def load_local(options: MountOptions, model: LocalModel) -> Backend:
-    """A local model of the mount configuration, with the mount's values where it gives none."""
-    from kernel.backends.llama import LlamaBackend
+def _engine_advice(reason: str, options: MountOptions) -> str:
+    if "SIGILL" in reason:
+        return (
+            "What to do: llama-cpp-python was built for another CPU (an illegal instruction): run scripts/setup, "
+            "which checks the build on this machine and rebuilds it without native tuning when it crashes."
+        )
+    if "killed by" in reason:
+        return f"What to do: the model's native code crashed; check the model file ({options.model}) with another --model, and read {options.state / 'aiosfs.log'}."
+    return f"What to do: check the model file ({options.model}) or pass another --model; the engine's output is in {options.state / 'aiosfs.log'}."
 
+
+def load_local(options: MountOptions, model: LocalModel) -> ProcessCore:
+    """A local model of the mount configuration in an engine process of its own, with the
+    mount's values where it gives none."""
     log.info("loading model %s from %s", model.name, model.path)
-    return LlamaBackend(
-        model.path,
+    spec = EngineSpec(
+        kind="llama",
+        model=str(model.path),
+        name=model.name,
         threads=model.threads or options.threads or None,
         gpu_layers=model.gpu_layers if model.gpu_layers is not None else options.gpu_layers,
         n_slots=model.slots or options.slots,
         n_ctx_seq=model.ctx or options.ctx,
-        name=model.name,
     )
+    return start_engine(spec)
+
+
+class ProgressBar:
+    """A one-line progress bar for model loading, redrawn when it moves."""
+
+    width = 30
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.drawn = -1
+
+    def __call__(self, fraction: float) -> None:
+        done = int(fraction * self.width)
+        key = done if fraction < 1 else self.width + 1
+        if key == self.drawn:
+            return
+        self.drawn = key
+        self.stream.write(f"\r  loading model [{'#' * done}{'.' * (self.width - done)}] {fraction * 100:3.0f}%")
+        if fraction >= 1:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def fuse_options(fsname: str) -> set[str]:
@@ -222,7 +271,11 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     """Mount and serve until unmounted or signalled (blocks)."""
     preflight(options, out)
     lock = lock_state(options.state)
-    backend = load_backend(options, out)
+    try:
+        backend = load_engine(options, out)
+    except BaseException:
+        os.close(lock)
+        raise
     storage = Storage(options.state / "aiosfs.db")
     memory = MemoryStore(options.state / "memory.db", quota=options.memory_quota)
     config = check_config(options)
@@ -278,7 +331,8 @@ async def _terminate_on_signal() -> None:
 
 
 def unmount(mountpoint: Path, lazy: bool, out: Any, timeout: float = 30.0) -> None:
-    """Unmount and wait for the daemon to finish writing its state."""
+    """Unmount and wait for the daemon to finish writing its state; MountError when it
+    is still running after `timeout` seconds."""
     import time
 
     if not os.path.ismount(mountpoint):
@@ -288,25 +342,34 @@ def unmount(mountpoint: Path, lazy: bool, out: Any, timeout: float = 30.0) -> No
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise MountError(f"{mountpoint} is not mounted") from None
+    try:  # before the unmount: a daemon that stops at once removes its pid file
+        pid: int | None = int(pid_file(mountpoint).read_text())
+    except (OSError, ValueError):
+        pid = None
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip()
         hint = "; close the shells and files using it, or use 'aiosfs unmount --lazy'" if "busy" in reason.lower() else ""
         raise MountError(f"could not unmount {mountpoint}: {reason}{hint}")
-    pids = pid_file(mountpoint)
-    try:
-        pid = int(pids.read_text())
-    except (OSError, ValueError):
+    if pid is None:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def running() -> bool:  # a zombie has stopped: the daemon is nobody's child, its reaper may be slow
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+    deadline = time.monotonic() + timeout
+    while running():
+        if time.monotonic() > deadline:
+            raise MountError(
+                f"unmounted {mountpoint}, but its daemon (pid {pid}) is still running after {timeout:.0f} s and may not have saved "
+                f"its state yet; wait for it, or see its aiosfs.log"
+            )
         time.sleep(0.05)
-    out.write(f"aiosfs: unmounted, but the daemon (pid {pid}) is still running\n")
 
 
 def print_err(message: str) -> None:

@@ -74,11 +74,16 @@ def kernel_models(kernel: Kernel) -> str:
     then the configured local models that are not loaded."""
     lines = []
     for name, core in kernel.cores.items():
-        info = core.info if isinstance(core, RemoteEngine) else core.backend.info
+        info = core.info
         default = " default" if core is kernel.engine else ""
+        engine = (
+            ""
+            if isinstance(core, RemoteEngine)
+            else f" {core.describe()}" + (f" last_crash={core.last_crash.split(';')[0].replace(' ', '_')}" if core.last_crash else "")
+        )
         lines.append(
             f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} "
-            f"running={core.running()} queued={len(core.queued())} gpu_layers={info.gpu_layers}\n"
+            f"running={core.running()} queued={len(core.queued())} gpu_layers={info.gpu_layers}{engine}\n"
         )
     for name in kernel.unloaded_models():
         lines.append(f"{name} llama.cpp - 0 - unloaded running=0 queued=0 gpu_layers=0\n")

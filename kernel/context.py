@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 
 from . import params
-from .backends import Backend
+from .backends import Vocabulary
 from .config import AgentConfig
 from .errors import KernelError
 
@@ -23,7 +23,7 @@ ROLES = ("system", "user", "assistant", "tool")
 Message = dict[str, str]
 
 
-def build_prompt(backend: Backend, config: AgentConfig, history: Sequence[Message], user_message: str) -> tuple[list[Message], list[int]]:
+def build_prompt(backend: Vocabulary, config: AgentConfig, history: Sequence[Message], user_message: str) -> tuple[list[Message], list[int]]:
     """Return (messages sent, prompt tokens) for one request, trimmed to the window."""
     window = backend.info.n_ctx_seq
     room = max(params.MIN_PROMPT_ROOM, min(config.max_tokens, window // 2))

@@ -26,6 +26,7 @@ from .backends import Backend
 from .config import AgentConfig, parse_config, parse_envelope
 from .context import Message, build_prompt, parse_context
 from .engine import Delivery, Engine
+from .enginehost import EngineDied, ProcessCore
 from .errors import KernelError, errno_name
 from .events import EventStream, job_event
 from .jobs import Job, JobState
@@ -91,13 +92,13 @@ class Kernel:
     def __init__(
         self,
         storage: Storage,
-        backend: Backend,
+        backend: Backend | ProcessCore,
         scheduler: str | None = None,
         memory: MemoryStore | None = None,
         tools_dir: Path | None = None,
         remotes: Sequence[RemoteConfig] = (),
         route: str = "default",
-        loaders: Mapping[str, tuple[Callable[[], Backend], bool]] | None = None,
+        loaders: Mapping[str, tuple[Callable[[], Backend | ProcessCore], bool]] | None = None,
         **engine_options: Any,
     ) -> None:
         """`backend` is the local core (its model is the default); each of `remotes` is a
@@ -117,6 +118,7 @@ class Kernel:
             self.cores[remote.name] = RemoteEngine(remote, make_scheduler(policy))
         for core in self.cores.values():
             core.on_update = self._deliver
+        self.engine.on_event = self._engine_event
         self._loaders = dict(loaders or {})
         for name in self._loaders:
             if name in self.cores:
@@ -297,6 +299,9 @@ class Kernel:
     def require_loaded(self, config: AgentConfig) -> None:
         """EAGAIN for a request to a local model that is unloaded now; EINVAL for a model
         this mount does not serve (a config kept from a mount with other models)."""
+        core = self.cores.get(config.model or self._routed())
+        if isinstance(core, Engine) and core.failure():
+            raise KernelError(errno.EIO, core.failure())
         if not config.model or config.model in self.cores:
             return
         if config.model in self._loaders:
@@ -315,11 +320,16 @@ class Kernel:
             raise KernelError(errno.EEXIST, f"model {name!r} is loaded already")
         try:
             backend = await trio.to_thread.run_sync(self._loaders[name][0])
+        except EngineDied as exc:  # a bad GGUF, or a crash while loading: this core only
+            log.error("loading model %s failed: %s", name, exc.reason)
+            self.log_event("engine", model=name, what="load_failed", reason=exc.reason, uid=caller.uid)
+            raise KernelError(errno.EIO, f"loading model {name!r} failed: {exc.reason}") from None
         except Exception as exc:
             log.exception("loading model %s failed", name)
             raise KernelError(errno.EIO, f"loading model {name!r} failed: {exc}") from None
         engine = Engine(backend, make_scheduler(self.engine.scheduler.describe()))
         engine.on_update = self._deliver
+        engine.on_event = self._engine_event
         assert self._nursery is not None
         await self._nursery.start(self._serve_core, engine)
         self.cores[name] = engine
@@ -330,7 +340,7 @@ class Kernel:
         try:
             await engine.run(task_status=task_status)
         finally:
-            await trio.to_thread.run_sync(engine.backend.close)  # the engine thread has ended
+            await trio.to_thread.run_sync(engine.core.close)  # the engine thread has ended
 
     def unload_model(self, caller: Caller, name: str) -> None:
         """Stop a loaded local model from the configuration and free it (EBUSY while it works)."""
@@ -345,6 +355,20 @@ class Kernel:
         del self.cores[name]
         core.stop()
         self.log_event("unload", model=name, uid=caller.uid)
+
+    def retry_model(self, caller: Caller, name: str) -> None:
+        """Start a local core that crash-looped (`failed`) again (root)."""
+        access.require_root(caller, "retry a model")
+        core = self.cores.get(name)
+        if not isinstance(core, Engine):
+            raise KernelError(errno.ENOENT, f"no loaded local model {name!r} (kernel/models lists them)")
+        if core.core.state != "failed":
+            raise KernelError(errno.EINVAL, f"the engine of model {name!r} is {core.core.state}, not failed: nothing to retry")
+        core.retry()
+        self.log_event("engine", model=name, what="retry", uid=caller.uid)
+
+    def _engine_event(self, fields: dict[str, Any]) -> None:
+        self.log_event("engine", **fields)
 
     def core_of(self, job: Job) -> Core:
         """The core that serves a job: its model's, or the route's choice (kept in the job)."""
@@ -725,7 +749,9 @@ class Kernel:
         return (
             f"running={sum(c.running() for c in self.cores.values())} queued={self.queued_count()} "
             f"sched={self.engine.scheduler.describe().replace(' ', ',')} "
-            f"model={info.name} device={info.device} uptime={int(time.time() - self.started)}"
+            f"model={info.name} device={info.device} uptime={int(time.time() - self.started)} {self.engine.describe()}"
+        ) + "".join(
+            f"\nengine {name} last_crash: {core.last_crash}" for name, core in self.cores.items() if isinstance(core, Engine) and core.last_crash
         )
 
     def statistics(self) -> dict[str, Any]:

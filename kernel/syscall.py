@@ -186,7 +186,7 @@ async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> N
                 raise KernelError(errno.EINVAL, f"kernel/ctl: {exc}") from None
         elif verb == "restore" and 1 <= len(arg.split()) <= 2:
             commands.append((verb, arg.split()))
-        elif verb in ("load", "unload") and len(arg.split()) == 1:
+        elif verb in ("load", "unload", "retry") and len(arg.split()) == 1:
             access.require_root(caller, f"{verb} a model")
             commands.append((verb, [arg.strip()]))
         elif verb == "tools" and arg.strip() == "reload":
@@ -203,13 +203,13 @@ async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> N
             await kernel.load_model(caller, args[0])
         elif verb == "unload":
             kernel.unload_model(caller, args[0])
+        elif verb == "retry":
+            kernel.retry_model(caller, args[0])
         else:
             kernel.restore_agent(caller, *args)
 
 
-KERNEL_CTL_VERBS = (
-    "sched fifo | sched rr [quantum=N] | sched priority, tools reload, load MODEL, unload MODEL (root); restore NAME [NEWNAME] (owner or root)"
-)
+KERNEL_CTL_VERBS = "sched fifo | sched rr [quantum=N] | sched priority, tools reload, load MODEL, unload MODEL, retry MODEL (root); restore NAME [NEWNAME] (owner or root)"
 
 
 def _text(data: bytes | str, what: str) -> str:

@@ -35,6 +35,16 @@ class BatchEntry:
     logits: bool
 
 
+class Vocabulary(Protocol):
+    """What the kernel itself asks of a core: its shape, its tokens and its chat template."""
+
+    info: BackendInfo
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str: ...
+
+
 class Backend(Protocol):
     info: BackendInfo
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 _CALLBACKS: list[Any] = []
-_last_drawn = [-1]
 
 
 def model_name(path: Path) -> str:
@@ -227,17 +225,3 @@ class LlamaBackend:
             llama_cpp.llama_free(self.ctx)
             llama_cpp.llama_model_free(self.model)
             self.ctx = None
-
-
-def print_progress(fraction: float, stream: Any = sys.stderr) -> None:
-    """A one-line progress bar for model loading, redrawn when it moves."""
-    width = 30
-    done = int(fraction * width)
-    key = done if fraction < 1 else width + 1
-    if key == _last_drawn[0]:
-        return
-    _last_drawn[0] = key
-    stream.write(f"\r  loading model [{'#' * done}{'.' * (width - done)}] {fraction * 100:3.0f}%")
-    if fraction >= 1:
-        stream.write("\n")
-    stream.flush()

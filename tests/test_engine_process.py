@@ -1,0 +1,176 @@
+"""The engine in a supervised process of its own (kernel/enginehost.py, kernel/engine.py),
+on the fake model: what a crash costs, restarts, the crash loop and `retry`.
+
+These tests kill a real child process with real signals; the kernel runs in-process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from kernel_helpers import ROOT, answer, finished, mkdir, producing, refused, run, running, submit
+
+from kernel import params
+from kernel.enginehost import CRASH_ENV, EngineDied, EngineSpec, ProcessCore
+from kernel.jobs import JobState
+from kernel.kernel import Kernel
+from kernel.storage import Storage
+from kernel.syscall import Sys, syscall
+
+SLOW = 0.02  # seconds per fake decode step: long answers keep their jobs in the engine a while
+
+
+def started(spec: EngineSpec) -> ProcessCore:
+    core = ProcessCore(spec)
+    core.start()
+    return core
+
+
+@pytest.fixture
+def process_kernel(tmp_path: Path):
+    kernels: list[Kernel] = []
+
+    def make(n_slots: int = 4, delay: float = SLOW) -> Kernel:
+        core = started(EngineSpec("fake", n_slots=n_slots, n_ctx_seq=2048, fake_delay=delay))
+        kernel = Kernel(Storage(tmp_path / "aiosfs.db"), core)
+        kernels.append(kernel)
+        return kernel
+
+    yield make
+    for kernel in kernels:
+        kernel.engine.core.close()
+        kernel.storage.close()
+        kernel.memory.store.close()
+
+
+def engine_log(kernel: Kernel) -> list[dict]:
+    """The `engine` lines of the audit log."""
+    return [e for e in (json.loads(line) for line in kernel.audit) if e["event"] == "engine"]
+
+
+def test_the_engine_runs_in_another_process_and_answers(process_kernel) -> None:
+    kernel = process_kernel()
+    assert kernel.engine.core.pid != os.getpid()
+    assert kernel.engine.core.state == "ready"
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            jobs = [await submit(kernel, agent, f"question {i}") for i in range(3)]
+            for job in jobs:
+                await finished(job)
+            assert [bytes(job.data).decode() for job in jobs] == [answer(f"question {i}", i + 1) + "\n" for i in range(3)]
+
+    run(body)
+
+
+def test_a_crash_fails_the_jobs_in_the_engine_keeps_the_queue_and_restarts(process_kernel) -> None:
+    kernel = process_kernel(n_slots=2)
+    first_pid = kernel.engine.core.pid
+    assert first_pid is not None
+
+    async def body() -> None:
+        async with running(kernel):
+            agents = [await mkdir(kernel, f"a{i}") for i in range(3)]
+            long = "x" * 400  # the fake echoes it: about 400 steps
+            in_engine = [await submit(kernel, agents[i], long) for i in range(2)]
+            queued = await submit(kernel, agents[2], "after the crash")
+            for job in in_engine:
+                await producing(job)
+            assert queued.state is JobState.QUEUED
+            os.kill(first_pid, signal.SIGSEGV)
+            for job in in_engine:
+                await finished(job)
+                assert job.state is JobState.ERROR and job.errno == errno.EIO
+                assert "engine crashed" in job.message and "SIGSEGV" in job.message
+                assert job.data, "the partial answer is kept"
+            await finished(queued)
+            assert bytes(queued.data).decode() == answer("after the crash") + "\n"
+            assert kernel.engine.restarts == 1 and kernel.engine.core.pid not in (None, first_pid)
+            status = kernel.status_line()
+            assert "engine=ready" in status and "restarts=1" in status and "SIGSEGV" in status
+
+    run(body, timeout=60)
+    events = engine_log(kernel)
+    assert [e["what"] for e in events] == ["crashed", "restarted"]
+    assert "SIGSEGV" in events[0]["reason"] and len(events[0]["jobs"]) == 2 and events[1]["restarts"] == 1
+
+
+def test_a_crash_loop_marks_the_core_failed_until_retry(process_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = process_kernel(n_slots=1)
+    flag = tmp_path / "crash-at-load"
+    monkeypatch.setenv(CRASH_ENV, f"load@{flag}")  # restarted engines die while the flag exists
+    monkeypatch.setattr(params, "ENGINE_BACKOFF_SECONDS", 0.05)
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            busy = await submit(kernel, agent, "y" * 300)
+            await producing(busy)
+            waiting = await submit(kernel, agent, "waits in the queue")
+            flag.write_text("")
+            assert kernel.engine.core.pid is not None
+            os.kill(kernel.engine.core.pid, signal.SIGKILL)
+            await finished(busy)
+            assert busy.errno == errno.EIO and "SIGKILL" in busy.message
+            await finished(waiting)  # the core failed: the queue gets EIO with the reason
+            assert waiting.errno == errno.EIO and "failed" in waiting.message and "retry" in waiting.message
+            assert kernel.engine.core.state == "failed"
+            error = await refused(errno.EIO, submit(kernel, agent, "while failed"))
+            assert "crashed" in error.message and "SIGSEGV" in error.message
+            assert "engine=failed" in kernel.status_line()
+            flag.unlink()  # the cause is gone
+            await syscall(kernel, Sys.KERNEL_CTL, ROOT, f"retry {kernel.backend.info.name}\n".encode())
+            again = await finished(await submit(kernel, agent, "back"))
+            assert again.state is JobState.DONE and bytes(again.data).decode().endswith("BACK\n")
+            assert kernel.engine.core.state == "ready"
+
+    run(body, timeout=60)
+    assert [e["what"] for e in engine_log(kernel)] == ["crashed", "crashed", "failed", "retry", "restarted"]
+
+
+def test_retry_is_refused_for_a_core_that_serves(process_kernel) -> None:
+    kernel = process_kernel()
+
+    async def body() -> None:
+        async with running(kernel):
+            await refused(errno.EINVAL, syscall(kernel, Sys.KERNEL_CTL, ROOT, f"retry {kernel.backend.info.name}\n".encode()))
+            await refused(errno.ENOENT, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"retry nosuchmodel\n"))
+
+    run(body)
+
+
+def test_a_bad_model_file_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(EngineDied) as info:
+        started(EngineSpec("llama", model=str(bad), n_slots=1, n_ctx_seq=256))
+    assert "GGUF" in info.value.reason or "load" in info.value.reason
+
+
+def test_a_crash_while_warming_up_is_reported_with_the_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CRASH_ENV, "warmup")
+    with pytest.raises(EngineDied) as info:
+        started(EngineSpec("fake", n_slots=1))
+    assert "killed by SIGSEGV" in info.value.reason and "crashing at warmup" in info.value.reason
+
+
+def test_tokenize_waits_for_a_restarting_engine(process_kernel) -> None:
+    kernel = process_kernel()
+    core = kernel.engine.core
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            assert core.pid is not None
+            os.kill(core.pid, signal.SIGKILL)
+            with trio.fail_after(30):
+                job = await finished(await submit(kernel, agent, "hello"))
+            assert bytes(job.data).decode() == answer("hello") + "\n"
+
+    run(body, timeout=60)
