@@ -163,7 +163,10 @@ class Kernel:
                     await nursery.start(core.run)
                 for name, (_, at_start) in self._loaders.items():
                     if at_start:
-                        await self.load_model(Caller(0, 0), name)
+                        try:
+                            await self.load_model(Caller(0, 0), name)
+                        except KernelError:  # logged and audited by load_model: a bad file costs that model, not the mount
+                            continue
                 nursery.start_soon(self._purge_trash_forever)
                 await self._recover_jobs()  # before the mount serves: readers find the requeued jobs live
                 if self.manifests is not None:
