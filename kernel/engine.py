@@ -45,6 +45,32 @@ log = logging.getLogger(__name__)
 Delivery = tuple[Job, bytes, int, "tuple[JobState, int, str] | None"]
 
 
+# kernel/stats order (docs/protocol.md §6): the runner's counters and the scheduling side's, interleaved.
+STATS_ORDER = [
+    "steps",
+    "decode_s",
+    "step_s",
+    "batch_tokens",
+    "batch_seqs",
+    "max_seqs",
+    "engine_errors",
+    "generated",
+    "prompt_tokens",
+    "jobs_done",
+    "decode_errors",
+    "preemptions",
+    "swaps_out",
+    "swaps_in",
+    "held_seq_steps",
+    "swap_bytes",
+    "swap_ms",
+    "recomputes",
+    "prefix_hit_tokens",
+    "cache_evictions",
+    "engine_crashes",
+]
+
+
 @dataclass(eq=False)
 class Seat:
     """A job that holds one of the core's sequences."""
@@ -185,9 +211,9 @@ class Engine:
 
     def statistics(self) -> dict[str, Any]:
         core = self._core_stats
-        s: dict[str, float] = {k: core[k] + self._dead_stats[k] for k in STAT_KEYS}
-        s["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
-        s.update(self.stats)
+        merged = {k: core[k] + self._dead_stats[k] for k in STAT_KEYS} | self.stats
+        merged["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
+        s = {k: merged[k] for k in STATS_ORDER}
         steps = s["steps"] or 1
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
         out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
