@@ -1,0 +1,670 @@
+"""Prove that the installed llama-cpp-python build runs on this machine.
+
+A llama.cpp build can compile and import fine and still die at the first decode:
+native ggml builds use every instruction the CPU flags list, and inside some
+virtual machines an instruction the flags list faults (AMX ``tilezero``: SIGILL in
+``libggml-cpu.so``). The cheap proof is to decode a few tokens of the embedded
+model in a child process and look at how the child ended:
+
+* it printed its result and exited 0: the build works here;
+* it was killed by a signal (SIGILL, SIGSEGV, ...): the build does not run on this
+  CPU, and a build without native CPU tuning may (exit code 3);
+* anything else (no model, a Python error, a model llama.cpp cannot load, a build
+  that cannot offload when the GPU was asked for): a rebuild will not help (exit 1).
+
+What was verified is recorded next to the model (``<data_dir>/models/llama-check.json``).
+
+Command line::
+
+    python -m aiosfs.buildcheck check [--gpu] [--model PATH]   # decode a few tokens in a child, record it
+    python -m aiosfs.buildcheck status                          # does the record match this build, CPU and model?
+    python -m aiosfs.buildcheck cmake-args native|portable|cuda # CMAKE_ARGS for a llama-cpp-python build here
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import model as model_mod
+
+RECORD_NAME = "llama-check.json"
+RECORD_VERSION = 1
+DEFAULT_TOKENS = 4
+DEFAULT_THREADS = 2
+DEFAULT_TIMEOUT = 300.0
+PROMPT = "The capital of France is"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_SIGNAL = 3
+
+# Makes the check's child kill itself with a signal, to exercise what follows a build that
+# faults: "SIGILL" always, "SIGILL:native" only while the installed build is a native one.
+FAULT_ENV = "AIOSFS_BUILDCHECK_FAULT"
+
+# x86 only: GCC and Clang reject these flags on other architectures.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# GGML option -> the /proc/cpuinfo flags it needs, for a build without native CPU tuning.
+PORTABLE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "GGML_AVX": ("avx",),
+    "GGML_AVX2": ("avx2",),
+    "GGML_FMA": ("fma",),
+    "GGML_F16C": ("f16c",),
+    "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+    "GGML_AVX512_VBMI": ("avx512f", "avx512vbmi"),
+    "GGML_AVX512_VNNI": ("avx512f", "avx512_vnni"),
+    "GGML_AVX512_BF16": ("avx512f", "avx512_bf16"),
+}
+VARIANTS = ("native", "portable", "cuda")
+
+_CPU_BUFFERS = {"CPU", "CPU_Mapped", "CPU_REPACK", "CPU_AARCH64"}
+
+
+class CheckError(Exception):
+    """The check could not be run at all (no llama_cpp, no model)."""
+
+
+# --- this machine -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    machine: str
+    model: str
+    flags: tuple[str, ...]
+
+    @property
+    def flags_sha256(self) -> str:
+        return hashlib.sha256(" ".join(sorted(self.flags)).encode()).hexdigest()
+
+    @property
+    def is_x86(self) -> bool:
+        return self.machine in ("x86_64", "AMD64", "i686", "i386")
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuInfo:
+    """The CPU's model name and feature flags, from the first processor in /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor is enough
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or platform.processor() or "unknown"
+    flags = (fields.get("flags") or fields.get("Features") or "").split()
+    return CpuInfo(machine=platform.machine(), model=name, flags=tuple(flags))
+
+
+def cmake_args(variant: str, cpu: CpuInfo | None = None) -> str:
+    """CMAKE_ARGS for building llama-cpp-python here, never with AMX.
+
+    ``native``: tuned for this CPU (GGML_NATIVE), AMX left out by compiler flags, because
+    with GGML_NATIVE=ON the GGML_AMX_* options are ignored. ``portable``: no native
+    tuning, only the instruction sets /proc/cpuinfo lists. ``cuda``: native plus CUDA.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown build variant {variant!r}; one of: {', '.join(VARIANTS)}")
+    cpu = cpu or cpu_info()
+    args: list[str] = []
+    if variant == "cuda":
+        args.append("-DGGML_CUDA=on")
+    if variant == "portable":
+        args.append("-DGGML_NATIVE=OFF")
+        if cpu.is_x86:
+            have = set(cpu.flags)
+            for option, needs in PORTABLE_OPTIONS.items():
+                if all(flag in have for flag in needs):
+                    args.append(f"-D{option}=ON")
+    if cpu.is_x86:
+        args.append(f'-DCMAKE_C_FLAGS="{NO_AMX_FLAGS}"')
+        args.append(f'-DCMAKE_CXX_FLAGS="{NO_AMX_FLAGS}"')
+    return " ".join(args)
+
+
+# --- the installed build ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Build:
+    version: str
+    package_dir: Path
+    library: Path
+    library_digest: str
+    config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        """cuda / native / portable / unknown, from the installed ggml-config.cmake and libraries."""
+        if self.config.get("GGML_CUDA", "").upper() in ("ON", "1", "TRUE") or any(self.library.parent.glob("libggml-cuda.*")):
+            return "cuda"
+        native = self.config.get("GGML_NATIVE", "").upper()
+        if native in ("ON", "1", "TRUE"):
+            return "native"
+        if native in ("OFF", "0", "FALSE"):
+            return "portable"
+        return "unknown"
+
+
+def _library_digest(lib_dir: Path) -> str:
+    """sha256 over the names, sizes and modification times of the shared libraries: any reinstall changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(lib_dir.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{path.relative_to(lib_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _ggml_config(dist: str = "llama_cpp_python") -> dict[str, str]:
+    """The GGML_* settings the build recorded in its installed ggml-config.cmake ({} when not found)."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    for f in files:
+        if f.name == "ggml-config.cmake":
+            try:
+                text = Path(str(f.locate())).read_text(errors="replace")
+            except OSError:
+                return {}
+            return dict(re.findall(r'^set\((GGML_[A-Z0-9_]+) "([^"]*)"\)', text, re.MULTILINE))
+    return {}
+
+
+def installed_build() -> Build:
+    """Where the installed llama_cpp and its shared library are, without loading the library."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise CheckError(f"llama_cpp is not installed for {sys.executable}; run scripts/setup")
+    package_dir = Path(spec.origin).parent
+    lib_dir = package_dir / "lib"
+    candidates = sorted(lib_dir.glob("libllama.*")) or sorted(lib_dir.glob("llama.*"))
+    if not candidates:
+        raise CheckError(f"llama_cpp at {package_dir} has no libllama shared library in {lib_dir}; reinstall it with scripts/setup")
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return Build(version=version, package_dir=package_dir, library=candidates[0], library_digest=_library_digest(lib_dir), config=_ggml_config())
+
+
+# --- the child ------------------------------------------------------------------
+
+
+def _fault_if_asked() -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    name, _, when = spec.partition(":")
+    if when == "native" and installed_build().variant != "native":
+        return
+    signum = getattr(signal, name.upper(), None)
+    if not isinstance(signum, signal.Signals):
+        raise SystemExit(f"{FAULT_ENV}={spec}: not a signal name")
+    print(f"{FAULT_ENV}={spec}: killing this process with {signum.name}", file=sys.stderr, flush=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def probe(model_path: Path, *, tokens: int, threads: int, gpu: bool) -> dict[str, Any]:
+    """Load the model and greedily decode ``tokens`` tokens (runs in the child; may die by a signal)."""
+    import ctypes
+
+    import llama_cpp
+
+    started = time.monotonic()
+    _fault_if_asked()
+    llama_cpp.llama_backend_init()
+    result: dict[str, Any] = {
+        "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+    if gpu and not result["gpu_offload_supported"]:
+        result["error"] = (
+            "this llama.cpp build cannot offload to a GPU (llama_supports_gpu_offload() is false): it was not built with CUDA, or no GPU is visible"
+        )
+        return result
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = -1 if gpu else 0
+    mdl = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    if not mdl:
+        result["error"] = f"llama.cpp could not load {model_path}"
+        return result
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = 128
+    cparams.n_batch = 64
+    cparams.n_ubatch = 64
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(mdl, cparams)
+    if not ctx:
+        llama_cpp.llama_model_free(mdl)
+        result["error"] = "llama.cpp could not create a context of 128 tokens"
+        return result
+    loaded = time.monotonic()
+    vocab = llama_cpp.llama_model_get_vocab(mdl)
+    data = PROMPT.encode()
+    buf = (llama_cpp.llama_token * 64)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, 64, True, False)
+    sampler = llama_cpp.llama_sampler_init_greedy()
+    pieces: list[bytes] = []
+    decoded = 0
+    try:
+        if n <= 0:
+            result["error"] = f"could not tokenize the prompt (llama_tokenize returned {n})"
+            return result
+        batch = llama_cpp.llama_batch_get_one(buf, n)
+        for _ in range(tokens):
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                result["error"] = f"llama_decode returned {rc}"
+                return result
+            token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)
+            decoded += 1
+            piece = ctypes.create_string_buffer(64)
+            size = llama_cpp.llama_token_to_piece(vocab, token, piece, 64, 0, False)
+            pieces.append(piece.raw[: max(size, 0)])
+            one = (llama_cpp.llama_token * 1)(token)
+            batch = llama_cpp.llama_batch_get_one(one, 1)
+    finally:
+        result.update(
+            prompt_tokens=max(n, 0),
+            tokens_decoded=decoded,
+            text=b"".join(pieces).decode(errors="replace"),
+            n_layer=llama_cpp.llama_model_n_layer(mdl),
+            load_s=round(loaded - started, 3),
+            decode_s=round(time.monotonic() - loaded, 3),
+        )
+        llama_cpp.llama_sampler_free(sampler)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(mdl)
+    return result
+
+
+# --- the parent: run the child and judge it ---------------------------------------
+
+
+@dataclass
+class Outcome:
+    """How the check's child ended, and what it reported."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool = False
+    result: dict[str, Any] = field(default_factory=dict)
+    problem: str = ""
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.timed_out or self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem and self.signal_name is None and not self.timed_out and self.returncode == 0
+
+    @property
+    def rebuild_may_help(self) -> bool:
+        """Killed by a signal: the build does not run on this CPU, and one without native tuning may."""
+        return self.signal_name is not None
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.stderr.rstrip().splitlines()[-lines:])
+
+
+def offload_from_log(stderr: str) -> dict[str, Any]:
+    """What llama.cpp's load log says about GPU offload: offloaded layers and where the model's buffers are."""
+    info: dict[str, Any] = {"offloaded_layers": None, "total_layers": None, "buffers": []}
+    matches = list(re.finditer(r"offloaded (-?\d+)/(\d+) layers to GPU", stderr))
+    if matches:
+        m = matches[-1]
+        info["offloaded_layers"], info["total_layers"] = int(m.group(1)), int(m.group(2))
+    info["buffers"] = sorted(set(re.findall(r"(\S+) model buffer size", stderr)))
+    return info
+
+
+def judge(outcome: Outcome, *, tokens: int, gpu: bool) -> Outcome:
+    """Fill in ``outcome.result`` (the child's JSON line) and ``outcome.problem`` (why it failed, or "")."""
+    if outcome.timed_out:
+        outcome.problem = f"the check did not finish within {outcome.seconds:.0f} s"
+        return outcome
+    if outcome.signal_name:
+        outcome.problem = f"the check's child was killed by {outcome.signal_name}"
+        return outcome
+    for line in reversed(outcome.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                outcome.result = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            break
+    if outcome.returncode != 0:
+        outcome.problem = f"the check's child exited with status {outcome.returncode}"
+    elif not outcome.result:
+        outcome.problem = "the check's child printed no result"
+    elif outcome.result.get("error"):
+        outcome.problem = str(outcome.result["error"])
+    elif outcome.result.get("tokens_decoded") != tokens:
+        outcome.problem = f"decoded {outcome.result.get('tokens_decoded')} tokens, expected {tokens}"
+    elif gpu:
+        off = offload_from_log(outcome.stderr)
+        outcome.result["offload"] = off
+        on_gpu = [b for b in off["buffers"] if b not in _CPU_BUFFERS]
+        if off["offloaded_layers"] is None or off["offloaded_layers"] != off["total_layers"] or not on_gpu:
+            layers = f"{off['offloaded_layers']}/{off['total_layers']}" if off["offloaded_layers"] is not None else "no"
+            outcome.problem = (
+                f"the model was not offloaded to the GPU ({layers} layers offloaded; model buffers: {', '.join(off['buffers']) or 'none'})"
+            )
+    return outcome
+
+
+def run_child(cmd: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None) -> Outcome:
+    """Run ``cmd`` and capture how it ended; a signal shows as a negative return code."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        return Outcome(returncode=-1, stdout=out, stderr=err, seconds=time.monotonic() - started, timed_out=True)
+    return Outcome(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, seconds=time.monotonic() - started)
+
+
+def child_command(model_path: Path, *, tokens: int, threads: int, gpu: bool) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "aiosfs.buildcheck",
+        "probe",
+        str(model_path),
+        "--tokens",
+        str(tokens),
+        "--threads",
+        str(threads),
+    ]
+    return cmd + (["--gpu"] if gpu else [])
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # so the child imports this aiosfs, installed or not
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# --- the record -----------------------------------------------------------------
+
+
+def record_path() -> Path:
+    return model_mod.data_dir() / "models" / RECORD_NAME
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(model_mod.CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(build: Build, cpu: CpuInfo, model_path: Path, *, gpu: bool, model_sha256: str | None = None) -> dict[str, Any]:
+    """What a verification holds for: this llama_cpp build, this CPU, this model, CPU or GPU."""
+    return {
+        "llama_cpp_version": build.version,
+        "library_digest": build.library_digest,
+        "cpu_model": cpu.model,
+        "cpu_flags_sha256": cpu.flags_sha256,
+        "model_sha256": model_sha256 or _file_sha256(model_path),
+        "gpu": gpu,
+    }
+
+
+def record_mismatches(record: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Why ``record`` does not vouch for ``current`` (a fingerprint); [] when it does."""
+    if record.get("record_version") != RECORD_VERSION:
+        return [f"record version {record.get('record_version')!r}, expected {RECORD_VERSION}"]
+    reasons = [
+        f"{key}: recorded {record.get('fingerprint', {}).get(key)!r}, now {value!r}"
+        for key, value in current.items()
+        if record.get("fingerprint", {}).get(key) != value
+    ]
+    if not record.get("ok"):
+        reasons.insert(0, f"the recorded check failed: {record.get('problem', 'no reason recorded')}")
+    return reasons
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def build_variant(build: Build, system_info: str) -> str:
+    """The build's variant as recorded: cuda, portable, native-no-amx (or native-amx), unknown."""
+    variant = build.variant
+    if variant == "native":
+        return "native-amx" if "AMX" in system_info else "native-no-amx"
+    return variant
+
+
+def check(
+    model_path: Path,
+    *,
+    gpu: bool = False,
+    tokens: int = DEFAULT_TOKENS,
+    threads: int = DEFAULT_THREADS,
+    timeout: float = DEFAULT_TIMEOUT,
+    record: Path | None = None,
+) -> tuple[Outcome, dict[str, Any]]:
+    """Decode ``tokens`` tokens of ``model_path`` in a child, judge how it ended and record it (when ``record``)."""
+    if not model_path.is_file():
+        raise CheckError(f"model file not found: {model_path}\nInstall it with: python3 -m aiosfs.model fetch")
+    model_sha256 = None
+    if model_path == model_mod.default_model_path():
+        try:
+            model_mod.verify(model_path)
+        except model_mod.ModelError as exc:
+            raise CheckError(str(exc)) from exc
+        model_sha256 = model_mod.MODEL_SHA256
+    build = installed_build()
+    cpu = cpu_info()
+    outcome = judge(
+        run_child(child_command(model_path, tokens=tokens, threads=threads, gpu=gpu), timeout=timeout, env=_child_env()), tokens=tokens, gpu=gpu
+    )
+    result = outcome.result
+    data: dict[str, Any] = {
+        "record_version": RECORD_VERSION,
+        "ok": outcome.ok,
+        "problem": outcome.problem,
+        "checked_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "llama_cpp_version": build.version,
+        "library": str(build.library),
+        "build_variant": build_variant(build, str(result.get("system_info", ""))),
+        "build_config": {
+            k: v
+            for k, v in build.config.items()
+            if k in ("GGML_NATIVE", "GGML_CUDA", "GGML_AVX", "GGML_AVX2", "GGML_AVX512", "GGML_CPU_ALL_VARIANTS")
+        },
+        "system_info": result.get("system_info"),
+        "python": sys.executable,
+        "cpu": {
+            "machine": cpu.machine,
+            "model": cpu.model,
+            "flags_sha256": cpu.flags_sha256,
+            "amx_listed": any(f.startswith("amx") for f in cpu.flags),
+        },
+        "model": str(model_path),
+        "gpu_offload": {
+            "requested": gpu,
+            "supported": result.get("gpu_offload_supported"),
+            "n_gpu_layers": -1 if gpu else 0,
+            **result.get("offload", {}),
+        },
+        "threads": threads,
+        "tokens_decoded": result.get("tokens_decoded", 0),
+        "text": result.get("text"),
+        "seconds": {"load": result.get("load_s"), "decode": result.get("decode_s"), "child": round(outcome.seconds, 3)},
+        "exit": {"returncode": outcome.returncode, "signal": outcome.signal_name, "timed_out": outcome.timed_out},
+        "fingerprint": fingerprint(build, cpu, model_path, gpu=gpu, model_sha256=model_sha256),
+    }
+    if record is not None:
+        write_record(record, data)
+    return outcome, data
+
+
+# --- command line ---------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"aiosfs.buildcheck: {message}", file=sys.stderr, flush=True)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    | " + line for line in text.splitlines())
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    model_path = args.model or model_mod.default_model_path()
+    record = None if args.no_record else (args.record or record_path())
+    where = "on the GPU (all layers offloaded)" if args.gpu else f"on the CPU ({args.threads} threads)"
+    _say(f"decoding {args.tokens} tokens of {model_path.name} {where} in a child process")
+    try:
+        outcome, data = check(model_path, gpu=args.gpu, tokens=args.tokens, threads=args.threads, timeout=args.timeout, record=record)
+    except CheckError as exc:
+        _say(f"error: {exc}")
+        return EXIT_FAILED
+    if outcome.ok:
+        _say(
+            f"ok: llama-cpp-python {data['llama_cpp_version']} ({data['build_variant']} build) decoded {data['tokens_decoded']} tokens "
+            f"{data['text']!r} in {outcome.seconds:.1f} s on {data['cpu']['model']}" + (" with GPU offload" if args.gpu else "")
+        )
+        if record is not None:
+            _say(f"recorded in {record}")
+        return EXIT_OK
+    tail = outcome.stderr_tail()
+    if tail:
+        _say("last lines of the child's stderr:\n" + _indent(tail))
+    _say(f"FAILED: {outcome.problem}")
+    _say(f"library: {data['library']} ({data['build_variant']} build); CPU: {data['cpu']['model']}")
+    if record is not None:
+        _say(f"recorded in {record}")
+    if outcome.rebuild_may_help:
+        why = f"{outcome.signal_name} means this build uses an instruction this CPU (or its virtual machine) does not run"
+        if data["build_variant"].startswith("native"):
+            why += "; a build without native CPU tuning may work"
+        _say(why)
+        return EXIT_SIGNAL
+    return EXIT_FAILED
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = args.record or record_path()
+    record = read_record(path)
+    if record is None:
+        print(f"no check recorded at {path}; run: python3 -m aiosfs.buildcheck check")
+        return EXIT_FAILED
+    try:
+        gpu = args.gpu or bool(record.get("fingerprint", {}).get("gpu"))
+        current = fingerprint(installed_build(), cpu_info(), Path(record.get("model", "")), gpu=gpu)
+    except (CheckError, OSError) as exc:
+        print(f"cannot compare with {path}: {exc}")
+        return EXIT_FAILED
+    reasons = record_mismatches(record, current)
+    if reasons:
+        print(f"{path} does not vouch for this machine's build:")
+        for reason in reasons:
+            print(f"  {reason}")
+        print("run: python3 -m aiosfs.buildcheck check")
+        return EXIT_FAILED
+    print(f"verified {record.get('checked_at')}: {record.get('build_variant')} build, {record.get('tokens_decoded')} tokens decoded ({path})")
+    return EXIT_OK
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    result = probe(args.model, tokens=args.tokens, threads=args.threads, gpu=args.gpu)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aiosfs.buildcheck", description="Prove that the installed llama-cpp-python build runs on this machine."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_check = sub.add_parser(
+        "check",
+        help="decode a few tokens in a child process; exit 0 if it works, 3 if the child died by a signal (rebuild without native tuning), 1 otherwise",
+    )
+    p_check.add_argument("--model", type=Path, default=None, help=f"model file (default: {model_mod.default_model_path()})")
+    p_check.add_argument("--gpu", action="store_true", help="offload all layers (n_gpu_layers=-1) and require that the build offloads")
+    p_check.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to decode (default: {DEFAULT_TOKENS})")
+    p_check.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=f"CPU threads (default: {DEFAULT_THREADS})")
+    p_check.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds before the child counts as hung (default: {DEFAULT_TIMEOUT:.0f})"
+    )
+    p_check.add_argument("--record", type=Path, default=None, help=f"where to record the result (default: {record_path()})")
+    p_check.add_argument("--no-record", action="store_true", help="do not record the result")
+    p_status = sub.add_parser("status", help="say whether the recorded check vouches for the installed build, this CPU and the model")
+    p_status.add_argument("--record", type=Path, default=None, help=f"the record (default: {record_path()})")
+    p_status.add_argument("--gpu", action="store_true", help="require a check with GPU offload")
+    p_args = sub.add_parser("cmake-args", help="print the CMAKE_ARGS for a llama-cpp-python build on this machine (never with AMX)")
+    p_args.add_argument("variant", choices=VARIANTS)
+    p_probe = sub.add_parser("probe", help="(the check's child) load the model, decode, print a JSON result")
+    p_probe.add_argument("model", type=Path)
+    p_probe.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
+    p_probe.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    p_probe.add_argument("--gpu", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return _cmd_check(args)
+    if args.command == "status":
+        return _cmd_status(args)
+    if args.command == "cmake-args":
+        print(cmake_args(args.variant))
+        return EXIT_OK
+    return _cmd_probe(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
