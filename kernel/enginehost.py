@@ -414,7 +414,8 @@ class ProcessCore:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self.stderr_tail.append(line)
-                log.warning("engine %s (pid %d): %s", self.info.name, proc.pid, line)
+                level = logging.ERROR if line.startswith(("ERROR ", "CRITICAL ")) else logging.WARNING  # the child's own records keep their weight
+                log.log(level, "engine %s (pid %d): %s", self.info.name, proc.pid, line)
         if proc is self._proc:  # it exited (or closed stderr): the supervisor looks now, not at the next step
             self.on_exit()
 
