@@ -362,6 +362,8 @@ class ProcessCore:
             if self._proc.poll() is None:
                 self._proc.kill()
             self._proc.wait()
+            if self._relay is not None:
+                self._relay.join(timeout=5)  # it reads the last lines before the pipe is closed under it
             if self._proc.stderr is not None:
                 self._proc.stderr.close()
             self._proc = None
