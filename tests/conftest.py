@@ -7,6 +7,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="session")
+def require_fuse() -> None:
+    """For tests that mount (`mounting.needs_fuse`): skipped where /dev/fuse is missing,
+    failed there in CI (CI=true), where a skip would hide that nothing was mounted.
+    Session-scoped, so that it runs before any module's mount fixture."""
+    from mounting import HAVE_FUSE, IN_CI
+
+    if HAVE_FUSE:
+        return
+    reason = "/dev/fuse is missing: this machine cannot mount FUSE filesystems"
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: the mount tests must run; start the container with --device /dev/fuse --cap-add SYS_ADMIN)")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def new_kernel(tmp_path):
     """Make kernels on the FakeBackend over one database in the test's directory; each

@@ -17,7 +17,6 @@ import errno
 import hashlib
 import os
 import random
-import signal
 import stat
 import subprocess
 import sys
@@ -906,8 +905,8 @@ def expected_content(name: str) -> bytes:
 
 
 def kill_daemon(mount: Mount) -> None:
-    os.kill(mount.daemon_pid(), signal.SIGKILL)
-    wait_for(lambda: dead(mount.root))
+    mount.kill()
+    assert dead(mount.root)
 
 
 def _holder(code: str, root: Path) -> subprocess.Popen[str]:

@@ -12,12 +12,16 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, aiosfs, dead, mounted, needs_fuse, sh, wait_for
+from mounting import Mount, aiosfs, alive, blocked_reading, dead, has_open, mounted, needs_fuse, sh, wait_for
+
+from aiosfs.cli import CLEAN_EXIT
+from aiosfs.mount import MountError, unmount
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -86,8 +90,8 @@ def test_commit_rules(agent: Path) -> None:
 
 def test_reader_started_before_prompt_streams_it(agent: Path) -> None:
     reader = subprocess.Popen(["cat", str(agent / "output")], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    assert reader.poll() is None  # waiting for the first request, like a pipe
+    wait_for(lambda: blocked_reading(reader.pid, agent / "output"), what="cat to block in its read")  # waiting for the first request, like a pipe
+    assert reader.poll() is None
     (agent / "prompt").write_text("late")
     out, _ = reader.communicate(timeout=30)
     assert out == "turn 1: LATE\n"
@@ -222,8 +226,7 @@ def test_cancel_running_job_fails_the_reader(slow_fs: Mount) -> None:
 def test_ctrl_c_and_kill_release_a_blocked_reader(agent: Path) -> None:
     for sig in (signal.SIGINT, signal.SIGKILL):
         reader = subprocess.Popen(["cat", str(agent / "output")])
-        time.sleep(0.5)
-        assert reader.poll() is None
+        wait_for(lambda reader=reader: blocked_reading(reader.pid, agent / "output"), what="cat to block in its read")
         started = time.monotonic()
         reader.send_signal(sig)
         reader.wait(timeout=10)
@@ -300,8 +303,8 @@ def test_busy_and_dead_mounts(tmp_path: Path) -> None:
         again = aiosfs("mount", str(mount.root), "--backend", "fake", "--state", str(tmp_path / "other"))
         assert again.returncode == 1 and "already" in again.stderr
         assert aiosfs("status", str(mount.root)).stdout.startswith("running=")
-        os.kill(mount.daemon_pid(), signal.SIGKILL)
-        wait_for(lambda: dead(mount.root))
+        mount.kill()
+        assert dead(mount.root)
         restarted = mount.start()
         assert "cleaned a dead mount" in restarted.stderr
         assert (mount.root / "kernel" / "status").read_text().startswith("running=")
@@ -314,8 +317,7 @@ def test_a_job_survives_a_killed_daemon(tmp_path: Path) -> None:
         job_id = (agent / "status").read_text().split()[1]
         wait_for(lambda: os.stat(agent / "output").st_size > 0)
         assert (agent / "status").read_text() == f"running {job_id}\n"
-        os.kill(mount.daemon_pid(), signal.SIGKILL)
-        wait_for(lambda: dead(mount.root))
+        mount.kill()
         assert "cleaned a dead mount" in mount.start().stderr
         result = sh(f"cat {agent}/output && cat {agent}/status")
         assert result.returncode == 0, result.stderr
@@ -335,7 +337,7 @@ def test_scheduler_file_events_and_top(fs: Mount) -> None:
     assert sh(f"echo fifo > {sched}").returncode == 0
     agent = fs.agent("watched")
     watcher = subprocess.Popen(["head", "-n", "4", str(agent / "events")], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+    wait_for(lambda: has_open(watcher.pid, agent / "events"), what="head to open events")  # it shows what happens from its open on
     assert sh(f"echo hi > {agent}/prompt && cat {agent}/output").returncode == 0
     events = [json.loads(line)["event"] for line in watcher.communicate(timeout=30)[0].splitlines()]
     assert events == ["queued", "running", "first_token", "done"]
@@ -402,3 +404,53 @@ def test_output_after_a_refused_prompt_is_that_refusal_not_an_older_answer(agent
     assert refused.returncode != 0 and "Invalid argument" in refused.stderr and "FIRST" not in refused.stdout
     assert sh(f"cat {agent}/error").stdout.startswith("EINVAL - ")
     assert sh(f"echo second > {agent}/prompt && cat {agent}/output").stdout == "turn 2: SECOND\n"  # accepted: output follows again
+
+
+# -- the mount fixture's teardown: a test fails when its daemon did not live and stop as it should --
+
+LOGGED_BUG = "2000-01-01 00:00:00,000 ERROR kernel.engine: engine step failed\nTraceback (most recent call last):\nRuntimeError: a bug\n"
+
+
+def test_teardown_fails_a_test_whose_daemon_died(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception) as failure:
+        with mounted(tmp_path, "--backend", "fake") as mount:
+            os.kill(mount.daemon_pid(), signal.SIGKILL)  # not announced with expect_death()
+            wait_for(lambda: dead(mount.root))
+    message = str(failure.value)
+    assert "stopped during the test" in message and "dead (ENOTCONN)" in message and "never wrote" in message, message
+    assert not dead(mount.root) and not os.path.ismount(mount.root)  # cleaned up all the same
+
+
+def test_teardown_fails_a_test_whose_daemon_stopped_on_its_own(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception, match="stopped during the test"):
+        with mounted(tmp_path, "--backend", "fake") as mount:
+            pid = mount.daemon_pid()
+            os.kill(pid, signal.SIGTERM)  # it unmounts itself and ends cleanly, but nobody asked for that
+            wait_for(lambda: not alive(pid))
+
+
+def test_teardown_fails_on_an_error_in_this_mounts_log_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception) as failure:
+        with mounted(tmp_path, "--backend", "fake") as mount:
+            with open(mount.log, "a") as log:
+                log.write(LOGGED_BUG)
+    assert "engine step failed" in str(failure.value) and "RuntimeError: a bug" in str(failure.value)
+    with mounted(tmp_path, "--backend", "fake") as mount:  # the last mount's part of the log is not this one's
+        assert LOGGED_BUG in mount.log.read_text()
+        with open(mount.log, "a") as log:
+            log.write(LOGGED_BUG)
+        mount.allow_log(r"ERROR kernel\.engine: engine step failed")
+
+
+def test_unmount_fails_while_the_daemon_still_runs(tmp_path: Path) -> None:
+    with mounted(tmp_path, "--backend", "fake") as mount:
+        pid = mount.daemon_pid()
+        held = os.open(mount.root / "kernel" / "status", os.O_RDONLY)  # a lazy unmount leaves the daemon serving it
+        try:
+            with pytest.raises(MountError, match=f"daemon \\(pid {pid}\\) is still running after 1 s"):
+                unmount(mount.root, True, sys.stderr, timeout=1)
+            assert os.read(held, 100).startswith(b"running=")
+        finally:
+            os.close(held)
+        wait_for(lambda: f"{CLEAN_EXIT} (pid {pid})" in mount.log_text())  # the last file closed: it ends
+        mount.start()  # for the teardown to unmount
