@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from kernel_helpers import finished, producing, run
 
 from aiosfs.model import default_model_path
@@ -542,7 +543,14 @@ def test_api_key_from_env_reaches_the_server_and_is_never_shown(monkeypatch: pyt
 
 
 def test_pause_holds_a_running_jobs_output_and_parks_a_waiting_one() -> None:
-    tiny = TinyServer(answer(*[f"{i} " for i in range(10)], gap=0.05))
+    stream = answer(*[f"{i} " for i in range(10)], gap=0.05)
+    sent = trio.Event()
+
+    async def stream_then_say_so(socket: trio.SocketStream) -> None:
+        await stream(socket)
+        sent.set()
+
+    tiny = TinyServer(stream_then_say_so)
     first, second = make_job(1, "count"), make_job(2, "count")
 
     async def body(engine: RemoteEngine) -> None:
@@ -553,7 +561,8 @@ def test_pause_holds_a_running_jobs_output_and_parks_a_waiting_one() -> None:
         engine.pause(first, True)
         assert engine.running() == 0 and engine.queued() == [second]
         shown = len(first.data)
-        await trio.sleep(0.8)  # the whole stream has come by now; none of it is shown
+        await sent.wait()  # the server has sent the whole answer,
+        await trio.testing.wait_all_tasks_blocked(0.05)  # and the engine has read all it could: none of it is shown
         assert len(first.data) == shown and not first.state.finished
         engine.pause(first, False)
         await finished(first)

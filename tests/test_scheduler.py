@@ -6,7 +6,6 @@ import errno
 import json
 
 import pytest
-import trio
 from kernel_helpers import OWNER, ROOT, answer, ask, ctl, finished, mkdir, producing, refused, run, running, submit
 
 from kernel import params
@@ -128,17 +127,20 @@ def test_a_job_paused_while_queued_does_not_start(make_kernel):
 
     async def body():
         async with running(kernel):
-            a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
+            a, b, c = await mkdir(kernel, "a"), await mkdir(kernel, "b"), await mkdir(kernel, "c")
             busy = await producing(await submit(kernel, a, _long("busy ")))
             waiting = await submit(kernel, b, "later")
             await ctl(kernel, b, "pause")
+            after = await submit(kernel, c, "after")  # queued behind the paused job: it runs first only if that one sits out
             await finished(busy)
-            await trio.sleep(0.1)
+            await finished(after)
             assert not waiting.data and waiting.shown_state == "suspended"
             await ctl(kernel, b, "resume")
-            return await finished(waiting)
+            return await finished(waiting), after
 
-    assert run(body).answer == answer("later")
+    waiting, after = run(body)
+    assert waiting.answer == answer("later") and after.answer == answer("after")
+    assert waiting.finished_at > after.finished_at
 
 
 def test_switching_policy_keeps_arrival_order(make_kernel):
@@ -220,7 +222,8 @@ def test_priority_job_overtakes_and_the_preempted_one_still_finishes(make_kernel
     assert kernel.engine.statistics()["preemptions"] == 1
 
 
-def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_kernel):
+def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_kernel, monkeypatch):
+    monkeypatch.setattr(params, "PRIORITY_AGING_SECONDS", 1e6)  # no aging back in, however slow this machine is
     kernel = make_kernel("priority", n_slots=2)
 
     async def body():
@@ -228,17 +231,21 @@ def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_
             a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
             slow = await producing(await submit(kernel, a, _long("slow ") * 2))
             urgent = await submit(kernel, b, json.dumps({"prompt": _long("urgent ").strip(), "priority": 9}))
-            await producing(urgent)
-            at_start = len(slow.data)
             await finished(urgent)
-            at_end = len(slow.data)  # a step or two after the urgent job ended may have landed too
             await finished(slow)
-            return slow, urgent, at_end - at_start
+            return slow, urgent
 
-    slow, urgent, progress = run(body)
-    # Without holding, the low job would have grown as much as the urgent answer did.
-    assert progress < len(urgent.data) / 10
+    slow, urgent = run(body)
     assert slow.answer == answer(_long("slow ") * 2) and urgent.answer == answer(_long("urgent "))
+    # Which sequences each decode step fed: the low job's alone at first, then the urgent one's.
+    steps = [{entry.seq for entry in call} for call in kernel.backend.decode_calls]
+    slow_seq = next(iter(steps[0]))
+    urgent_steps = [i for i, seqs in enumerate(steps) if seqs - {slow_seq}]
+    assert len(urgent_steps) > len(urgent.data)  # its prompt's steps, then one per token
+    # Without holding, the low job would share the urgent job's steps; held, it sits out every one
+    # of them (it keeps its slot), and goes on after.
+    assert [i for i in urgent_steps if slow_seq in steps[i]] == []
+    assert any(slow_seq in seqs for seqs in steps[urgent_steps[-1] + 1 :])
     stats = kernel.engine.statistics()
     assert stats["preemptions"] == 0 and stats["held_seq_steps"] > 0
 
@@ -303,9 +310,11 @@ def test_pause_leaves_the_job_out_and_resume_finishes_it(make_kernel):
             a, b = await mkdir(kernel, "a"), await mkdir(kernel, "b")
             paused = await producing(await submit(kernel, a, _long("pause me ")))
             await ctl(kernel, a, "pause")
-            await trio.sleep(0.05)
+            # The other job's steps all start after the pause: once its first token is here, so is
+            # every token of the steps before, and the paused job must not grow from then on.
+            other = await producing(await submit(kernel, b, "meanwhile"))
             frozen = len(paused.data)
-            other = await ask(kernel, b, "meanwhile")
+            await finished(other)
             assert len(paused.data) == frozen and paused.shown_state == "suspended"
             await ctl(kernel, a, "resume")
             await finished(paused)
