@@ -232,7 +232,8 @@ class Engine:
     def _loop(self) -> None:
         while self._ensure_started() and self._wait_for_work():
             if not self.core.alive():  # died while idle
-                self._crashed(self.core.death_reason())
+                if not self._stopping:
+                    self._crashed(self.core.death_reason())
                 continue
             started = time.perf_counter()
             plan, early = self._plan()
@@ -241,7 +242,8 @@ class Engine:
             try:
                 result = self.core.step(plan)
             except EngineDied as exc:
-                self._crashed(exc.reason)
+                if not self._stopping:  # one that dies while the mount stops is no crash
+                    self._crashed(exc.reason)
                 continue
             self._apply(result)
             self.stats["step_s"] += time.perf_counter() - started
@@ -297,7 +299,6 @@ class Engine:
             self._core_stats = dict.fromkeys(STAT_KEYS, 0)
             self._last = None
             failed = len(self._crashes) >= params.ENGINE_CRASH_LOOP
-            self._set_state("failed" if failed else "restarting")
         self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, message)) for job in lost])
         log.error(
             "engine of %s crashed: %s; %d jobs in it failed; %s",
@@ -307,6 +308,8 @@ class Engine:
             f"marked failed after {len(self._crashes)} crashes" if failed else "restarting",
         )
         self._event(what="failed" if failed else "crashed", reason=reason, jobs=[job.id for job in lost], restarts=self.restarts)
+        with self._cond:  # after the event: whoever sees the new state finds the audit line before theirs
+            self._set_state("failed" if failed else "restarting")
 
     def _set_state(self, state: str) -> None:
         failure = ""

@@ -158,6 +158,7 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
 
 def child_main(step_fd: int, call_fd: int) -> int:
     faulthandler.enable()  # a native crash prints the Python stack to stderr, which the daemon keeps
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at a foreground mount is the daemon's to handle: it stops us
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     steps = Channel(socket.socket(fileno=step_fd))
     calls = Channel(socket.socket(fileno=call_fd))

@@ -131,7 +131,8 @@ def test_a_crash_loop_marks_the_core_failed_until_retry(process_kernel, tmp_path
             assert kernel.engine.core.state == "ready"
 
     run(body, timeout=60)
-    assert [e["what"] for e in engine_log(kernel)] == ["crashed", "crashed", "failed", "retry", "restarted"]
+    whats = [e["what"] for e in engine_log(kernel)]
+    assert whats == ["crashed", "crashed", "failed", "retry", "restarted"], whats
 
 
 def test_retry_is_refused_for_a_core_that_serves(process_kernel) -> None:
