@@ -45,32 +45,6 @@ log = logging.getLogger(__name__)
 Delivery = tuple[Job, bytes, int, "tuple[JobState, int, str] | None"]
 
 
-# kernel/stats order (docs/protocol.md §6): the runner's counters and the scheduling side's, interleaved.
-STATS_ORDER = [
-    "steps",
-    "decode_s",
-    "step_s",
-    "batch_tokens",
-    "batch_seqs",
-    "max_seqs",
-    "engine_errors",
-    "generated",
-    "prompt_tokens",
-    "jobs_done",
-    "decode_errors",
-    "preemptions",
-    "swaps_out",
-    "swaps_in",
-    "held_seq_steps",
-    "swap_bytes",
-    "swap_ms",
-    "recomputes",
-    "prefix_hit_tokens",
-    "cache_evictions",
-    "engine_crashes",
-]
-
-
 @dataclass(eq=False)
 class Seat:
     """A job that holds one of the core's sequences."""
@@ -211,9 +185,8 @@ class Engine:
 
     def statistics(self) -> dict[str, Any]:
         core = self._core_stats
-        merged = {k: core[k] + self._dead_stats[k] for k in STAT_KEYS} | self.stats
-        merged["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
-        s = {k: merged[k] for k in STATS_ORDER}
+        s = {k: core[k] + self._dead_stats[k] + self.stats.get(k, 0) for k in STAT_KEYS}
+        s["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
         steps = s["steps"] or 1
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
         out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
@@ -420,19 +393,17 @@ class Engine:
             self._hand_over(deliveries)
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:
-        if self._token is None:
-            return
-        try:
-            self._token.run_sync_soon(self.on_update, deliveries)
-        except trio.RunFinishedError:
-            pass
+        self._to_trio(self.on_update, deliveries)
 
     def _event(self, **fields: Any) -> None:
         """An engine event (crash, restart) for the audit log, on the trio thread."""
-        fields = {"model": self.info.name, **fields}
+        self._to_trio(self.on_event, {"model": self.info.name, **fields})
+
+    def _to_trio(self, callback: Callable[[Any], None], argument: Any) -> None:
+        """Run `callback(argument)` on the trio thread, soon; never blocks."""
         if self._token is None:
             return
         try:
-            self._token.run_sync_soon(self.on_event, fields)
+            self._token.run_sync_soon(callback, argument)
         except trio.RunFinishedError:
             pass

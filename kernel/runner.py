@@ -124,9 +124,12 @@ class Cached:
     used: int = 0
 
 
+# kernel/stats order (docs/protocol.md §6). The scheduling side counts step_s, preemptions,
+# held_seq_steps and engine_crashes (kernel/engine.py); they stay 0 here.
 STAT_KEYS = [
     "steps",
     "decode_s",
+    "step_s",
     "batch_tokens",
     "batch_seqs",
     "max_seqs",
@@ -135,13 +138,16 @@ STAT_KEYS = [
     "prompt_tokens",
     "jobs_done",
     "decode_errors",
+    "preemptions",
     "swaps_out",
     "swaps_in",
+    "held_seq_steps",
     "swap_bytes",
     "swap_ms",
     "recomputes",
     "prefix_hit_tokens",
     "cache_evictions",
+    "engine_crashes",
 ]
 
 
