@@ -179,9 +179,9 @@ class SubmitHandle(Handle):
             raise self._refused(KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes"))
         if not self.pending:
             try:
-                self.kernel.check_queue(self.agent)
+                await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent)  # audits a denial, records the error
             except KernelError as exc:
-                raise self._refused(exc) from None
+                raise self._refused(exc, record=False) from None
         self.pending += buf
         return len(buf)
 

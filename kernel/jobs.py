@@ -88,6 +88,11 @@ class Job:
         self.finished_at = time.time()
         self._notify()
 
+    def amend(self, state: JobState, errno: int, message: str) -> None:
+        """Change how a job ended while its end is being recorded, before readers run
+        (the same trio callback as `finish`): e.g. an answer the context could not keep."""
+        self.state, self.errno, self.message = state, errno, message
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()

@@ -22,7 +22,7 @@ import trio
 
 from . import access, params
 from .audit import AuditLog
-from .backends import Backend
+from .backends import Backend, Vocabulary
 from .config import AgentConfig, parse_config, parse_envelope
 from .context import Message, build_prompt, parse_context
 from .engine import Delivery, Engine
@@ -373,6 +373,12 @@ class Kernel:
     def _engine_event(self, fields: dict[str, Any]) -> None:
         self.log_event("engine", **fields)
 
+    def vocabulary(self, config: AgentConfig) -> Vocabulary:
+        """Whose tokens and chat template a request's prompt is built with: its local core's;
+        a remote core's prompt is sized with the default model's (the server tokenizes it)."""
+        core = self.cores.get(config.model or self._routed())
+        return core.backend if isinstance(core, Engine) else self.backend
+
     def core_of(self, job: Job) -> Core:
         """The core that serves a job: its model's, or the route's choice (kept in the job)."""
         job.config = self.routed(job.config)
@@ -512,7 +518,8 @@ class Kernel:
         self.check_queue(agent)
         config, recalled = await self._prepare(caller, agent, config, message)
         conversation = agent.messages if history is None else history
-        messages, tokens = await trio.to_thread.run_sync(build_prompt, self.backend, config, list(conversation), message)
+        config = self.routed(config)  # the route chooses once: the prompt is tokenized by the model that runs it
+        messages, tokens = await trio.to_thread.run_sync(build_prompt, self.vocabulary(config), config, list(conversation), message)
         self.require_live(agent)
         self.check_queue(agent)
         source = "prompt" if history is None else "call"
@@ -546,7 +553,7 @@ class Kernel:
             agent.turn = job
             try:
                 job.messages, job.prompt_tokens = await trio.to_thread.run_sync(
-                    build_prompt, self.backend, job.config, list(agent.messages), job.user_message
+                    build_prompt, self.vocabulary(job.config), job.config, list(agent.messages), job.user_message
                 )
             except KernelError as exc:
                 job.finish(JobState.ERROR, exc.errno, exc.message)
@@ -672,25 +679,38 @@ class Kernel:
         self.events.emit(**fields)
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
+        """A step's results, on the trio thread: an error here must cost one job, never the daemon."""
         for job, chunk, n_tokens, end in deliveries:
-            if job.parent is not None:
-                self._deliver_step(job, chunk, n_tokens, end)
-                continue
-            first = not job.first_token_at
-            started = job.state is JobState.QUEUED
-            if chunk or n_tokens:
-                job.publish(chunk, n_tokens)
-            else:
-                job.mark_running()
-            if started and job.state is JobState.RUNNING:
-                self.emit(job, "running")
-            if first and job.first_token_at:
-                self.emit(job, "first_token")
-            if end is not None:
-                if end[0] is JobState.DONE:
-                    job.end_line()
-                job.finish(*end)
-                self._finished(job)
+            try:
+                self._deliver_one(job, chunk, n_tokens, end)
+            except Exception:
+                log.exception("could not deliver a step's result to job %d; failing it", job.id)
+                if not job.state.finished:
+                    job.finish(JobState.ERROR, errno.EIO, "internal error while delivering the answer (see the aiosfs log)")
+                    try:
+                        self._finished(job)
+                    except Exception:
+                        log.exception("could not record the end of job %d either", job.id)
+
+    def _deliver_one(self, job: Job, chunk: bytes, n_tokens: int, end: tuple[JobState, int, str] | None) -> None:
+        if job.parent is not None:
+            self._deliver_step(job, chunk, n_tokens, end)
+            return
+        first = not job.first_token_at
+        started = job.state is JobState.QUEUED
+        if chunk or n_tokens:
+            job.publish(chunk, n_tokens)
+        else:
+            job.mark_running()
+        if started and job.state is JobState.RUNNING:
+            self.emit(job, "running")
+        if first and job.first_token_at:
+            self.emit(job, "first_token")
+        if end is not None:
+            if end[0] is JobState.DONE:
+                job.end_line()
+            job.finish(*end)
+            self._finished(job)
 
     def _deliver_step(self, step: Job, chunk: bytes, n_tokens: int, end: tuple[JobState, int, str] | None) -> None:
         """A tool loop's step: its text stays internal; its job is running from the first step."""
@@ -701,6 +721,19 @@ class Kernel:
         step.publish(chunk, n_tokens) if chunk or n_tokens else step.mark_running()
         if end is not None:
             step.finish(*end)
+
+    def _record_turn(self, agent: Agent, job: Job) -> None:
+        """Extend the agent's context with a finished turn; a disk error fails the job instead."""
+        turn = [{"role": "user", "content": job.user_message}, *job.tool_messages, {"role": "assistant", "content": job.answer}]
+        try:
+            self.storage.append_messages(agent.row.id, turn)
+        except Exception as exc:
+            log.exception("could not record the turn of job %d in the context of %s", job.id, agent.name)
+            job.amend(
+                JobState.ERROR, errno.EIO, f"the answer could not be written to the agent's context ({exc}); the conversation does not include it"
+            )
+            return
+        agent.messages = agent.messages + turn
 
     def job_finished(self, job: Job) -> None:
         """A job ended outside the engine (the tool loop): journal it and go on."""
@@ -715,6 +748,8 @@ class Kernel:
         spent = len(job.prompt_tokens) + job.extra_prompt_tokens + job.n_generated if job.started_at else 0  # the model's work on it
         if agent is not None:
             agent.row.spent_tokens += spent
+        if agent is not None and job.state is JobState.DONE and job.source == "prompt":
+            self._record_turn(agent, job)  # before the journal: it may turn the job into an error
         try:  # the job's end and the agent's spending in one transaction
             self.storage.finish_job(
                 job.id,
@@ -735,11 +770,7 @@ class Kernel:
             agent.turn = None
             if agent.next_turns and self._nursery is not None:
                 self._nursery.start_soon(self._start_next_turn, agent)
-        if job.state is JobState.DONE and job.source == "prompt":
-            turn = [{"role": "user", "content": job.user_message}, *job.tool_messages, {"role": "assistant", "content": job.answer}]
-            agent.messages = agent.messages + turn
-            self.storage.append_messages(agent.row.id, turn)
-        elif job.state is not JobState.DONE and agent.latest.get(job.uid) is job:
+        if job.state is not JobState.DONE and agent.latest.get(job.uid) is job:
             agent.errors[job.uid] = job.error_line()
         self.log_event("job", id=job.id, agent=job.agent, uid=job.uid, state=job.state.value, tokens=job.n_generated)
 

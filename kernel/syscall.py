@@ -26,6 +26,7 @@ class Sys(enum.Enum):
     AGENT_REMOVE = "agent_remove"
     AGENT_SETATTR = "agent_setattr"
     AGENT_CTL = "agent_ctl"
+    LLM_ADMIT = "llm_admit"  # may this caller start a request now? (a prompt write's first bytes)
     LLM_SUBMIT = "llm_submit"
     CONFIG_WRITE = "config_write"
     CONTEXT_WRITE = "context_write"
@@ -51,6 +52,11 @@ async def sys_agent_remove(kernel: Kernel, caller: Caller, name: str) -> None:
 
 async def sys_agent_setattr(kernel: Kernel, caller: Caller, agent: Agent, **values: Any) -> None:
     kernel.set_agent_attrs(caller, agent, **values)
+
+
+async def sys_llm_admit(kernel: Kernel, caller: Caller, agent: Agent) -> None:
+    """The checks a request's first write gets before its text is read: budget, queue policy, queue limits."""
+    kernel.check_queue(agent)
 
 
 async def sys_llm_submit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes, history: Any = None) -> Any:
@@ -226,6 +232,7 @@ TABLE: dict[Sys, Handler] = {
     Sys.AGENT_REMOVE: sys_agent_remove,
     Sys.AGENT_SETATTR: sys_agent_setattr,
     Sys.AGENT_CTL: sys_agent_ctl,
+    Sys.LLM_ADMIT: sys_llm_admit,
     Sys.LLM_SUBMIT: sys_llm_submit,
     Sys.CONFIG_WRITE: sys_config_write,
     Sys.CONTEXT_WRITE: sys_context_write,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ from .jobs import Job, JobState
 
 if TYPE_CHECKING:
     from .kernel import Agent, Kernel
+
+log = logging.getLogger(__name__)
 
 ANSWER = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"], "additionalProperties": False}
 TOOLS_HEADER = (
@@ -81,9 +84,10 @@ def parse_step(text: str) -> tuple[str, Any]:
     raise KernelError(errno.EIO, f"the model's reply is neither a tool call nor an answer: {text[:200]!r}")
 
 
-def prompt_tokens(kernel: Kernel, messages: list[dict[str, str]]) -> list[int]:
-    tokens: list[int] = kernel.backend.tokenize(kernel.backend.chat_prompt(messages))
-    window = kernel.backend.info.n_ctx_seq
+def prompt_tokens(kernel: Kernel, config: AgentConfig, messages: list[dict[str, str]]) -> list[int]:
+    vocabulary = kernel.vocabulary(config)
+    tokens: list[int] = vocabulary.tokenize(vocabulary.chat_prompt(messages))
+    window = vocabulary.info.n_ctx_seq
     if len(tokens) + params.MIN_PROMPT_ROOM > window:
         raise KernelError(errno.E2BIG, f"with the tool results the prompt is {len(tokens)} tokens; the window is {window}")
     return tokens
@@ -98,9 +102,11 @@ async def run_tool_loop(kernel: Kernel, agent: Agent, job: Job) -> None:
     except trio.Cancelled:
         raise
     except Exception:  # a bug must fail the job, not the kernel
+        log.exception("internal error in the tool loop of job %d", job.id)
+        if job.step is not None and not job.step.state.finished:
+            kernel.core_of(job.step).cancel(job.step)  # its step must not run on for nobody
         kernel.log_event("error", agent=agent.name, job=job.id, message="internal error in the tool loop")
         _end(kernel, job, JobState.ERROR, errno.EIO, "internal error in the tool loop (see the aiosfs log)")
-        raise
 
 
 async def _steps(kernel: Kernel, agent: Agent, job: Job) -> None:
@@ -121,7 +127,7 @@ async def _steps(kernel: Kernel, agent: Agent, job: Job) -> None:
         if last:
             raise KernelError(errno.EIO, "the model called a tool at the last step, where only an answer is allowed")
         messages = messages + await _call(kernel, agent, job, step.text, *value)
-        tokens = await trio.to_thread.run_sync(prompt_tokens, kernel, messages)
+        tokens = await trio.to_thread.run_sync(prompt_tokens, kernel, config, messages)
 
 
 async def _run_step(kernel: Kernel, job: Job, messages: list[dict[str, str]], tokens: list[int], config: AgentConfig, grammar: str) -> Job | None:

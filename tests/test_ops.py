@@ -561,6 +561,26 @@ def test_submit_over_the_size_limit_is_efbig_at_write(fs):
     fs(body)
 
 
+def test_a_refusal_at_the_first_write_is_audited_and_recorded(fs):
+    async def body(ops):
+        from kernel.kernel import Caller
+        from kernel.syscall import Sys, syscall
+
+        agent = await mkdir(ops, "a")
+        await syscall(ops.kernel, Sys.PERMISSIONS_WRITE, Caller(0, 0), agent, "budget_tokens 1\n")
+        await echo(ops, "agents/a/prompt", b"spends the budget\n")
+        await finished(agent.latest[ALICE.uid])
+        fh = await open_fh(ops, "agents/a/prompt", os.O_WRONLY)
+        with fails(errno.EDQUOT):
+            await ops.write(fh, 0, b"over budget\n")
+        await ops.release(fh)
+        denials = [e for e in map(json.loads, ops.kernel.audit) if e["event"] == "deny"]
+        assert [(d["syscall"], d["errno"], d["agent"], d["uid"]) for d in denials] == [("llm_admit", "EDQUOT", "a", ALICE.uid)]
+        assert (await cat(ops, "agents/a/error")).startswith(b"EDQUOT - ")
+
+    fs(body)
+
+
 def test_submit_errors_at_flush_are_recorded(fs):
     async def body(ops):
         agent = await mkdir(ops, "a")

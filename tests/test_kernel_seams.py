@@ -1,0 +1,118 @@
+"""Faults in the seams between the kernel's parts: each costs one request, never the
+daemon, and each is where the user can see it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+from collections.abc import Sequence
+
+import pytest
+from kernel_helpers import OWNER, answer, ask, mkdir, refused, run, running, submit
+
+from kernel import params
+from kernel.backends import BatchEntry
+from kernel.backends.fake import FakeBackend
+from kernel.jobs import JobState
+from kernel.syscall import Sys, syscall
+
+SHIFT = 1000  # the other vocabulary: the fake's byte tokens moved up by this much
+
+
+class ShiftedFake(FakeBackend):
+    """The fake model with another vocabulary: the same text, other token ids."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return [b + SHIFT for b in text.encode()]
+
+    def decode(self, entries: Sequence[BatchEntry]) -> int:
+        return super().decode([BatchEntry(e.seq, e.token - SHIFT if e.token >= SHIFT else e.token, e.pos, e.logits) for e in entries])
+
+
+def test_each_local_model_tokenizes_its_own_prompts(new_kernel) -> None:
+    other = ShiftedFake()
+    kernel = new_kernel(loaders={"other": (lambda: other, True)})
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "model=other\n")
+            job = await ask(kernel, agent, "which vocabulary")
+            assert job.state is JobState.DONE, job.message
+            assert job.prompt_tokens and min(job.prompt_tokens) >= SHIFT  # the other model's ids, not the default's bytes
+            assert bytes(job.data).decode() == answer("which vocabulary") + "\n"
+            default = await mkdir(kernel, "b")
+            plain = await ask(kernel, default, "default vocabulary")
+            assert max(plain.prompt_tokens) < 256
+
+    run(body)
+
+
+def test_a_disk_error_while_a_turn_is_recorded_fails_that_job_not_the_daemon(new_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = new_kernel()
+    real = kernel.storage.append_messages
+
+    def broken(agent_id: int, messages: list[dict[str, str]]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            monkeypatch.setattr(kernel.storage, "append_messages", broken)
+            job = await ask(kernel, agent, "lost turn")
+            assert job.state is JobState.ERROR and job.errno == errno.EIO and "disk I/O error" in job.message
+            assert agent.messages == [] and "EIO" in agent.errors[OWNER.uid]
+            monkeypatch.setattr(kernel.storage, "append_messages", real)
+            after = await ask(kernel, agent, "kept turn")  # the kernel still serves, and the lost turn is not in the context
+            assert bytes(after.data).decode() == answer("kept turn", 1) + "\n"
+            assert [m["content"] for m in agent.messages] == ["kept turn", answer("kept turn", 1)]
+        assert kernel.storage.db.execute("SELECT state, errno FROM jobs WHERE id = ?", [job.id]).fetchone() == ("error", errno.EIO)
+
+    run(body)
+
+
+def test_a_bug_in_the_tool_loop_fails_that_job_and_the_kernel_goes_on(new_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernel import toolloop
+
+    kernel = new_kernel()
+
+    def bug(text: str) -> tuple[str, object]:
+        raise RuntimeError("a bug in the tool loop")
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=clock\n")
+            monkeypatch.setattr(toolloop, "parse_step", bug)
+            job = await ask(kernel, agent, "what time is it")
+            assert job.state is JobState.ERROR and job.errno == errno.EIO and "internal error in the tool loop" in job.message
+            monkeypatch.undo()
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=\n")
+            after = await ask(kernel, agent, "still there")
+            assert after.state is JobState.DONE
+
+    run(body)
+
+
+def test_a_refusal_at_the_first_write_is_audited(new_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernel_helpers import ROOT
+
+    kernel = new_kernel()
+    monkeypatch.setattr(params, "MAX_QUEUED_PER_AGENT", 1)
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.PERMISSIONS_WRITE, ROOT, agent, "budget_tokens 1\n")
+            await ask(kernel, agent, "spends the budget")
+            await refused(errno.EDQUOT, syscall(kernel, Sys.LLM_ADMIT, OWNER, agent))
+            denials = [e for e in map(json.loads, kernel.audit) if e["event"] == "deny"]
+            assert [(d["syscall"], d["errno"], d["agent"], d["uid"]) for d in denials] == [("llm_admit", "EDQUOT", "a", OWNER.uid)]
+            assert agent.errors[OWNER.uid].startswith("EDQUOT")
+            await syscall(kernel, Sys.AGENT_CTL, ROOT, agent, "budget reset")
+            await submit(kernel, agent, "queued")
+            await refused(errno.EAGAIN, syscall(kernel, Sys.LLM_ADMIT, OWNER, agent))  # not a denial: no deny line
+            assert len([e for e in map(json.loads, kernel.audit) if e["event"] == "deny"]) == 1
+
+    run(body)
