@@ -1,0 +1,12 @@
+"""`python -m bench ...` (what scripts/bench runs); `python -m bench --worker` is a peer's worker process."""
+
+from __future__ import annotations
+
+import sys
+
+from .run import main, worker_entry
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(worker_entry())
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The aiosfs-inproc and aiosfs-noreuse peers: the kernel in-process, through its syscall table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..load import Cell
+from ..stats import Record, counter_delta, kernel_counters
+from ..workloads import Plan
+
+
+def envelope(plan: Plan, message: str, max_tokens: int | None = None) -> bytes:
+    return json.dumps({"prompt": message, "max_tokens": max_tokens or plan.max_tokens, "temperature": 0, "ignore_eos": True}).encode()
+
+
+def agent_config(plan: Plan, agent: int) -> str:
+    system = plan.system.replace("\n", "\\n")
+    priority = plan.priority_of(agent)
+    return f"system={system}\ntemperature=0\nignore_eos=on\n" + ("" if priority is None else f"priority={priority}\n")
+
+
+def make_backend(cell: Cell) -> Any:
+    """The run's llama.cpp backend, or the fake one under --fake."""
+    if cell.fake:
+        from kernel.backends.fake import FakeBackend
+
+        return FakeBackend(n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
+    from kernel.backends.llama import LlamaBackend
+
+    return LlamaBackend(cell.model, threads=cell.threads, n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
+
+
+def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], float]:
+    """The kernel in this process, driven through its syscall table; `kv_reuse=False`:
+    every turn is prefilled from scratch (the aiosfs-noreuse peer)."""
+    import trio
+
+    from kernel.kernel import Caller, Kernel
+    from kernel.storage import Storage
+    from kernel.syscall import Sys, syscall
+
+    plan = cell.plan
+    caller = Caller(0, 0)
+    backend = make_backend(cell)
+    tmp = Path(tempfile.mkdtemp(prefix="aiosfs-bench-"))
+    storage = Storage(tmp / "b.db")
+    kernel = Kernel(storage, backend, scheduler=cell.scheduler, kv_reuse=kv_reuse)
+    cell.extra.update(scheduler=kernel.engine.scheduler.describe(), slots=cell.n_slots, kv_reuse=kv_reuse)
+    records: list[Record] = []
+    started = 0.0
+
+    async def request(agent: Any, index: int, number: int, message: str, max_tokens: int | None = None) -> Record:
+        start = time.time()
+        try:
+            job = await syscall(kernel, Sys.LLM_SUBMIT, caller, agent, envelope(plan, message, max_tokens))
+            while not job.state.finished:
+                await job.wait_beyond(len(job.data), 1.0)
+        except Exception as exc:
+            return Record(number, index, start, time.time(), error=f"{type(exc).__name__}: {exc}")
+        record = Record(number, index, start, job.finished_at or time.time(), job.first_token_at or None, job.n_generated, len(job.prompt_tokens))
+        if job.state.value != "done":
+            record.error = f"job {job.id} {job.state.value}: {job.message}"
+        return record
+
+    async def client(agent: Any, number: int, go: trio.Event, high_done: trio.Event) -> None:
+        await go.wait()
+        await trio.sleep(plan.start_delay(number))
+        try:
+            for index, message in enumerate(plan.messages[number]):
+                if time.time() > cell.deadline or (plan.busy(number) and high_done.is_set()):
+                    break
+                record = await request(agent, index, number, message)
+                records.append(record)
+                cell.progress.add()
+                if record.error:
+                    break
+                if not plan.workload.multi_turn:
+                    kernel.write_context(caller, agent, "")
+        finally:
+            if number == 0:
+                high_done.set()
+
+    async def main() -> None:
+        nonlocal started
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kernel.run)
+            try:
+                agents = []
+                for a in range(plan.n_agents):
+                    agent = await syscall(kernel, Sys.AGENT_CREATE, caller, f"a{a}", 0o755)
+                    await syscall(kernel, Sys.CONFIG_WRITE, caller, agent, agent_config(plan, a))
+                    agents.append(agent)
+                warm = await request(agents[0], 0, 0, plan.warmup[0], 16)
+                if warm.error:
+                    raise RuntimeError(f"warm-up failed: {warm.error}")
+                cell.extra["warm_prompt_tokens"] = warm.prompt_tokens
+                async with trio.open_nursery() as warmers:
+                    for a, agent in enumerate(agents):
+                        warmers.start_soon(request, agent, 0, a, plan.warmup[a], 8)
+                for agent in agents:
+                    kernel.write_context(caller, agent, "")
+                before = kernel_counters(kernel.statistics())
+                go, high_done = trio.Event(), trio.Event()
+                with trio.move_on_after(max(1.0, cell.deadline + cell.timeout * 0.5 - time.time())):
+                    async with trio.open_nursery() as clients:
+                        for a, agent in enumerate(agents):
+                            clients.start_soon(client, agent, a, go, high_done)
+                        cell.cpu_start()
+                        started = time.time()
+                        go.set()
+                cell.cpu_end()
+                wall = max((r.end for r in records), default=started) - started
+                cell.extra["kernel"] = counter_delta(before, kernel_counters(kernel.statistics()), wall)
+            finally:
+                kernel.stop()
+
+    try:
+        trio.run(main)
+    finally:
+        backend.close()
+        storage.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return records, started
+
+
+def run_aiosfs_noreuse(cell: Cell) -> tuple[list[Record], float]:
+    return run_aiosfs_inproc(cell, kv_reuse=False)
