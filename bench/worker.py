@@ -33,8 +33,9 @@ class PipeProgress:
         sys.stdout.flush()
 
 
-def run_in_worker(peer: str, cell: Cell) -> tuple[list[Record], float]:
-    job = {
+def job_of(peer: str, cell: Cell) -> dict[str, Any]:
+    """What the worker needs to rebuild the cell (`worker_main`)."""
+    return {
         "peer": peer,
         "plan": asdict(cell.plan),
         "model": str(cell.model),
@@ -48,6 +49,20 @@ def run_in_worker(peer: str, cell: Cell) -> tuple[list[Record], float]:
         "slots": cell.slots,
         "fake": cell.fake,
     }
+
+
+def read_worker(proc: subprocess.Popen[str], cell: Cell, result: dict[str, Any]) -> None:
+    """The worker's stdout: a `+` per finished request (to the progress), then `RESULT {json}` (into `result`)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("+"):
+            cell.progress.add()
+        elif line.startswith("RESULT "):
+            result.update(json.loads(line[7:]))
+
+
+def run_in_worker(peer: str, cell: Cell) -> tuple[list[Record], float]:
+    """Run an in-process peer in a fresh `python -m bench --worker` (its stderr to the peer's log)."""
     log = cell.log_file(peer)
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(
@@ -61,19 +76,10 @@ def run_in_worker(peer: str, cell: Cell) -> tuple[list[Record], float]:
         )
     result: dict[str, Any] = {}
     try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(job) + "\n")
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(job_of(peer, cell)) + "\n")
         proc.stdin.close()
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("+"):
-                    cell.progress.add()
-                elif line.startswith("RESULT "):
-                    result.update(json.loads(line[7:]))
-
-        reader = threading.Thread(target=read, daemon=True)
+        reader = threading.Thread(target=read_worker, args=(proc, cell, result), daemon=True)
         reader.start()
         reader.join(max(10.0, cell.deadline + cell.timeout * 0.5 + 120 - time.time()))
         proc.wait(30)

@@ -7,11 +7,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import trio
 
 from ..load import Cell
 from ..stats import Record, counter_delta, kernel_counters
 from ..workloads import Plan
+
+if TYPE_CHECKING:
+    from kernel.kernel import Kernel
 
 
 def envelope(plan: Plan, message: str, max_tokens: int | None = None) -> bytes:
@@ -35,29 +40,24 @@ def make_backend(cell: Cell) -> Any:
     return LlamaBackend(cell.model, threads=cell.threads, n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
 
 
-def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], float]:
-    """The kernel in this process, driven through its syscall table; `kv_reuse=False`:
-    every turn is prefilled from scratch (the aiosfs-noreuse peer)."""
-    import trio
+class KernelRun:
+    """One run of the in-process peer: N trio clients calling the kernel's syscalls."""
 
-    from kernel.kernel import Caller, Kernel
-    from kernel.storage import Storage
-    from kernel.syscall import Sys, syscall
+    def __init__(self, cell: Cell, kernel: Kernel) -> None:
+        from kernel.kernel import Caller
 
-    plan = cell.plan
-    caller = Caller(0, 0)
-    backend = make_backend(cell)
-    tmp = Path(tempfile.mkdtemp(prefix="aiosfs-bench-"))
-    storage = Storage(tmp / "b.db")
-    kernel = Kernel(storage, backend, scheduler=cell.scheduler, kv_reuse=kv_reuse)
-    cell.extra.update(scheduler=kernel.engine.scheduler.describe(), slots=cell.n_slots, kv_reuse=kv_reuse)
-    records: list[Record] = []
-    started = 0.0
+        self.cell, self.plan, self.kernel = cell, cell.plan, kernel
+        self.caller = Caller(0, 0)
+        self.records: list[Record] = []
+        self.started = 0.0
 
-    async def request(agent: Any, index: int, number: int, message: str, max_tokens: int | None = None) -> Record:
+    async def request(self, agent: Any, index: int, number: int, message: str, max_tokens: int | None = None) -> Record:
+        """One prompt to an agent, waited for to the end: its record."""
+        from kernel.syscall import Sys, syscall
+
         start = time.time()
         try:
-            job = await syscall(kernel, Sys.LLM_SUBMIT, caller, agent, envelope(plan, message, max_tokens))
+            job = await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, agent, envelope(self.plan, message, max_tokens))
             while not job.state.finished:
                 await job.wait_beyond(len(job.data), 1.0)
         except Exception as exc:
@@ -67,65 +67,91 @@ def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], 
             record.error = f"job {job.id} {job.state.value}: {job.message}"
         return record
 
-    async def client(agent: Any, number: int, go: trio.Event, high_done: trio.Event) -> None:
+    async def client(self, agent: Any, number: int, go: trio.Event, high_done: trio.Event) -> None:
+        """Agent `number`'s closed loop: its requests one after another once `go` is set."""
+        plan, cell = self.plan, self.cell
         await go.wait()
         await trio.sleep(plan.start_delay(number))
         try:
             for index, message in enumerate(plan.messages[number]):
                 if time.time() > cell.deadline or (plan.busy(number) and high_done.is_set()):
                     break
-                record = await request(agent, index, number, message)
-                records.append(record)
+                record = await self.request(agent, index, number, message)
+                self.records.append(record)
                 cell.progress.add()
                 if record.error:
                     break
                 if not plan.workload.multi_turn:
-                    kernel.write_context(caller, agent, "")
+                    self.kernel.write_context(self.caller, agent, "")
         finally:
             if number == 0:
                 high_done.set()
 
-    async def main() -> None:
-        nonlocal started
-        async with trio.open_nursery() as nursery:
-            await nursery.start(kernel.run)
-            try:
-                agents = []
-                for a in range(plan.n_agents):
-                    agent = await syscall(kernel, Sys.AGENT_CREATE, caller, f"a{a}", 0o755)
-                    await syscall(kernel, Sys.CONFIG_WRITE, caller, agent, agent_config(plan, a))
-                    agents.append(agent)
-                warm = await request(agents[0], 0, 0, plan.warmup[0], 16)
-                if warm.error:
-                    raise RuntimeError(f"warm-up failed: {warm.error}")
-                cell.extra["warm_prompt_tokens"] = warm.prompt_tokens
-                async with trio.open_nursery() as warmers:
-                    for a, agent in enumerate(agents):
-                        warmers.start_soon(request, agent, 0, a, plan.warmup[a], 8)
-                for agent in agents:
-                    kernel.write_context(caller, agent, "")
-                before = kernel_counters(kernel.statistics())
-                go, high_done = trio.Event(), trio.Event()
-                with trio.move_on_after(max(1.0, cell.deadline + cell.timeout * 0.5 - time.time())):
-                    async with trio.open_nursery() as clients:
-                        for a, agent in enumerate(agents):
-                            clients.start_soon(client, agent, a, go, high_done)
-                        cell.cpu_start()
-                        started = time.time()
-                        go.set()
-                cell.cpu_end()
-                wall = max((r.end for r in records), default=started) - started
-                cell.extra["kernel"] = counter_delta(before, kernel_counters(kernel.statistics()), wall)
-            finally:
-                kernel.stop()
+    async def make_agents(self) -> list[Any]:
+        """The agents, configured and warmed up (a request alone, then one per agent at once), their contexts empty."""
+        from kernel.syscall import Sys, syscall
 
+        plan, kernel, caller = self.plan, self.kernel, self.caller
+        agents = []
+        for a in range(plan.n_agents):
+            agent = await syscall(kernel, Sys.AGENT_CREATE, caller, f"a{a}", 0o755)
+            await syscall(kernel, Sys.CONFIG_WRITE, caller, agent, agent_config(plan, a))
+            agents.append(agent)
+        warm = await self.request(agents[0], 0, 0, plan.warmup[0], 16)
+        if warm.error:
+            raise RuntimeError(f"warm-up failed: {warm.error}")
+        self.cell.extra["warm_prompt_tokens"] = warm.prompt_tokens
+        async with trio.open_nursery() as warmers:
+            for a, agent in enumerate(agents):
+                warmers.start_soon(self.request, agent, 0, a, plan.warmup[a], 8)
+        for agent in agents:
+            kernel.write_context(caller, agent, "")
+        return agents
+
+    async def measure(self, agents: list[Any]) -> None:
+        """Release the clients at once; the kernel's counters over the run into the cell's extra."""
+        cell, kernel = self.cell, self.kernel
+        before = kernel_counters(kernel.statistics())
+        go, high_done = trio.Event(), trio.Event()
+        with trio.move_on_after(max(1.0, cell.deadline + cell.timeout * 0.5 - time.time())):
+            async with trio.open_nursery() as clients:
+                for a, agent in enumerate(agents):
+                    clients.start_soon(self.client, agent, a, go, high_done)
+                cell.cpu_start()
+                self.started = time.time()
+                go.set()
+        cell.cpu_end()
+        wall = max((r.end for r in self.records), default=self.started) - self.started
+        cell.extra["kernel"] = counter_delta(before, kernel_counters(kernel.statistics()), wall)
+
+    async def main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.kernel.run)
+            try:
+                await self.measure(await self.make_agents())
+            finally:
+                self.kernel.stop()
+
+
+def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], float]:
+    """The kernel in this process, driven through its syscall table; `kv_reuse=False`:
+    every turn is prefilled from scratch (the aiosfs-noreuse peer)."""
+    from kernel.kernel import Kernel
+    from kernel.storage import Storage
+
+    backend = make_backend(cell)
+    tmp = Path(tempfile.mkdtemp(prefix="aiosfs-bench-"))
+    storage = Storage(tmp / "b.db")
+    kernel = Kernel(storage, backend, scheduler=cell.scheduler, kv_reuse=kv_reuse)
+    cell.extra.update(scheduler=kernel.engine.scheduler.describe(), slots=cell.n_slots, kv_reuse=kv_reuse)
+    run = KernelRun(cell, kernel)
     try:
-        trio.run(main)
+        trio.run(run.main)
     finally:
         backend.close()
         storage.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return records, started
+    return run.records, run.started
 
 
 def run_aiosfs_noreuse(cell: Cell) -> tuple[list[Record], float]:
