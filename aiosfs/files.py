@@ -19,12 +19,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernel import params
+from kernel import Agent, Caller, EventStream, Job, JobState, Kernel, params
 from kernel.errors import KernelError
-from kernel.events import EventStream
-from kernel.jobs import Job, JobState
-from kernel.kernel import Agent, Caller, Kernel
-from kernel.syscall import Sys, syscall
+from kernel.syscall import Sys, checks, syscall
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +122,11 @@ class StoredHandle(Handle):
     async def write(self, off: int, buf: bytes) -> int:
         base = len(self.current().encode()) if self.appending else 0
         off = len(self.data) if self.flags & os.O_APPEND else off - base
-        if base + max(off, 0) + len(buf) > self.limit:
-            exc = KernelError(errno.EFBIG, f"this file is limited to {self.limit} bytes")
-            self.kernel.record_error(self.agent, self.caller.uid, exc)
-            raise exc
+        try:
+            checks.stored_size(base + max(off, 0) + len(buf), "this file", self.limit)
+        except KernelError as exc:
+            self.kernel.requests.record_error(self.agent, self.caller.uid, exc)
+            raise
         if off < 0:
             raise KernelError(errno.EINVAL, "with O_APPEND, writes go to the end")
         if off > len(self.data):
@@ -169,29 +167,29 @@ class SubmitHandle(Handle):
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.pending = bytearray()
-        self.oversized = False  # after EFBIG the rest of that request is refused too
+        self.oversized: KernelError | None = None  # after EFBIG the rest of that request is refused too
 
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
-        if self.oversized or len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
-            self.oversized = True
-            self.pending.clear()
-            raise self._refused(KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes"))
-        if not self.pending:
-            try:
-                await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent)  # audits a denial, records the error
-            except KernelError as exc:
-                raise self._refused(exc, record=False) from None
+        if self.oversized is not None:
+            raise self._refused(self.oversized, record=False)
+        try:  # its size so far; at its first write, the queue limits (audits a denial, records the error)
+            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, size=len(self.pending) + len(buf), queue=not self.pending)
+        except KernelError as exc:
+            if exc.errno == errno.EFBIG:
+                self.oversized = exc
+                self.pending.clear()
+            raise self._refused(exc, record=False) from None
         self.pending += buf
         return len(buf)
 
     def truncate(self) -> None:
         self.pending.clear()
-        self.oversized = False
+        self.oversized = None
 
     async def flush(self) -> None:
-        if self.oversized:  # the refused request ends here; the next one may be fine
-            self.oversized = False
+        if self.oversized is not None:  # the refused request ends here; the next one may be fine
+            self.oversized = None
             self.pending.clear()
             return
         if not self.pending:
@@ -207,7 +205,7 @@ class SubmitHandle(Handle):
         `output` open fail with it rather than show an older answer as this one's."""
         assert self.agent is not None
         if record:
-            self.kernel.record_error(self.agent, self.caller.uid, exc)
+            self.kernel.requests.record_error(self.agent, self.caller.uid, exc)
         self.agent.refused[self.caller.uid] = exc
         return exc
 
@@ -299,17 +297,15 @@ class GrowingHandle(Handle):
     async def _wait_for_first_job(self) -> None:
         """A reader opened before the uid's first request streams that request."""
         assert self.agent is not None
-        self.stream.job = self.kernel.latest_job(self.agent, self.caller.uid)
+        self.stream.job = await syscall(self.kernel, Sys.OUTPUT_BIND, self.caller, self.agent)
         if self.stream.job is not None:
             return
         if self.flags & os.O_NONBLOCK:
             raise pyfuse3.FUSEError(errno.EAGAIN)
         self.waiting.enter(self.caller.uid)
         try:
-            while self.stream.job is None:
-                if self.kernel.agents.get(self.agent.name) is not self.agent:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                self.stream.job = await self.agent.wait_for_job(self.caller.uid, params.READ_WAKE_SECONDS)
+            while self.stream.job is None:  # ENOENT once the agent is removed
+                self.stream.job = await syscall(self.kernel, Sys.OUTPUT_BIND, self.caller, self.agent, wait=params.READ_WAKE_SECONDS)
                 if self.stream.job is None and signal_pending(self.caller.pid):
                     raise pyfuse3.FUSEError(errno.EINTR)
         finally:
@@ -336,11 +332,12 @@ class RpcHandle(Handle):
         self.waiting = waiting
 
     async def write(self, off: int, buf: bytes) -> int:
-        if len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
+        assert self.agent is not None
+        try:  # the turn's size so far (a call turn does not queue until it is read)
+            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, size=len(self.pending) + len(buf), queue=False)
+        except KernelError:
             self.pending.clear()
-            exc = KernelError(errno.EFBIG, f"the request is over {params.MAX_REQUEST_BYTES} bytes")
-            self.kernel.record_error(self.agent, self.caller.uid, exc)
-            raise exc
+            raise
         self.pending += buf
         return len(buf)
 
@@ -369,7 +366,7 @@ class RpcHandle(Handle):
     async def release(self) -> None:
         job = self.stream.job
         if job is not None and not job.state.finished and self.agent is not None:
-            self.kernel.cancel(self.caller, self.agent, str(job.id))
+            self.kernel.requests.cancel(self.caller, self.agent, str(job.id))
 
 
 class CtlHandle(Handle):

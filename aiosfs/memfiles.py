@@ -18,11 +18,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernel import params
+from kernel import Agent, Attr, Caller, Kernel, Passage
 from kernel.errors import KernelError
-from kernel.kernel import Agent, Caller, Kernel
-from kernel.memfs import Attr, Passage
-from kernel.syscall import Sys, syscall
+from kernel.syscall import Sys, checks, syscall
 
 from .files import Handle
 
@@ -110,9 +108,11 @@ class RecallHandle(Handle):
         self.lock = trio.Lock()
 
     async def write(self, off: int, buf: bytes) -> int:
-        if len(self.pending) + len(buf) > params.MAX_REQUEST_BYTES:
+        try:
+            checks.request_size(len(self.pending) + len(buf), "the query")
+        except KernelError:
             self.pending.clear()
-            raise KernelError(errno.EFBIG, f"a recall query is at most {params.MAX_REQUEST_BYTES} bytes")
+            raise
         self.pending += buf
         return len(buf)
 

@@ -21,12 +21,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernel import params
-from kernel.enginehost import EngineDied, EngineSpec, ProcessCore
-from kernel.kernel import Kernel
-from kernel.memfs import MemoryStore
-from kernel.remote import load_api_key
-from kernel.storage import Storage
+from kernel import EngineDied, EngineSpec, Kernel, MemoryStore, ProcessCore, Storage, load_api_key, params
+from services.manifests import ManifestManager
 
 from .model import data_dir
 from .mountconfig import ConfigError, LocalModel, MountConfig, load_mount_config
@@ -51,8 +47,8 @@ class MountOptions:
     ctx: int = params.DEFAULT_CTX_PER_SLOT
     fake_delay: float = 0.0
     memory_quota: int = params.MEMORY_QUOTA_BYTES
-    agents_dir: Path | None = None  # agent manifests to keep (kernel/manifests.py)
-    tools: Path | None = None  # external tools' manifests (kernel/tools.py)
+    agents_dir: Path | None = None  # agent manifests to keep (services/manifests.py)
+    tools: Path | None = None  # external tools' manifests (kernel/tools/)
     config: Path | None = None  # remote cores and the route (aiosfs/mountconfig.py)
 
 
@@ -281,10 +277,7 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     config = check_config(options)
     loaders = {m.name: (functools.partial(load_local, options, m), m.load) for m in config.locals}
     kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools, remotes=config.remotes, route=config.route, loaders=loaders)
-    if options.agents_dir is not None:
-        from kernel.manifests import ManifestManager
-
-        kernel.manifests = ManifestManager(kernel, options.agents_dir, options.mountpoint, options.state)
+    manifests = ManifestManager(kernel, options.agents_dir, options.mountpoint, options.state) if options.agents_dir is not None else None
     ops = Operations(kernel)
     opts = fuse_options("aiosfs")
     pids = pid_file(options.mountpoint)  # before init: resolving the path stats the mountpoint
@@ -299,25 +292,29 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
             f"threads {info.threads}, {info.n_slots} slots x {info.n_ctx_seq} tokens; state {options.state}"
             + ("" if "allow_other" in opts else "; only this user can use it (no allow_other)")
         )
-        trio.run(_main, kernel, ops)
+        trio.run(_main, kernel, ops, manifests)
     finally:
         pyfuse3.close(unmount=True)
         kernel.stop()
-        storage.close()
+        kernel.close()
         memory.close()
         backend.close()
         pids.unlink(missing_ok=True)
         os.close(lock)
 
 
-async def _main(kernel: Kernel, ops: Operations) -> None:
+async def _main(kernel: Kernel, ops: Operations, manifests: ManifestManager | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         await nursery.start(kernel.run)
+        if manifests is not None:  # userland: keeps the manifests' agents through the syscall table
+            await nursery.start(manifests.run)  # its agents exist when the mount serves
         nursery.start_soon(_terminate_on_signal)
         try:
             await pyfuse3.main(min_tasks=1, max_tasks=params.FUSE_MAX_TASKS)
         finally:
+            if manifests is not None:
+                manifests.stop()  # and with it every agent process
             kernel.stop()
             nursery.cancel_scope.cancel()
 

@@ -29,8 +29,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kernel.kernel import ROUTES
-from kernel.remote import RemoteConfig
+from kernel import ROUTES, RemoteConfig
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from kernel import params
-from kernel.context import render_context
+from kernel import Agent, Caller, Kernel, params, render_context
 from kernel.errors import KernelError
-from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
 
 from . import render, toolfiles
@@ -101,7 +99,7 @@ class Operations(pyfuse3.Operations):
             if kind >= Kind.AGENT:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return BY_KIND[kind], None
-        agent = self.kernel.agent_by_id(agent_id)
+        agent = self.kernel.agents.by_id(agent_id)
         if agent is None or kind < Kind.AGENT:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return BY_KIND[kind], agent
@@ -127,7 +125,7 @@ class Operations(pyfuse3.Operations):
         if entry.cls is Cls.STORED:
             attr.st_size = len(self._stored_text(entry.kind, agent).encode())
         elif entry.cls is Cls.GROWING and agent is not None and ctx is not None:
-            job = self.kernel.latest_job(agent, ctx.uid)
+            job = self.kernel.requests.latest_job(agent, ctx.uid)  # a stat reads the binding; opens make it (Sys.OUTPUT_BIND)
             attr.st_size = len(job.data) if job is not None else 0
         ns = int(stamp * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
@@ -139,7 +137,7 @@ class Operations(pyfuse3.Operations):
         if kind is Kind.CONFIG:
             return agent.config.render()
         if kind is Kind.PERMISSIONS:
-            return self.kernel.permissions_text(agent)
+            return self.kernel.agents.permissions_text(agent)
         return render_context(agent.messages)
 
     @staticmethod
@@ -409,7 +407,7 @@ class Operations(pyfuse3.Operations):
         if entry.cls is Cls.SUBMIT:
             return SubmitHandle(self.kernel, caller, agent, flags)
         if entry.cls is Cls.GROWING:
-            return GrowingHandle(self.kernel, caller, agent, flags, self.kernel.latest_job(agent, caller.uid), self.waiting)
+            return GrowingHandle(self.kernel, caller, agent, flags, await syscall(self.kernel, Sys.OUTPUT_BIND, caller, agent), self.waiting)
         if entry.kind is Kind.RECALL:
             return RecallHandle(self.kernel, caller, agent, flags)
         if entry.cls is Cls.RPC:

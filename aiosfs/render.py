@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from kernel import params
-from kernel.kernel import Agent, Caller, Kernel
-from kernel.remote import RemoteEngine
+from kernel import Agent, Caller, Kernel, params
 
 README = """\
 aiosfs: an operating system for LLM agents, in the filesystem.
@@ -41,7 +39,7 @@ docs/protocol.md of the aiosfs sources.
 
 
 def agent_status(kernel: Kernel, agent: Agent, caller: Caller) -> str:
-    job = kernel.latest_job(agent, caller.uid)
+    job = kernel.requests.latest_job(agent, caller.uid)
     if job is None:
         return "idle -\n"
     return f"{job.shown_state} {job.id}\n"
@@ -64,8 +62,8 @@ def kernel_ps(kernel: Kernel, caller: Caller) -> str:
     for job in jobs:
         waited = (job.started_at or now) - job.queued_at
         lines.append(f"{job.id} {job.agent} {job.uid} {job.shown_state} {job.config.priority} {int(waited * 1000)} {job.n_generated}\n")
-    for proc in kernel.manifests.processes() if kernel.manifests is not None else []:  # agent processes (mount --agents-dir)
-        lines.append(f"proc {proc.name} pid={proc.pid or '-'} state={proc.state} restarts={proc.restarts}\n")
+    for provider in kernel.ps_providers:  # e.g. the agent processes of mount --agents-dir
+        lines.extend(f"{line}\n" for line in provider())
     return "".join(lines)
 
 
@@ -76,16 +74,17 @@ def kernel_models(kernel: Kernel) -> str:
     for name, core in kernel.cores.items():
         info = core.info
         default = " default" if core is kernel.engine else ""
+        local = kernel.cores.local(name)
         engine = (
             ""
-            if isinstance(core, RemoteEngine)
-            else f" {core.describe()}" + (f" last_crash={core.last_crash.split(';')[0].replace(' ', '_')}" if core.last_crash else "")
+            if local is None
+            else f" {local.describe()}" + (f" last_crash={local.last_crash.split(';')[0].replace(' ', '_')}" if local.last_crash else "")
         )
         lines.append(
             f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} "
             f"running={core.running()} queued={len(core.queued())} gpu_layers={info.gpu_layers}{engine}\n"
         )
-    for name in kernel.unloaded_models():
+    for name in kernel.cores.unloaded():
         lines.append(f"{name} llama.cpp - 0 - unloaded running=0 queued=0 gpu_layers=0\n")
     return "".join(lines)
 
@@ -97,7 +96,7 @@ def kernel_log(kernel: Kernel) -> str:
 def kernel_trash(kernel: Kernel) -> str:
     """Removed agents that `restore NAME` in kernel/ctl can bring back, oldest first."""
     lines = ["name id uid removed restorable_until\n"]
-    for row in sorted(kernel.trash.values(), key=lambda r: r.trashed_at or 0):
+    for row in sorted(kernel.agents.trash.values(), key=lambda r: r.trashed_at or 0):
         removed = row.trashed_at or 0
         until = removed + params.TRASH_RETENTION_SECONDS
         lines.append(f"{row.trashed_name} {row.id} {row.uid} {_iso(removed)} {_iso(until)}\n")

@@ -17,11 +17,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernel import params
+from kernel import Agent, Caller, Kernel, ToolSpec, params
 from kernel.errors import KernelError, errno_name
-from kernel.kernel import Agent, Caller, Kernel
 from kernel.syscall import Sys, syscall
-from kernel.tools import ToolSpec
 
 from .dirtab import BY_KIND, Entry, Kind, agent_of, inode, kind_of
 from .files import Handle, SnapshotHandle
@@ -80,7 +78,7 @@ def parse_call(kernel: Kernel, data: bytes) -> tuple[Agent | None, Any]:
     if isinstance(request, dict) and set(request) == {"agent", "arguments"}:
         if not isinstance(request["agent"], str):
             raise KernelError(errno.EINVAL, f"the envelope's agent is an agent's name: {ENVELOPE}")
-        return kernel.agent(request["agent"]), request["arguments"]
+        return kernel.agents.named(request["agent"]), request["arguments"]
     return None, request
 
 

@@ -103,7 +103,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.slots is not None and args.slots < 1:
         p.error("--slots: at least 1")
     if args.scheduler is not None:
-        from kernel.scheduler import make_scheduler
+        from kernel import make_scheduler
 
         try:
             args.scheduler = make_scheduler(args.scheduler).describe()

@@ -1,4 +1,80 @@
-"""The aiosfs kernel: syscalls, scheduling, the LLM engine and the managers.
+"""The aiosfs kernel: syscalls, scheduling, the LLM cores and the managers.
 
-It knows nothing about FUSE; tests and benchmarks use it in-process.
+It knows nothing about FUSE. Userland (the filesystem in `aiosfs/`, the services
+in `services/`, the benchmark) uses this public surface, the syscall table
+(`kernel.syscall`: the one way in), and `kernel.params` and `kernel.errors`;
+tests may reach inside. The names load on first use, so the
+engine process (`python -m kernel.cores.enginehost`) imports only what it runs.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name → the module that defines it
+EXPORTS = {
+    "Kernel": "kernel.kernel",
+    "ROUTES": "kernel.cores.coreset",
+    "Agent": "kernel.types",
+    "Caller": "kernel.types",
+    "KernelError": "kernel.errors",
+    "errno_name": "kernel.errors",
+    "Job": "kernel.llm.jobs",
+    "JobState": "kernel.llm.jobs",
+    "EventStream": "kernel.llm.events",
+    "Storage": "kernel.storage.database",
+    "MemoryStore": "kernel.memory.store",
+    "Attr": "kernel.memory.store",
+    "Passage": "kernel.memory.store",
+    "ToolSpec": "kernel.tools.spec",
+    "EngineDied": "kernel.cores.enginehost",
+    "EngineSpec": "kernel.cores.enginehost",
+    "ProcessCore": "kernel.cores.enginehost",
+    "RemoteConfig": "kernel.cores.remote",
+    "load_api_key": "kernel.cores.remote",
+    "render_context": "kernel.agents.context",
+    "parse_config": "kernel.agents.config",
+    "escape": "kernel.agents.config",
+    "VALIDATORS": "kernel.agents.config",
+    "parse_policy": "kernel.access.policy",
+    "make_scheduler": "kernel.cores.scheduler",
+}
+
+if TYPE_CHECKING:
+    from kernel.access.policy import parse_policy as parse_policy
+    from kernel.agents.config import VALIDATORS as VALIDATORS
+    from kernel.agents.config import escape as escape
+    from kernel.agents.config import parse_config as parse_config
+    from kernel.agents.context import render_context as render_context
+    from kernel.cores.coreset import ROUTES as ROUTES
+    from kernel.cores.enginehost import EngineDied as EngineDied
+    from kernel.cores.enginehost import EngineSpec as EngineSpec
+    from kernel.cores.enginehost import ProcessCore as ProcessCore
+    from kernel.cores.remote import RemoteConfig as RemoteConfig
+    from kernel.cores.remote import load_api_key as load_api_key
+    from kernel.cores.scheduler import make_scheduler as make_scheduler
+    from kernel.errors import KernelError as KernelError
+    from kernel.errors import errno_name as errno_name
+    from kernel.kernel import Kernel as Kernel
+    from kernel.llm.events import EventStream as EventStream
+    from kernel.llm.jobs import Job as Job
+    from kernel.llm.jobs import JobState as JobState
+    from kernel.memory.store import Attr as Attr
+    from kernel.memory.store import MemoryStore as MemoryStore
+    from kernel.memory.store import Passage as Passage
+    from kernel.storage.database import Storage as Storage
+    from kernel.tools.spec import ToolSpec as ToolSpec
+    from kernel.types import Agent as Agent
+    from kernel.types import Caller as Caller
+
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

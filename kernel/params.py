@@ -33,7 +33,7 @@ MAX_QUANTUM = 1_000_000  # the largest rr quantum accepted
 PRIORITY_AGING_SECONDS = 10.0  # a waiting job gains one priority level per this many seconds
 SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a switch recomputes instead
 
-# -- the engine process (kernel/enginehost.py) and its supervision (kernel/engine.py) --
+# -- the engine process (kernel/cores/enginehost.py) and its supervision (kernel/cores/engine.py) --
 ENGINE_CRASH_LOOP = 3  # crashes within the window that mark a core failed instead of restarting it again
 ENGINE_CRASH_WINDOW_SECONDS = 60.0  # the crash-loop window
 ENGINE_BACKOFF_SECONDS = 0.5  # wait before the first restart; it doubles at each further crash in the window
@@ -41,7 +41,7 @@ ENGINE_BACKOFF_MAX_SECONDS = 10.0  # the longest wait before a restart
 ENGINE_CALL_WAIT_SECONDS = 120.0  # a tokenize call waits this long for a restarting engine, then EIO
 ENGINE_STOP_SECONDS = 10.0  # an engine asked to stop is killed after this long
 
-# -- remote LLM cores (kernel/remote.py: OpenAI-compatible servers) ----------------
+# -- remote LLM cores (kernel/cores/remote.py: OpenAI-compatible servers) ----------------
 REMOTE_MAX_IN_FLIGHT = 8  # requests one remote core runs at once unless configured: the server batches them
 REMOTE_MAX_IN_FLIGHT_LIMIT = 1024  # the largest max_in_flight accepted
 REMOTE_TIMEOUT_SECONDS = 60.0  # a request that makes no progress this long ends with ETIMEDOUT
@@ -55,7 +55,7 @@ REMOTE_KEY_MAX_BYTES = 4096  # an API key file larger than this is refused: it i
 # -- model-driven tool calls ----------------------------------------------------------
 MAX_TOOL_STEPS = 4  # generations of one request that uses tools; the last may only answer
 
-# -- the tool manager (kernel/tools.py, tools/) -----------------------------------------
+# -- the tool manager (kernel/tools/, tools/) -----------------------------------------
 TOOL_TIMEOUT_SECONDS = 10.0  # a call (its wait for a free turn included) takes at most this unless the tool says otherwise; beyond → ETIMEDOUT
 TOOL_MAX_TIMEOUT_SECONDS = 300.0  # the largest timeout a manifest may ask for
 TOOL_CONCURRENCY = 4  # calls of one tool running at once; more wait their turn within the timeout

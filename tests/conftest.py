@@ -26,9 +26,9 @@ def require_fuse() -> None:
 def new_kernel(tmp_path):
     """Make kernels on the FakeBackend over one database in the test's directory; each
     is closed (storage and memory) at the end."""
-    from kernel.backends.fake import FakeBackend
+    from kernel.cores.backends.fake import FakeBackend
     from kernel.kernel import Kernel
-    from kernel.storage import Storage
+    from kernel.storage.database import Storage
 
     made: list[Kernel] = []
 
@@ -39,7 +39,7 @@ def new_kernel(tmp_path):
 
     yield make
     for kernel in made:
-        kernel.storage.close()
+        kernel.close()
         kernel.memory.store.close()
 
 

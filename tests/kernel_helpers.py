@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from kernel.errors import KernelError, errno_name
-from kernel.jobs import Job
 from kernel.kernel import Agent, Caller, Kernel
+from kernel.llm.jobs import Job
 from kernel.syscall import Sys, syscall
 
 OWNER = Caller(uid=1000, gid=1000, pid=1)

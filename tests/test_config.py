@@ -5,7 +5,7 @@ import errno
 import pytest
 
 from kernel import params
-from kernel.config import AgentConfig, parse_config, parse_envelope
+from kernel.agents.config import AgentConfig, parse_config, parse_envelope
 from kernel.errors import KernelError
 
 

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from kernel import params
-from kernel.backends.fake import FakeBackend
-from kernel.config import AgentConfig
-from kernel.context import build_prompt, parse_context, render_context
+from kernel.agents.config import AgentConfig
+from kernel.agents.context import build_prompt, parse_context, render_context
+from kernel.cores.backends.fake import FakeBackend
 from kernel.errors import KernelError
 
 

@@ -1,4 +1,4 @@
-"""The engine in a supervised process of its own (kernel/enginehost.py, kernel/engine.py),
+"""The engine in a supervised process of its own (kernel/cores/enginehost.py, kernel/cores/engine.py),
 on the fake model: what a crash costs, restarts, the crash loop and `retry`.
 
 These tests kill a real child process with real signals; the kernel runs in-process."""
@@ -16,10 +16,10 @@ import trio
 from kernel_helpers import ROOT, answer, finished, mkdir, producing, refused, run, running, submit
 
 from kernel import params
-from kernel.enginehost import CRASH_ENV, EngineDied, EngineSpec, ProcessCore
-from kernel.jobs import JobState
+from kernel.cores.enginehost import CRASH_ENV, EngineDied, EngineSpec, ProcessCore
 from kernel.kernel import Kernel
-from kernel.storage import Storage
+from kernel.llm.jobs import JobState
+from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 SLOW = 0.02  # seconds per fake decode step: long answers keep their jobs in the engine a while

@@ -14,11 +14,11 @@ import trio
 from kernel_helpers import OTHER, OWNER, ROOT, answer, ask, ctl, finished, mkdir, producing, refused, run, running, submit
 
 from kernel import params
-from kernel.backends.fake import FakeBackend
-from kernel.config import AgentConfig
-from kernel.jobs import JobState
+from kernel.agents.config import AgentConfig
+from kernel.cores.backends.fake import FakeBackend
 from kernel.kernel import Kernel
-from kernel.storage import Storage
+from kernel.llm.jobs import JobState
+from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 
@@ -73,8 +73,8 @@ def test_prompt_gets_the_models_answer(make_kernel):
             assert job.answer == answer("hello world") == "turn 1: HELLO WORLD"
             assert job.n_generated == len(answer("hello world").encode())
             assert job.source == "prompt"
-            assert kernel.latest_job(agent, OWNER.uid) is job
-            assert kernel.latest_job(agent, OTHER.uid) is None
+            assert kernel.requests.latest_job(agent, OWNER.uid) is job
+            assert kernel.requests.latest_job(agent, OTHER.uid) is None
             assert agent.active == set()
             row = kernel.storage.latest_job(agent.row.id, OWNER.uid)
             assert (row["id"], row["state"], row["output"], row["user_message"]) == (job.id, "done", job.text.encode(), "hello world")
@@ -707,9 +707,9 @@ def test_restart_keeps_agents_config_and_context(make_kernel):
     row = second.storage.db.execute("SELECT state, errno, message FROM jobs WHERE id = ?", [state["interrupted"].id]).fetchone()
     assert row[0] == "error" and row[1] == errno.EIO and "stopped" in row[2]
     # output/status of each uid are found in the journal
-    latest = second.latest_job(agent, OWNER.uid)
+    latest = second.requests.latest_job(agent, OWNER.uid)
     assert (latest.id, latest.state) == (state["queued"].id, JobState.ERROR)
-    other = second.latest_job(agent, OTHER.uid)
+    other = second.requests.latest_job(agent, OTHER.uid)
     assert (other.id, other.state, other.text) == (state["other"].id, JobState.DONE, answer("from another user") + "\n")
 
     async def after_restart():
@@ -759,7 +759,7 @@ def test_prompt_jobs_left_by_a_crash_are_requeued_under_their_ids(make_kernel):
     async def body():
         await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "max_tokens=9\n")  # changed while the daemon was down
         async with running(kernel):
-            latest = kernel.latest_job(agent, OWNER.uid)
+            latest = kernel.requests.latest_job(agent, OWNER.uid)
             assert (latest.id, latest.state) == (second_id, JobState.QUEUED)  # waits for the first, as after submit
             assert latest in agent.active
             await finished(latest)
@@ -793,11 +793,11 @@ def test_call_jobs_left_by_a_crash_fail_with_eio(make_kernel):
 
     async def body():
         async with running(kernel):
-            failed = kernel.latest_job(agent, OTHER.uid)
+            failed = kernel.requests.latest_job(agent, OTHER.uid)
             assert (failed.id, failed.state, failed.errno) == (call_id, JobState.ERROR, errno.EIO)
             assert "call" in failed.message
             assert agent.errors[OTHER.uid].startswith(f"EIO {call_id} ")
-            kept = await finished(kernel.latest_job(agent, OWNER.uid))
+            kept = await finished(kernel.requests.latest_job(agent, OWNER.uid))
             assert (kept.id, kept.answer) == (prompt_id, answer("kept"))
 
     run(body)
@@ -820,7 +820,7 @@ def test_on_restart_fail_fails_unfinished_prompt_jobs(make_kernel):
 
     async def body():
         async with running(kernel):
-            job = kernel.latest_job(agent, OWNER.uid)
+            job = kernel.requests.latest_job(agent, OWNER.uid)
             assert (job.id, job.state, job.errno, job.message) == (job_id, JobState.ERROR, errno.EIO, "the kernel restarted before this job finished")
 
     run(body)
@@ -858,8 +858,8 @@ def test_a_job_restarted_too_often_is_failed(make_kernel):
 
     async def body():
         async with running(kernel):
-            hopeful = await finished(kernel.latest_job(kernel.agents["hopeful"], OWNER.uid))
-            tired = kernel.latest_job(kernel.agents["tired"], OWNER.uid)
+            hopeful = await finished(kernel.requests.latest_job(kernel.agents["hopeful"], OWNER.uid))
+            tired = kernel.requests.latest_job(kernel.agents["tired"], OWNER.uid)
         return hopeful, tired
 
     hopeful, tired = run(body)
@@ -885,5 +885,5 @@ def test_jobs_journaled_without_their_request_fail_at_restart(make_kernel):
     run(body)
     row = journal(second, job_id)
     assert (row["state"], row["errno"], row["message"]) == ("error", errno.EIO, "the kernel restarted before this job finished")
-    assert second.latest_job(second.agents["old"], OWNER.uid).state is JobState.ERROR
+    assert second.requests.latest_job(second.agents["old"], OWNER.uid).state is JobState.ERROR
     assert recovery_lines(second) == [{"requeued": [], "failed": [job_id]}]

@@ -3,18 +3,20 @@ daemon, and each is where the user can see it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sqlite3
 from collections.abc import Sequence
 
 import pytest
-from kernel_helpers import OWNER, answer, ask, mkdir, refused, run, running, submit
+import trio
+from kernel_helpers import OWNER, ROOT, answer, ask, mkdir, refused, run, running, submit
 
 from kernel import params
-from kernel.backends import BatchEntry
-from kernel.backends.fake import FakeBackend
-from kernel.jobs import JobState
+from kernel.cores.backends import BatchEntry
+from kernel.cores.backends.fake import FakeBackend
+from kernel.llm.jobs import JobState
 from kernel.syscall import Sys, syscall
 
 SHIFT = 1000  # the other vocabulary: the fake's byte tokens moved up by this much
@@ -73,7 +75,7 @@ def test_a_disk_error_while_a_turn_is_recorded_fails_that_job_not_the_daemon(new
 
 
 def test_a_bug_in_the_tool_loop_fails_that_job_and_the_kernel_goes_on(new_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernel import toolloop
+    from kernel.llm import toolloop
 
     kernel = new_kernel()
 
@@ -96,8 +98,6 @@ def test_a_bug_in_the_tool_loop_fails_that_job_and_the_kernel_goes_on(new_kernel
 
 
 def test_a_refusal_at_the_first_write_is_audited(new_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernel_helpers import ROOT
-
     kernel = new_kernel()
     monkeypatch.setattr(params, "MAX_QUEUED_PER_AGENT", 1)
 
@@ -116,3 +116,57 @@ def test_a_refusal_at_the_first_write_is_audited(new_kernel, monkeypatch: pytest
             assert len([e for e in map(json.loads, kernel.audit) if e["event"] == "deny"]) == 1
 
     run(body)
+
+
+# -- SQLite commits never run on the trio thread -----------------------------------------------
+def test_the_storage_refuses_a_commit_on_the_trio_thread(tmp_path) -> None:
+    from kernel.storage.database import Storage
+
+    storage = Storage(tmp_path / "aiosfs.db")
+
+    async def commit_here() -> None:
+        storage.set_setting("scheduler", "fifo")
+
+    with pytest.raises(RuntimeError, match="trio thread"):
+        trio.run(commit_here)
+    storage.set_setting("scheduler", "fifo")  # outside a trio run (the journal writer's thread) it commits
+    assert storage.setting("scheduler", "") == "fifo"
+    storage.close()
+
+
+def test_every_commit_of_a_busy_kernel_runs_on_the_journal_writer(new_kernel) -> None:
+    """Every syscall that writes the journal, run by a kernel whose storage notes the thread
+    of each commit: none is the trio thread, and all are the one writer thread."""
+    import threading
+
+    from kernel.storage import database
+
+    kernel = new_kernel()
+    threads: list[int] = []
+    real = database.transaction
+
+    @contextlib.contextmanager
+    def noted(conn):
+        threads.append(threading.get_ident())
+        with real(conn):
+            yield
+
+    async def body() -> None:
+        trio_thread = threading.get_ident()
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "max_tokens=8\n")
+            await syscall(kernel, Sys.PERMISSIONS_WRITE, ROOT, agent, "max_tokens 100\n")
+            await syscall(kernel, Sys.AGENT_SETATTR, OWNER, agent, mode=0o750)
+            await ask(kernel, agent, "one")
+            await syscall(kernel, Sys.CONTEXT_WRITE, OWNER, agent, "")
+            await ask(kernel, agent, "two", caller=ROOT, history=[])  # a call turn
+            await syscall(kernel, Sys.SCHED_SET, ROOT, "rr")
+            await syscall(kernel, Sys.AGENT_REMOVE, OWNER, "a")
+            await syscall(kernel, Sys.KERNEL_CTL, OWNER, "restore a")
+        assert threads and trio_thread not in threads
+        assert len(set(threads)) == 1  # one writer: the journal's order is the order of the requests
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(database, "transaction", noted)
+        run(body)

@@ -9,25 +9,27 @@ sizes of the backoff can be checked quickly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from kernel_helpers import OWNER, ROOT, mkdir, remember, run, running, submit
+from kernel_helpers import OWNER, ROOT, mkdir, remember, run, submit
+from kernel_helpers import running as kernel_running
 
 from kernel import params
-from kernel.backends.fake import FakeBackend
-from kernel.config import parse_config
+from kernel.agents.config import parse_config
+from kernel.cores.backends.fake import FakeBackend
 from kernel.kernel import Kernel
-from kernel.manifests import ManifestError, ManifestManager, parse_manifest, scan
-from kernel.storage import Storage
-from kernel.supervisor import AgentProcess, ProcessSpec, Supervisor
+from kernel.storage.database import Storage
+from services.manifests import ManifestError, ManifestManager, parse_manifest, scan
+from services.supervisor import AgentProcess, ProcessSpec, Supervisor
 
 ME = pwd.getpwuid(os.getuid())
 WATCH_WINDOW = 2.0  # a change in the directory is applied within this long (the contract)
@@ -164,15 +166,29 @@ def setup(tmp_path: Path) -> Iterator[tuple[Kernel, Path]]:
     kernel = Kernel(Storage(tmp_path / "aiosfs.db"), FakeBackend(step_delay=0.01))
     directory = tmp_path / "manifests"
     directory.mkdir()
-    kernel.manifests = ManifestManager(kernel, directory, tmp_path / "mnt", tmp_path / "state")
+    _managers[id(kernel)] = ManifestManager(kernel, directory, tmp_path / "mnt", tmp_path / "state")
     yield kernel, directory
-    kernel.storage.close()
+    del _managers[id(kernel)]
+    kernel.close()
     kernel.memory.store.close()
 
 
+_managers: dict[int, ManifestManager] = {}  # by id(kernel): the service runs beside the kernel, as the mount runs it
+
+
 def manager(kernel: Kernel) -> ManifestManager:
-    assert kernel.manifests is not None
-    return kernel.manifests
+    return _managers[id(kernel)]
+
+
+@contextlib.asynccontextmanager
+async def running(kernel: Kernel) -> AsyncIterator[Kernel]:
+    """The kernel, and the manifest service started after it (as the mount starts it)."""
+    async with kernel_running(kernel), trio.open_nursery() as nursery:
+        await nursery.start(manager(kernel).run)
+        try:
+            yield kernel
+        finally:
+            manager(kernel).stop()
 
 
 def test_create_update_remove(setup: tuple[Kernel, Path]) -> None:
@@ -192,7 +208,7 @@ def test_create_update_remove(setup: tuple[Kernel, Path]) -> None:
             (directory / "w.toml").unlink()
             await manager(kernel).rescan()
             assert "worker" not in kernel.agents
-            assert [row.trashed_name for row in kernel.trash.values()] == ["worker"]
+            assert [row.trashed_name for row in kernel.agents.trash.values()] == ["worker"]
 
     run(body)
     actions = [(e["agent"], e["action"]) for e in audit(kernel, "manifest")]

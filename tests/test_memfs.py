@@ -10,7 +10,7 @@ import pytest
 
 from kernel import params
 from kernel.errors import KernelError
-from kernel.memfs import RENAME_EXCHANGE, MemoryStore, split_passages
+from kernel.memory.store import RENAME_EXCHANGE, MemoryStore, split_passages
 
 AGENT = 7
 

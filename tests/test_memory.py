@@ -10,11 +10,11 @@ import pytest
 from kernel_helpers import OTHER, OWNER, ask, ctl, mkdir, refused, remember, run, running
 
 from kernel import params
-from kernel.backends.fake import FakeBackend
+from kernel.cores.backends.fake import FakeBackend
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
-from kernel.memory import RECALL_HEADER
-from kernel.storage import Storage
+from kernel.memory.manager import RECALL_HEADER
+from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 
@@ -130,8 +130,8 @@ def test_expired_trash_is_purged_with_its_memory(kernel):
             agent = await mkdir(kernel, "a")
             ino = await remember(kernel, agent, "gone.md", "x")
             await syscall(kernel, Sys.AGENT_REMOVE, OWNER, "a")
-            assert await kernel.purge_trash() == []  # not yet expired
-            purged = await kernel.purge_trash(now=agent.row.trashed_at + params.TRASH_RETENTION_SECONDS + 1)
+            assert await kernel.agents.purge_trash() == []  # not yet expired
+            purged = await kernel.agents.purge_trash(now=agent.row.trashed_at + params.TRASH_RETENTION_SECONDS + 1)
             await refused(errno.ENOENT, syscall(kernel, Sys.KERNEL_CTL, OWNER, b"restore a\n"))
             return agent, purged, ino
 

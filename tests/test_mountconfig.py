@@ -9,10 +9,10 @@ import pytest
 from kernel_helpers import OWNER, ROOT, ask, finished, mkdir, refused, run, running, submit
 
 from aiosfs.mountconfig import ConfigError, load_mount_config
-from kernel.backends.fake import FakeBackend
-from kernel.config import AgentConfig
-from kernel.jobs import Job
-from kernel.remote import RemoteConfig
+from kernel.agents.config import AgentConfig
+from kernel.cores.backends.fake import FakeBackend
+from kernel.cores.remote import RemoteConfig
+from kernel.llm.jobs import Job
 from kernel.syscall import Sys, syscall
 
 
@@ -50,18 +50,18 @@ def test_bad_files_say_where(tmp_path, text, words):
 
 def test_least_loaded_routes_to_the_idler_core(new_kernel):
     kernel = new_kernel(remotes=[RemoteConfig("far", "http://127.0.0.1:9", "m")], route="least-loaded")
-    assert list(kernel.cores) == ["fake", "far"] and kernel.known_model("far") and not kernel.known_model("near")
+    assert list(kernel.cores) == ["fake", "far"] and kernel.cores.known("far") and not kernel.cores.known("near")
 
     def job(n: int, model: str = "") -> Job:
         return Job(n, "a", 0, "x", [], [1], AgentConfig(model=model))
 
     first = job(1)
-    kernel.core_of(first).submit(first)  # not running: it stays queued where it went
+    kernel.cores.of(first).submit(first)  # not running: it stays queued where it went
     assert first.config.model == "fake"  # ties go to the local core, and the choice sticks to the job
     second = job(2)
-    assert kernel.core_of(second) is kernel.cores["far"]
+    assert kernel.cores.of(second) is kernel.cores["far"]
     pinned = job(3, "fake")
-    assert kernel.core_of(pinned) is kernel.engine  # a named model is never rerouted
+    assert kernel.cores.of(pinned) is kernel.engine  # a named model is never rerouted
 
 
 def test_two_cores_with_one_name_are_refused(new_kernel):
@@ -97,7 +97,7 @@ def test_local_models_load_and_unload_at_run_time(new_kernel):
 
     answered = run(body)
     assert answered.answer == "turn 1: HI" and answered.config.model == "second" and loads == ["second"]
-    assert "second" not in kernel.cores and kernel.unloaded_models() == ["second"]
+    assert "second" not in kernel.cores and kernel.cores.unloaded() == ["second"]
 
 
 def test_local_models_in_the_file(tmp_path):

@@ -28,11 +28,11 @@ import aiosfs.ops
 from aiosfs.dirtab import Kind, inode
 from aiosfs.ops import Operations
 from kernel import params
-from kernel.backends.fake import FakeBackend
-from kernel.config import AgentConfig
-from kernel.jobs import Job, JobState
+from kernel.agents.config import AgentConfig
+from kernel.cores.backends.fake import FakeBackend
 from kernel.kernel import Agent, Kernel
-from kernel.storage import Storage
+from kernel.llm.jobs import Job, JobState
+from kernel.storage.database import Storage
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def journal(kernel: Kernel, agent: Agent) -> list[str]:
 
 
 def latest(ops: Operations, agent: Agent, ctx: Ctx = ALICE) -> Job:
-    job = ops.kernel.latest_job(agent, ctx.uid)
+    job = ops.kernel.requests.latest_job(agent, ctx.uid)
     assert job is not None
     return job
 
@@ -475,7 +475,7 @@ def test_submit_commits_once_per_flush_with_data(fs):
         fh = await open_fh(ops, "agents/a/prompt", os.O_WRONLY)
         await ops.flush(fh)  # bash's empty FLUSH before it writes
         assert journal(ops.kernel, agent) == []
-        assert ops.kernel.latest_job(agent, ALICE.uid) is None
+        assert ops.kernel.requests.latest_job(agent, ALICE.uid) is None
 
         assert await ops.write(fh, 0, b"a") == 1
         assert await ops.write(fh, 1, b"b") == 1

@@ -9,9 +9,9 @@ import json
 import pytest
 from kernel_helpers import OTHER, OWNER, ROOT, ask, ctl, mkdir, refused, remember, run, running, submit
 
+from kernel.access.policy import Policy, parse_policy
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
-from kernel.policy import Policy, parse_policy
 from kernel.syscall import Sys, syscall
 
 
@@ -60,7 +60,7 @@ def test_an_owner_stays_within_roots_ceiling(make_kernel):
     lowered, agent = run(body)
     assert lowered == Policy(tools=("clock",), budget_tokens=400, priority_max=5)  # priority_max: root's, kept
     assert agent.policy == lowered  # refused writes changed nothing
-    text = kernel.permissions_text(agent)
+    text = kernel.agents.permissions_text(agent)
     assert "budget_tokens 400  # root's limit: 1000; spent: 0" in text
     denials = audit(kernel, "deny")
     assert len(denials) == 3 and {d["uid"] for d in denials} == {OWNER.uid, OTHER.uid}

@@ -26,11 +26,11 @@ import trio.testing
 from kernel_helpers import finished, producing, run
 
 from aiosfs.model import default_model_path
-from kernel.config import AgentConfig
-from kernel.engine import Delivery
-from kernel.jobs import Job, JobState
-from kernel.remote import RemoteConfig, RemoteEngine
-from kernel.scheduler import Scheduler
+from kernel.agents.config import AgentConfig
+from kernel.cores.engine import Delivery
+from kernel.cores.remote import RemoteConfig, RemoteEngine
+from kernel.cores.scheduler import Scheduler
+from kernel.llm.jobs import Job, JobState
 
 TIMEOUT = 120  # seconds a test body may take on a busy machine before it fails instead of hanging
 SERVER_EXTRAS = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")

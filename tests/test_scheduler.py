@@ -9,12 +9,12 @@ import pytest
 from kernel_helpers import OWNER, ROOT, answer, ask, ctl, finished, mkdir, producing, refused, run, running, submit
 
 from kernel import params
-from kernel.backends.fake import FakeBackend
-from kernel.config import AgentConfig
-from kernel.jobs import Job
+from kernel.agents.config import AgentConfig
+from kernel.cores.backends.fake import FakeBackend
+from kernel.cores.scheduler import PriorityScheduler, RoundRobinScheduler, Running, Scheduler, make_scheduler
 from kernel.kernel import Kernel
-from kernel.scheduler import PriorityScheduler, RoundRobinScheduler, Running, Scheduler, make_scheduler
-from kernel.storage import Storage
+from kernel.llm.jobs import Job
+from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 
@@ -82,7 +82,7 @@ def test_priority_orders_by_effective_priority_with_aging(monkeypatch):
     monkeypatch.setattr(params, "PRIORITY_AGING_SECONDS", 10.0)
     policy = PriorityScheduler()
     now = 1_000.0
-    monkeypatch.setattr("kernel.scheduler.time.time", lambda: now)
+    monkeypatch.setattr("kernel.cores.scheduler.time.time", lambda: now)
     old_low = job(1, "low", priority=0, queued_at=now - 100)  # aged to 10
     high = job(2, "high", priority=5, queued_at=now)
     low = job(3, "low2", priority=1, queued_at=now)

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from kernel.storage import MIGRATIONS, Storage
+from kernel.storage.database import MIGRATIONS, Storage
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 from kernel_helpers import OWNER, finished, mkdir, producing, run, running, submit
 
 from aiosfs.model import default_model_path
-from kernel.backends.llama import LlamaBackend
-from kernel.jobs import JobState
+from kernel.cores.backends.llama import LlamaBackend
 from kernel.kernel import Kernel
-from kernel.storage import Storage
+from kernel.llm.jobs import JobState
+from kernel.storage.database import Storage
 
 pytestmark = pytest.mark.model
 

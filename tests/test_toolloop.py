@@ -11,12 +11,12 @@ import trio
 from kernel_helpers import OWNER, ROOT, ask, ctl, finished, mkdir, refused, run, running, submit
 
 from kernel import params
-from kernel.backends.fake import FakeBackend
+from kernel.cores.backends.fake import FakeBackend
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
-from kernel.storage import Storage
+from kernel.llm.toolloop import parse_step, step_grammar
+from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
-from kernel.toolloop import parse_step, step_grammar
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from kernel import params
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
 from kernel.syscall import Sys, syscall
-from kernel.tools import ToolCall, ToolSpec, calculate
+from kernel.tools.builtin import calculate
+from kernel.tools.spec import ToolCall, ToolSpec
 
 IS_ROOT = os.geteuid() == 0
 as_root = pytest.mark.skipif(not IS_ROOT, reason="tools change identity only when the daemon is root")

@@ -16,7 +16,7 @@ from ..stats import Record, counter_delta, kernel_counters
 from ..workloads import Plan
 
 if TYPE_CHECKING:
-    from kernel.kernel import Kernel
+    from kernel import Kernel
 
 
 def envelope(plan: Plan, message: str, max_tokens: int | None = None) -> bytes:
@@ -32,10 +32,10 @@ def agent_config(plan: Plan, agent: int) -> str:
 def make_backend(cell: Cell) -> Any:
     """The run's llama.cpp backend, or the fake one under --fake."""
     if cell.fake:
-        from kernel.backends.fake import FakeBackend
+        from kernel.cores.backends.fake import FakeBackend
 
         return FakeBackend(n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
-    from kernel.backends.llama import LlamaBackend
+    from kernel.cores.backends.llama import LlamaBackend
 
     return LlamaBackend(cell.model, threads=cell.threads, n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
 
@@ -44,7 +44,7 @@ class KernelRun:
     """One run of the in-process peer: N trio clients calling the kernel's syscalls."""
 
     def __init__(self, cell: Cell, kernel: Kernel) -> None:
-        from kernel.kernel import Caller
+        from kernel import Caller
 
         self.cell, self.plan, self.kernel = cell, cell.plan, kernel
         self.caller = Caller(0, 0)
@@ -69,6 +69,8 @@ class KernelRun:
 
     async def client(self, agent: Any, number: int, go: trio.Event, high_done: trio.Event) -> None:
         """Agent `number`'s closed loop: its requests one after another once `go` is set."""
+        from kernel.syscall import Sys, syscall
+
         plan, cell = self.plan, self.cell
         await go.wait()
         await trio.sleep(plan.start_delay(number))
@@ -82,7 +84,7 @@ class KernelRun:
                 if record.error:
                     break
                 if not plan.workload.multi_turn:
-                    self.kernel.write_context(self.caller, agent, "")
+                    await syscall(self.kernel, Sys.CONTEXT_WRITE, self.caller, agent, "")
         finally:
             if number == 0:
                 high_done.set()
@@ -105,7 +107,7 @@ class KernelRun:
             for a, agent in enumerate(agents):
                 warmers.start_soon(self.request, agent, 0, a, plan.warmup[a], 8)
         for agent in agents:
-            kernel.write_context(caller, agent, "")
+            await syscall(kernel, Sys.CONTEXT_WRITE, caller, agent, "")
         return agents
 
     async def measure(self, agents: list[Any]) -> None:
@@ -136,8 +138,7 @@ class KernelRun:
 def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], float]:
     """The kernel in this process, driven through its syscall table; `kv_reuse=False`:
     every turn is prefilled from scratch (the aiosfs-noreuse peer)."""
-    from kernel.kernel import Kernel
-    from kernel.storage import Storage
+    from kernel import Kernel, Storage
 
     backend = make_backend(cell)
     tmp = Path(tempfile.mkdtemp(prefix="aiosfs-bench-"))

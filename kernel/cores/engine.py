@@ -1,0 +1,406 @@
+"""The engine: the scheduling side of the local LLM core, and its supervisor.
+
+One thread (the engine loop) plans each step under the scheduling policy: which
+running jobs are cancelled, paused, held back or switched out, which waiting ones
+are admitted. It sends that `Plan` to the core (kernel/cores/runner.py, inside the engine
+process of kernel/cores/enginehost.py) and gets the step's text back, which it hands to
+the trio thread through `TrioToken.run_sync_soon`, which never blocks.
+
+When the engine process dies, whatever the cause, the jobs that were in it (running,
+or switched out with their state inside it) end with EIO and the crash's reason;
+queued jobs stay queued. The loop starts a new process after a backoff, and the
+queue runs on it. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`
+mark the core `failed`: its queued jobs and new requests get EIO naming the reason,
+until `retry()` (kernel/ctl `retry MODEL`).
+
+Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the
+core's state changes; `_slots` belongs to the engine thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .. import params
+from ..llm.jobs import Job, JobState
+from ..types import Delivery
+from .backends import Backend
+from .enginehost import Core, EngineDied, InlineCore, ProcessCore
+from .runner import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
+from .scheduler import Running, Scheduler, park
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Seat:
+    """A job that holds one of the core's sequences."""
+
+    key: int
+    job: Job
+    quantum_used: int = 0
+    paused: bool = False
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend | ProcessCore,
+        scheduler: Scheduler,
+        *,
+        swap_budget: int = params.SWAP_RAM_BYTES,
+        kv_reuse: bool = True,
+        slots: int | None = None,
+    ) -> None:
+        """`backend`: an engine process (`ProcessCore`), or a backend to run in this
+        process. `slots` uses fewer of the backend's sequences than it has."""
+        self.backend = backend
+        self.core: Core = backend if isinstance(backend, ProcessCore) else InlineCore(backend)
+        self.core.configure(RunnerOptions(swap_budget, kv_reuse, slots))
+        if isinstance(self.core, ProcessCore):
+            self.core.on_exit = self._core_exited
+        self.scheduler = scheduler
+        self.n_seqs = min(slots or backend.info.n_slots, backend.info.n_slots)
+        self._cond = threading.Condition()
+        self._slots: dict[int, Seat] = {}  # by key
+        self._keys = itertools.count(1)
+        self._parked: list[Job] = []  # paused and switched out: back to the queue on resume
+        self._forget: list[int] = []  # keys of switched-out jobs cancelled since the last step
+        self._stopping = False
+        self._wake = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._crashes: list[float] = []  # times of recent crashes, for the crash-loop limit
+        self.restarts = 0
+        self.last_crash = ""
+        self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
+        self.on_event: Callable[[dict[str, Any]], None] = lambda fields: None  # crashes, restarts: to the audit log
+        self.stats: dict[str, float] = dict.fromkeys(["step_s", "preemptions", "held_seq_steps", "engine_crashes"], 0)
+        self._core_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # the running core's counters
+        self._dead_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # those of cores that died
+        self._last: StepResult | None = None
+
+    @property
+    def info(self) -> Any:
+        return self.core.info
+
+    # -- trio side ----------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the engine thread until `stop()`; the thread is never abandoned."""
+        self._token = trio.lowlevel.current_trio_token()
+        task_status.started()
+        await trio.to_thread.run_sync(self._loop, abandon_on_cancel=False)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.core.interrupt()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self.core.state == "failed":
+                self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, self.failure()))])
+                return
+            self.scheduler.push(job)
+            self._cond.notify()
+
+    def set_scheduler(self, scheduler: Scheduler) -> None:
+        """Switch policy at run time; queued jobs move over in their order."""
+        with self._cond:
+            for job in self.scheduler.queued():
+                scheduler.push(job)
+            self.scheduler = scheduler
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a job; True when it was waiting and is now finished."""
+        with self._cond:
+            waiting = self.scheduler.remove(job)
+            if not waiting and job in self._parked:
+                self._parked.remove(job)
+                waiting = True
+            if waiting:
+                if job.saved is not None:  # its state is in the core: drop it at the next step
+                    self._forget.append(job.saved)
+                    job.saved = None
+                    self._poke()
+                job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
+                return True
+            job.cancel_requested = True
+            self._poke()
+        return False
+
+    def pause(self, job: Job, paused: bool) -> None:
+        """Leave a job out of the batches, or out of the queue (or take it back)."""
+        with self._cond:
+            park(self.scheduler, self._parked, job, paused)
+            self._poke()
+
+    def retry(self) -> None:
+        """Start a `failed` core again (kernel/ctl `retry MODEL`)."""
+        with self._cond:
+            if self.core.state != "failed":
+                return
+            self._crashes.clear()
+            self._set_state("restarting")
+            self._cond.notify()
+
+    def _core_exited(self) -> None:
+        with self._cond:
+            self._poke()
+
+    def _poke(self) -> None:
+        """Caller holds _cond."""
+        self._wake = True
+        self._cond.notify()
+
+    def queued(self) -> list[Job]:
+        with self._cond:
+            return self.scheduler.queued() + list(self._parked)
+
+    def running(self) -> int:
+        return sum(1 for s in list(self._slots.values()) if not s.paused)
+
+    def failure(self) -> str:
+        """Why requests to this core fail now ('' while it serves or restarts)."""
+        return self.core.failure if self.core.state == "failed" else ""
+
+    def describe(self) -> str:
+        """`engine=STATE pid=N restarts=N` for kernel/status and kernel/models."""
+        pid = self.core.pid if self.core.state in ("ready", "loading") else None
+        return f"engine={self.core.state} pid={pid or '-'} restarts={self.restarts}"
+
+    def statistics(self) -> dict[str, Any]:
+        core = self._core_stats
+        s = {k: core[k] + self._dead_stats[k] + self.stats.get(k, 0) for k in STAT_KEYS}
+        s["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
+        steps = s["steps"] or 1
+        out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+        out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
+        out["mean_seqs"] = round(s["batch_seqs"] / steps, 2)  # sequences decoded together per step
+        out["tokens_per_s"] = round(s["generated"] / s["decode_s"], 1) if s["decode_s"] else 0.0
+        out["python_overhead"] = round(1 - s["decode_s"] / s["step_s"], 3) if s["step_s"] else 0.0  # the process boundary included
+        out["swap_ms"] = round(s["swap_ms"], 2)
+        out["running"] = self.running()
+        out["queued"] = len(self.scheduler)
+        out["cached_sequences"] = self._last.cached_sequences if self._last else 0
+        out["swapped_bytes"] = self._last.swapped_bytes if self._last else 0
+        out["engine_restarts"] = self.restarts
+        return out
+
+    # -- engine thread ------------------------------------------------------
+    def _loop(self) -> None:
+        while self._ensure_started() and self._wait_for_work():
+            if not self.core.alive():  # died while idle
+                if not self._stopping:
+                    self._crashed(self.core.death_reason())
+                continue
+            started = time.perf_counter()
+            plan, early = self._plan()
+            if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
+                self._hand_over(early)
+            try:
+                result = self.core.step(plan)
+            except EngineDied as exc:
+                if not self._stopping:  # one that dies while the mount stops is no crash
+                    self._crashed(exc.reason)
+                continue
+            self._apply(result)
+            self.stats["step_s"] += time.perf_counter() - started
+
+    def _ensure_started(self) -> bool:
+        """Start (or restart, after a backoff) the core; False once stopping."""
+        while True:
+            with self._cond:
+                while self.core.state == "failed" and not self._stopping:
+                    self._fail_waiting(self.failure())
+                    self._cond.wait()
+                if self._stopping:
+                    return False
+                if self.core.state == "ready":
+                    return True
+                if self._crashes:
+                    delay = min(params.ENGINE_BACKOFF_SECONDS * 2 ** (len(self._crashes) - 1), params.ENGINE_BACKOFF_MAX_SECONDS)
+                    self._cond.wait_for(lambda: self._stopping, timeout=delay)
+                    if self._stopping:
+                        return False
+            restart = self.core.state == "restarting"
+            try:
+                self.core.start()
+            except EngineDied as exc:
+                if self._stopping:
+                    return False
+                self._crashed(exc.reason)
+                continue
+            if restart:
+                self.restarts += 1
+                log.warning("engine of %s restarted (pid %s, restart %d)", self.info.name, self.core.pid, self.restarts)
+                self._event(what="restarted", pid=self.core.pid, restarts=self.restarts)
+            return True
+
+    def _crashed(self, reason: str) -> None:
+        """The core died: fail what was in it, count the crash, and restart or give up."""
+        with self._cond:
+            self.stats["engine_crashes"] += 1
+            self.last_crash = reason
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < params.ENGINE_CRASH_WINDOW_SECONDS] + [now]
+            message = f"the engine crashed ({reason})"
+            lost = [seat.job for seat in self._slots.values()]
+            self._slots.clear()
+            for job in self.scheduler.queued() + self._parked:
+                if job.saved is not None:  # switched out: its state was in the dead process
+                    self._unqueue(job)
+                    lost.append(job)
+            self._forget.clear()
+            for key in self._core_stats:
+                self._dead_stats[key] += self._core_stats[key] if key != "max_seqs" else 0
+            self._dead_stats["max_seqs"] = max(self._dead_stats["max_seqs"], self._core_stats["max_seqs"])
+            self._core_stats = dict.fromkeys(STAT_KEYS, 0)
+            self._last = None
+            failed = len(self._crashes) >= params.ENGINE_CRASH_LOOP
+        self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, message)) for job in lost])
+        log.error(
+            "engine of %s crashed: %s; %d jobs in it failed; %s",
+            self.info.name,
+            reason,
+            len(lost),
+            f"marked failed after {len(self._crashes)} crashes" if failed else "restarting",
+        )
+        self._event(what="failed" if failed else "crashed", reason=reason, jobs=[job.id for job in lost], restarts=self.restarts)
+        with self._cond:  # after the event: whoever sees the new state finds the audit line before theirs
+            self._set_state("failed" if failed else "restarting")
+
+    def _set_state(self, state: str) -> None:
+        failure = ""
+        if state == "failed":
+            failure = (
+                f"the engine of model {self.info.name!r} failed: it crashed {len(self._crashes)} times within "
+                f"{params.ENGINE_CRASH_WINDOW_SECONDS:.0f} s (last: {self.last_crash}); root can start it again: echo retry {self.info.name} > kernel/ctl"
+            )
+        self.core.set_state(state, failure)
+
+    def _fail_waiting(self, message: str) -> None:
+        """A failed core: every queued job ends with EIO. Caller holds _cond."""
+        jobs = self.scheduler.queued() + self._parked
+        for job in jobs:
+            self._unqueue(job)
+        if jobs:
+            self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, message)) for job in jobs])
+
+    def _unqueue(self, job: Job) -> None:
+        """Caller holds _cond."""
+        if not self.scheduler.remove(job) and job in self._parked:
+            self._parked.remove(job)
+        job.saved = None
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not (self._stopping or self._wake or self._has_work() or self.core.state != "ready"):
+                self._cond.wait()
+            self._wake = False
+            return not self._stopping
+
+    def _has_work(self) -> bool:
+        """Caller holds _cond."""
+        if any(not s.job.pause_requested for s in self._slots.values()):
+            return True
+        return bool(len(self.scheduler)) and (self._available() > 0 or bool(self._slots))
+
+    def _available(self) -> int:
+        """Sequences a waiting job could get without preempting anyone (idle cached ones count)."""
+        return self.n_seqs - len(self._slots)
+
+    def _plan(self) -> tuple[Plan, list[Delivery]]:
+        """This step's decisions: cancels, switch-outs, admissions and who sits out."""
+        plan = Plan()
+        early: list[Delivery] = []
+        with self._cond:
+            plan.forget, self._forget = self._forget, []
+            for seat in [s for s in self._slots.values() if s.job.cancel_requested]:
+                early.append((seat.job, b"", 0, (JobState.CANCELLED, errno.ECANCELED, "cancelled")))
+                plan.release.append(seat.key)
+                del self._slots[seat.key]
+            for seat in self._slots.values():
+                seat.paused = seat.job.pause_requested
+            waiting = len(self.scheduler)
+            if waiting:
+                for seat in [s for s in self._slots.values() if s.paused]:
+                    if waiting <= self._available():
+                        break
+                    self._switch_out(seat, plan)
+                    self._parked.append(seat.job)
+                running = [Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused]
+                for job in self.scheduler.preempt(running, self._available()):
+                    self.stats["preemptions"] += 1
+                    self._switch_out(next(s for s in self._slots.values() if s.job is job), plan)
+                    self.scheduler.push(job)
+            for job in self.scheduler.pick(self._available()):
+                early += self._seat(job, plan)
+            held = self.scheduler.hold([Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused])
+        held_ids = {id(job) for job in held}
+        plan.paused = {s.key for s in self._slots.values() if s.paused}
+        plan.held = {s.key for s in self._slots.values() if id(s.job) in held_ids}
+        self.stats["held_seq_steps"] += len(plan.held)
+        return plan, early
+
+    def _switch_out(self, seat: Seat, plan: Plan) -> None:
+        """Caller holds _cond."""
+        del self._slots[seat.key]
+        plan.switch_out.append(seat.key)
+        seat.job.saved = seat.key
+
+    def _seat(self, job: Job, plan: Plan) -> list[Delivery]:
+        """Give a job a sequence: resume it where it was, or start it. Caller holds _cond."""
+        if job.saved is not None:
+            key = job.saved
+            job.saved = None
+            plan.start.append(key)
+            self._slots[key] = Seat(key, job, paused=job.pause_requested)
+            return []
+        key = next(self._keys)
+        seed = job.config.seed if job.config.seed >= 0 else random.getrandbits(32)
+        plan.start.append(Admit(key, job.agent, list(job.prompt_tokens), job.config, seed, job.grammar))
+        self._slots[key] = Seat(key, job, paused=job.pause_requested)
+        return [(job, b"", 0, None)]
+
+    def _apply(self, result: StepResult) -> None:
+        deliveries: list[Delivery] = []
+        for key, chunk, n_tokens, end in result.outputs:
+            seat = self._slots.get(key)
+            if seat is None:
+                continue
+            seat.quantum_used += n_tokens
+            if end is not None:
+                del self._slots[key]
+            deliveries.append((seat.job, chunk, n_tokens, end))
+        self._core_stats = result.stats
+        self._last = result
+        if deliveries:
+            self._hand_over(deliveries)
+
+    def _hand_over(self, deliveries: list[Delivery]) -> None:
+        self._to_trio(self.on_update, deliveries)
+
+    def _event(self, **fields: Any) -> None:
+        """An engine event (crash, restart) for the audit log, on the trio thread."""
+        self._to_trio(self.on_event, {"model": self.info.name, **fields})
+
+    def _to_trio(self, callback: Callable[[Any], None], argument: Any) -> None:
+        """Run `callback(argument)` on the trio thread, soon; never blocks."""
+        if self._token is None:
+            return
+        try:
+            self._token.run_sync_soon(callback, argument)
+        except trio.RunFinishedError:
+            pass

@@ -1,0 +1,106 @@
+"""The system call table: every request from the filesystem enters here.
+
+One enum, one table from syscall to handler, one `syscall()` entry point and one
+gate (`check_access`). The handlers live by subsystem (`agent.py`, `llm.py`,
+`ctl.py`, `memory.py`); each checks its arguments (with `checks.py`, where every
+check of what callers write lives) and calls the subsystem that does the work.
+Refused requests raise `KernelError`; a denial is audited, a refusal that concerns
+an agent is mirrored into the caller's `error` file. An unknown syscall is ENOSYS.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..access import rules as access
+from ..errors import KernelError, errno_name
+from ..kernel import Kernel
+from ..types import Agent, Caller
+from .agent import sys_agent_create, sys_agent_remove, sys_agent_setattr, sys_config_write, sys_context_write, sys_permissions_write
+from .checks import agent_name as check_agent_name
+from .ctl import sys_agent_ctl, sys_kernel_ctl, sys_sched_set
+from .llm import sys_llm_admit, sys_llm_submit, sys_output_bind
+from .memory import sys_memory, sys_memory_recall, sys_tool_call
+
+__all__ = ["TABLE", "Sys", "check_access", "check_agent_name", "syscall"]
+
+
+class Sys(enum.Enum):
+    AGENT_CREATE = "agent_create"
+    AGENT_REMOVE = "agent_remove"
+    AGENT_SETATTR = "agent_setattr"
+    AGENT_CTL = "agent_ctl"
+    LLM_ADMIT = "llm_admit"  # may this request go on? (each write of a prompt or call turn)
+    LLM_SUBMIT = "llm_submit"
+    OUTPUT_BIND = "output_bind"  # the job `output`/`status` follow for the caller
+    CONFIG_WRITE = "config_write"
+    CONTEXT_WRITE = "context_write"
+    PERMISSIONS_WRITE = "permissions_write"
+    SCHED_SET = "sched_set"
+    KERNEL_CTL = "kernel_ctl"
+    MEMORY = "memory"
+    MEMORY_RECALL = "memory_recall"
+    TOOL_CALL = "tool_call"
+
+
+Handler = Callable[..., Awaitable[Any]]
+TABLE: dict[Sys, Handler] = {
+    Sys.AGENT_CREATE: sys_agent_create,
+    Sys.AGENT_REMOVE: sys_agent_remove,
+    Sys.AGENT_SETATTR: sys_agent_setattr,
+    Sys.AGENT_CTL: sys_agent_ctl,
+    Sys.LLM_ADMIT: sys_llm_admit,
+    Sys.LLM_SUBMIT: sys_llm_submit,
+    Sys.OUTPUT_BIND: sys_output_bind,
+    Sys.CONFIG_WRITE: sys_config_write,
+    Sys.CONTEXT_WRITE: sys_context_write,
+    Sys.PERMISSIONS_WRITE: sys_permissions_write,
+    Sys.SCHED_SET: sys_sched_set,
+    Sys.KERNEL_CTL: sys_kernel_ctl,
+    Sys.MEMORY: sys_memory,
+    Sys.MEMORY_RECALL: sys_memory_recall,
+    Sys.TOOL_CALL: sys_tool_call,
+}
+
+# Changes only an agent's owner (or root) may make, whatever the mode bits say.
+OWNER_ONLY = {Sys.CONFIG_WRITE: "change its config", Sys.PERMISSIONS_WRITE: "change its permissions"}
+# Calls in which root uses its power: each one by root is written to the audit log.
+PRIVILEGED = {Sys.SCHED_SET, Sys.KERNEL_CTL, Sys.PERMISSIONS_WRITE, Sys.AGENT_SETATTR, Sys.AGENT_REMOVE, Sys.AGENT_CTL}
+DENIALS = (errno.EPERM, errno.EACCES, errno.EDQUOT)
+
+
+def check_access(kernel: Kernel, number: Sys, caller: Caller, args: tuple[Any, ...]) -> None:
+    """The one gate every syscall passes with the caller's identity; the handlers
+    apply the finer rules of `access` and the policy."""
+    agent = args[0] if args and isinstance(args[0], Agent) else None
+    if agent is not None and number in OWNER_ONLY:
+        access.require_owner(caller, agent, OWNER_ONLY[number])
+    if number is Sys.SCHED_SET:
+        access.require_root(caller, "change the scheduling policy")
+    if agent is not None and number is Sys.TOOL_CALL:
+        access.require_work(caller, agent)
+
+
+async def syscall(kernel: Kernel, number: Sys, caller: Caller, *args: Any, **kwargs: Any) -> Any:
+    handler = TABLE.get(number)
+    if handler is None:
+        raise KernelError(errno.ENOSYS, f"no syscall {number}")
+    agent = args[0] if args and isinstance(args[0], Agent) else None
+    try:
+        check_access(kernel, number, caller, args)
+        result = await handler(kernel, caller, *args, **kwargs)
+    except KernelError as exc:
+        where = {"agent": agent.name} if agent is not None else {"target": str(args[0]) if args else ""}
+        if exc.errno in DENIALS and not exc.audited:
+            kernel.log_event("deny", syscall=number.value, uid=caller.uid, pid=caller.pid, errno=errno_name(exc.errno), message=exc.message, **where)
+        if agent is not None:
+            kernel.requests.record_error(agent, caller.uid, exc)
+        elif exc.errno not in DENIALS:
+            kernel.log_event("error", syscall=number.value, uid=caller.uid, message=exc.message)
+        raise
+    if caller.is_root and number in PRIVILEGED:
+        kernel.log_event("privileged", syscall=number.value, uid=0, pid=caller.pid, **({"agent": agent.name} if agent is not None else {}))
+    return result

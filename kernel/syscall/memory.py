@@ -1,0 +1,46 @@
+"""Syscalls of memory/ and tools: one operation on the memory store, a recall
+query, one tool call."""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+from .. import params
+from ..errors import KernelError
+from ..kernel import Kernel
+from ..types import Agent, Caller
+from . import checks
+
+MEMORY_OPS = frozenset(
+    "lookup getattr readdir create mkdir symlink readlink link unlink rmdir rename setattr open release read write flush fsync".split()
+)
+
+
+async def sys_memory(kernel: Kernel, caller: Caller, op: str, *args: Any, **kwargs: Any) -> Any:
+    """One operation on the memory store (memory/ files); the VFS has checked the mode bits."""
+    if op not in MEMORY_OPS:
+        raise KernelError(errno.ENOSYS, f"no memory operation {op!r}")
+    return await kernel.memory.run(getattr(kernel.memory.store, op), *args, **kwargs)
+
+
+async def sys_memory_recall(kernel: Kernel, caller: Caller, agent: Agent, query: bytes, k: int = params.DEFAULT_MEMORY_TOP_K) -> Any:
+    checks.request_size(len(query), "the query")
+    text = checks.text(query, "recall")
+    target = None
+    if text.lstrip().startswith("{"):  # {"query": ..., "agent": NAME, "k": N}: another agent's shared memory
+        try:
+            request = json.loads(text)
+            text, name, k = str(request["query"]), request.get("agent"), int(request.get("k", k))
+        except (ValueError, KeyError, TypeError):
+            raise KernelError(errno.EINVAL, 'recall: a JSON query is {"query": TEXT, "agent": NAME, "k": N}') from None
+        if not 1 <= k <= params.MAX_MEMORY_TOP_K:
+            raise KernelError(errno.EINVAL, f"recall: k must be in [1, {params.MAX_MEMORY_TOP_K}]")
+        target = kernel.agents.named(str(name)) if name is not None else None
+    return await kernel.memory.recall(caller, agent, text, k, target)
+
+
+async def sys_tool_call(kernel: Kernel, caller: Caller, agent: Agent | None, name: str, arguments: Any) -> Any:
+    """One call of a tool, for an agent (its policy applies) or for nobody in particular."""
+    return await kernel.tools.call(caller, agent, name, arguments)
