@@ -170,3 +170,25 @@ def test_every_commit_of_a_busy_kernel_runs_on_the_journal_writer(new_kernel) ->
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(database, "transaction", noted)
         run(body)
+
+
+def test_an_answer_that_ends_after_the_request_path_stopped_keeps_its_turn(new_kernel) -> None:
+    """A core's last delivery may land when no task can wait for the writer: the turn and the
+    end are still written, in order, and the conversation has the turn."""
+    from kernel.llm.jobs import Job
+
+    kernel = new_kernel()
+
+    async def make() -> object:
+        async with running(kernel):
+            return await mkdir(kernel, "a")
+
+    agent = run(make)
+    job = Job(1, "a", OWNER.uid, "late", [], [], agent.config, "prompt")
+    kernel.writer.post(kernel.storage.journal_job, agent.row.id, OWNER.uid, "prompt", "late", 0.0, "late")
+    job.publish(b"an answer", 2)
+    kernel.requests.end(job, JobState.DONE, 0, "")
+    assert job.state is JobState.DONE and agent.messages == [{"role": "user", "content": "late"}, {"role": "assistant", "content": "an answer"}]
+    kernel.writer.close()  # runs what was posted
+    assert kernel.storage.messages(agent.row.id) == agent.messages
+    assert kernel.storage.db.execute("SELECT state FROM jobs WHERE id = 1").fetchone() == ("done",)

@@ -150,7 +150,7 @@ def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], 
         trio.run(run.main)
     finally:
         backend.close()
-        storage.close()
+        kernel.close()  # the journal writer, then the database
         shutil.rmtree(tmp, ignore_errors=True)
     return run.records, run.started
 

@@ -112,16 +112,27 @@ class Results(abc.ABC):
         agent = self.agents.get(job.agent)
         if state is JobState.DONE:
             job.end_line()
-        if state is JobState.DONE and job.source == "prompt" and agent is not None and self.nursery is not None:
+        if state is JobState.DONE and job.source == "prompt" and agent is not None:
             job.finished_at = time.time()  # the core's end; readers see it once the turn is kept
-            self.nursery.start_soon(self._keep_turn, agent, job)
+            if self.nursery is not None:
+                self.nursery.start_soon(self._keep_turn, agent, job)
+                return
+            # the request path has stopped (no task can wait): keep the turn in order, unwaited
+            turn, spent = self._turn(job), self._spend(agent, job)
+            self.writer.post(self.storage.record_turn, agent.row.id, turn, self._row_end(job, JobState.DONE, 0, "", spent))
+            agent.messages = agent.messages + turn
+            job.finish(JobState.DONE)
+            self.finished(job, journaled=True, spent=spent)
             return
         job.finish(state, code, message)
         self.finished(job)
 
+    @staticmethod
+    def _turn(job: Job) -> list[dict[str, str]]:
+        return [{"role": "user", "content": job.user_message}, *job.tool_messages, {"role": "assistant", "content": job.answer}]
+
     async def _keep_turn(self, agent: Agent, job: Job) -> None:
-        turn = [{"role": "user", "content": job.user_message}, *job.tool_messages, {"role": "assistant", "content": job.answer}]
-        spent = self._spend(agent, job)
+        turn, spent = self._turn(job), self._spend(agent, job)
         try:
             await self.writer.call(self.storage.record_turn, agent.row.id, turn, self._row_end(job, JobState.DONE, 0, "", spent))
         except Exception as exc:
