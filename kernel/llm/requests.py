@@ -32,7 +32,7 @@ from ..storage.database import Storage
 from ..storage.writer import Writer
 from ..tools.manager import ToolManager, ToolSpec
 from ..types import Agent, AuditSink, Caller, Message
-from .events import EventStream
+from .events import EventStream, job_event
 from .jobs import Job, JobState
 from .results import Results
 from .toolloop import run_tool_loop, uses_tools, with_tools
@@ -236,7 +236,7 @@ class Requests(Results):
 
     def emit(self, job: Job, event: str, **extra: Any) -> None:
         """A job event to the agent's `events` and to `kernel/events`."""
-        fields = self._event(job, event) | extra
+        fields = job_event(job, event) | extra
         agent = self.agents.get(job.agent)
         if agent is not None:
             agent.events.emit(**fields)

@@ -23,7 +23,6 @@ from ..agents.table import AgentTable
 from ..storage.database import JobEnd, Storage
 from ..storage.writer import Writer
 from ..types import Agent, AuditSink, Caller, Delivery
-from .events import job_event
 from .jobs import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -43,10 +42,6 @@ class Results(abc.ABC):
 
     @abc.abstractmethod
     async def start_next_turn(self, agent: Agent) -> None: ...
-
-    @staticmethod
-    def _event(job: Job, event: str) -> dict[str, Any]:
-        return job_event(job, event)
 
     @staticmethod
     def job_caller(job: Job) -> Caller:
