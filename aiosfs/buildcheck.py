@@ -268,12 +268,11 @@ def check(
     if not model_path.is_file():
         raise CheckError(f"model file not found: {model_path}\nInstall it with: python3 -m aiosfs.model fetch")
     model_sha256 = None
-    if model_path == model_mod.default_model_path():
-        try:
-            model_mod.verify(model_path)
+    if model_path in (model_mod.default_model_path(), model_mod.shipped_model_path()):
+        try:  # the default model (the re-encoded file when recorded, else the shipped one) or the shipped one
+            model_sha256 = model_mod.verify(model_path)
         except model_mod.ModelError as exc:
             raise CheckError(str(exc)) from exc
-        model_sha256 = model_mod.MODEL_SHA256
     build = installed_build()
     cpu = cpu_info()
     outcome = judge(

@@ -25,7 +25,7 @@ import trio
 import trio.testing
 from kernel_helpers import finished, producing, run
 
-from aiosfs.model import default_model_path
+from aiosfs.model import shipped_model_path
 from kernel.agents.config import AgentConfig
 from kernel.cores.engine import Delivery
 from kernel.cores.remote import RemoteConfig, RemoteEngine
@@ -162,7 +162,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServ
     missing = [name for name in SERVER_EXTRAS if importlib.util.find_spec(name) is None]
     if missing:
         pytest.fail(f"llama_cpp.server needs {', '.join(missing)}: run scripts/setup (it installs llama-cpp-python[server])")
-    model = default_model_path()
+    model = shipped_model_path()  # the shipped weights on every machine (see conftest.model)
     if not model.is_file():
         pytest.fail(f"the embedded model is not installed at {model}: run scripts/setup")
     server = LlamaServer(model, tmp_path_factory.mktemp("llama") / "server.log")

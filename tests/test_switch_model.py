@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from kernel_helpers import OWNER, finished, mkdir, producing, run, running, submit
 
-from aiosfs.model import default_model_path
+from aiosfs.model import shipped_model_path
 from kernel.cores.backends.llama import LlamaBackend
 from kernel.kernel import Kernel
 from kernel.llm.jobs import JobState
@@ -23,7 +23,7 @@ OTHER = '{"prompt": "List some fruits.", "temperature": 0, "max_tokens": 48, "ig
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[LlamaBackend]:
-    path = default_model_path()
+    path = shipped_model_path()  # the shipped weights on every machine (see conftest.model)
     if not path.is_file():
         pytest.fail(f"the embedded model is not installed at {path}: run scripts/setup")
     llama = LlamaBackend(path, threads=2, n_slots=2, n_ctx_seq=512, n_batch=128)
