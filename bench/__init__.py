@@ -3,6 +3,9 @@
 Peers, on the same model file with the same thread count, started, warmed up and
 measured one after another, interleaved per repetition (A B C A B C):
 
+  raw-batched       the ceiling, no server: the kernel's llama.cpp backend, one context with N sequences,
+                    each round's prompts prefilled, then max_tokens steps with all N in every batch;
+                    tok/s over those decode steps only (a fresh worker process)
   naive             one llama_cpp.Llama, one request at a time (one serving thread, FIFO)
   llama_cpp.server  python -m llama_cpp.server under N concurrent streaming HTTP clients
   llama-server      llama.cpp's C++ server, -np N --cont-batching (scripts/build-llama-server)
@@ -19,9 +22,12 @@ Workloads (seeded, fixed lengths, greedy, end-of-generation suppressed):
                     starts 1 s after N-1 busy agents (priority 0) and runs its requests; the busy
                     ones stop starting requests once it is done. Measures agent 0's latency
                     against its own at N=1, and what the busy agents still get
+  shared-prefix     the same ~1600-token system prompt for every agent, a 16-24-token question each,
+                    32 generated, 2 requests per agent, each request alone (system + question)
 
 The aiosfs peers use one KV slot per agent and the kernel's default scheduler (fifo;
-`priority` in the priority workload) unless --slots and --scheduler say otherwise.
+`priority` in the priority workload) unless --slots and --scheduler say otherwise
+(--slots default: the kernel's own number of slots, recorded per run).
 
 Examples:
 
@@ -30,6 +36,7 @@ Examples:
   scripts/bench --workloads multi-turn --agents 4 --requests 4
   scripts/bench --workloads priority --agents 1,8
   scripts/bench --workloads decode-heavy --agents 16 --slots 8 --scheduler 'rr quantum=32' --peers aiosfs-inproc,aiosfs-mount
+  scripts/bench --workloads shared-prefix --agents 16 --reps 1 --peers raw-batched,llama-server,aiosfs-mount
 
 Results: DIR/results.json (every run and the medians), DIR/results.md (the table,
 also printed) and DIR/throughput.png (tokens/s and p99 latency against agents; in

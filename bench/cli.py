@@ -15,7 +15,7 @@ import bench
 from . import ROOT
 from .console import err
 from .servers import DEFAULT_LLAMA_SERVER
-from .workloads import BUSY_FACTOR, PEERS, WORKLOADS, Workload
+from .workloads import BUSY_FACTOR, KERNEL_SLOTS, PEERS, WORKLOADS, Workload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="aiosfs peers: scheduling policy, fifo | 'rr quantum=N' | priority (default: the kernel's, fifo; priority in the priority workload)",
     )
-    p.add_argument("--slots", type=int, default=None, metavar="K", help="aiosfs peers: KV slots, shared by the N agents (default: N)")
+    p.add_argument(
+        "--slots",
+        type=slots_arg,
+        default=None,
+        metavar="K",
+        help="aiosfs peers: KV slots, shared by the N agents; `default`: the kernel's own (no --slots to aiosfs mount) (default: N)",
+    )
     p.add_argument(
         "--naive-mode",
         choices=["thread", "lock"],
@@ -68,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     # for the tests: the aiosfs peers on the kernel's fake backend (no model; the other peers are skipped)
     p.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def slots_arg(text: str) -> int:
+    """--slots: a count, or `default` (KERNEL_SLOTS)."""
+    if text.strip().lower() == "default":
+        return KERNEL_SLOTS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor `default`") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,8 +116,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
     if any(n < 1 for n in args.agents):
         p.error("--agents: every N must be at least 1")
-    if args.slots is not None and args.slots < 1:
-        p.error("--slots: at least 1")
+    if args.slots is not None and args.slots < 1 and args.slots != KERNEL_SLOTS:
+        p.error("--slots: at least 1, or `default`")
     if args.scheduler is not None:
         from kernel import make_scheduler
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from .noise import cpu_snapshot
 from .stats import Record
-from .workloads import Plan
+from .workloads import KERNEL_SLOTS, Plan
 
 
 class Counter(Protocol):
@@ -34,7 +34,7 @@ class Cell:
     eog: list[int]
     llama_server: Path | None = None
     scheduler: str | None = None  # aiosfs peers: the scheduling policy (None: the kernel's default)
-    slots: int | None = None  # aiosfs peers: KV slots (None: one per agent)
+    slots: int | None = None  # aiosfs peers: KV slots (None: one per agent; KERNEL_SLOTS: the kernel's default)
     extra: dict[str, Any] = field(default_factory=dict)  # peer counters for the JSON
     fake: bool = False  # --fake: the aiosfs peers run on the fake backend (no model)
 
@@ -57,7 +57,10 @@ class Cell:
             self.extra["our_cpu"] = round((ours1 - ours0) / capacity, 3)
 
     @property
-    def n_slots(self) -> int:
+    def n_slots(self) -> int | None:
+        """The aiosfs peers' KV slots; None: the kernel's default (`--slots default`)."""
+        if self.slots == KERNEL_SLOTS:
+            return None
         return self.slots or max(self.plan.n_agents, 1)
 
     def log_file(self, peer: str) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .console import err, fmt, pct
 from .stats import CALIB_TOLERANCE, FOREIGN_TOLERANCE, medians
-from .workloads import HIGH_DELAY_S, HIGH_PRIORITY, PEERS, WORKLOADS, Calibrator, Workload
+from .workloads import HIGH_DELAY_S, HIGH_PRIORITY, KERNEL_SLOTS, PEERS, WORKLOADS, Calibrator, Workload
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], skipped: list[str]) -> str:
@@ -21,9 +21,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], skipped: list[str
         f"Machine: {meta['machine']}. Model: `{Path(meta['model']).name}`. Threads: {meta['threads']}. "
         f"Repetitions: {meta['reps']} (medians). Command: `{meta['command']}`",
         "",
-        f"aiosfs peers: scheduler {_scheduler_text(meta.get('scheduler'))}, "
-        + (f"{meta['slots']} KV slots" if meta.get("slots") else "one KV slot per agent")
-        + " (--scheduler, --slots; llama-server always runs with -np N).",
+        f"aiosfs peers: scheduler {_scheduler_text(meta.get('scheduler'))}, {_slots_text(meta.get('slots'))}"
+        + " (--scheduler, --slots; llama-server always runs with -np N, raw-batched with N sequences).",
         "",
     ]
     if meta.get("calib_median"):
@@ -62,6 +61,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], skipped: list[str
     return "\n".join(lines) + "\n"
 
 
+def _slots_text(slots: int | None) -> str:
+    if slots is None:
+        return "one KV slot per agent"
+    if slots == KERNEL_SLOTS:
+        return "the kernel's default KV slots (what each run got: the counters' table)"
+    return f"{slots} KV slots"
+
+
 def _scheduler_text(spec: str | None) -> str:
     if spec:
         return f"`{spec}`"
@@ -84,23 +91,35 @@ def _reps(r: dict[str, Any]) -> str:
 
 def workload_table(w: Workload, rows: list[dict[str, Any]]) -> list[str]:
     reuse = any(r["peer"] == "aiosfs-noreuse" for r in rows)  # the column "× no reuse" when that peer ran
-    lines = [
-        f"## {w.name} (prompt ~{w.user_tokens} user tokens"
-        + (f" after a ~{w.system_tokens}-token system prompt, turns kept" if w.multi_turn else "")
-        + f", {w.max_tokens} generated)",
-        "",
-    ]
+    raw = any(r["peer"] == "raw-batched" for r in rows)  # the column "× raw" when the ceiling ran
+    system = ""
+    if w.system_tokens:
+        system = f" after a ~{w.system_tokens}-token system prompt" + (
+            ", turns kept" if w.multi_turn else " shared by all agents, each request alone"
+        )
+    lines = [f"## {w.name} (prompt {w.user_text} user tokens{system}, {w.max_tokens} generated)", ""]
+    if raw:
+        lines += [
+            "raw-batched: llama.cpp's batched decode with no server (the kernel's backend, N sequences in every step); "
+            "its tok/s counts its decode steps only (prefills outside), its TTFT is the end of its prompt's prefill, the prompts "
+            "prefilled one after another. × raw: a peer's tok/s divided by raw-batched's, same N.",
+            "",
+        ]
     if reuse:
         lines += ["× no reuse: the aiosfs peer's tok/s divided by aiosfs-noreuse's (the same kernel with KV reuse turned off), same N.", ""]
     lines += [
-        "| agents | peer | tok/s | × naive | × llama-server |"
+        "| agents | peer | tok/s |"
+        + (" × raw |" if raw else "")
+        + " × naive | × llama-server |"
         + (" × no reuse |" if reuse else "")
         + " latency p50 (s) | p99 (s) | p99/p50 | TTFT p50 (s) | TTFT p99 (s) | Jain | tokens per step | others | reps |",
-        "|---:|---|---:|---:|---:|" + ("---:|" if reuse else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|" + ("---:|" if raw else "") + "---:|---:|" + ("---:|" if reuse else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['agents']} | {r['peer']}{_flags(r)} | {fmt(r['tok_s'], 1)} | {fmt(r['vs_naive'])} | {fmt(r['vs_llama-server'])} | "
+            f"| {r['agents']} | {r['peer']}{_flags(r)} | {fmt(r['tok_s'], 1)} | "
+            + (f"{fmt(r.get('vs_raw-batched'))} | " if raw else "")
+            + f"{fmt(r['vs_naive'])} | {fmt(r['vs_llama-server'])} | "
             + (f"{fmt(r.get('vs_noreuse'))} | " if reuse else "")
             + f"{fmt(r['lat_p50'])} | {fmt(r['lat_p99'])} | {fmt(r.get('p99_p50'))} | {fmt(r['ttft_p50'])} | {fmt(r['ttft_p99'])} | "
             f"{fmt(r['jain'], 3)} | {fmt(r['mean_batch'], 1)} | {pct(r['foreign_cpu'])} | {_reps(r)} |"
@@ -110,7 +129,7 @@ def workload_table(w: Workload, rows: list[dict[str, Any]]) -> list[str]:
 
 def priority_table(w: Workload, rows: list[dict[str, Any]]) -> list[str]:
     return [
-        f"## {w.name} (one high-priority agent among N−1 busy ones; prompt ~{w.user_tokens} user tokens, {w.max_tokens} generated)",
+        f"## {w.name} (one high-priority agent among N−1 busy ones; prompt {w.user_text} user tokens, {w.max_tokens} generated)",
         "",
         f"Agent 0 (`priority={HIGH_PRIORITY}` on the aiosfs peers, the others 0; the other peers have no priorities) starts "
         f"{HIGH_DELAY_S:g} s after the busy agents and runs its requests; the busy agents start no new request once it is done. "
@@ -148,7 +167,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
             for peer in PEERS:
                 points = sorted((r["agents"], r[key]) for r in rows if r["workload"] == workload and r["peer"] == peer and r[key] is not None)
                 if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=peer)
+                    raw = peer == "raw-batched"  # the ceiling, dashed: no server, its tok/s over decode steps only
+                    name = f"{peer} (decode steps only)" if raw and key == "tok_s" else peer
+                    ax.plot([p[0] for p in points], [p[1] for p in points], "--" if raw else "-", marker="o", label=name)
             ax.set_xscale("log", base=2)
             ns = sorted({r["agents"] for r in rows if r["workload"] == workload})
             ax.set_xticks(ns, [str(n) for n in ns])

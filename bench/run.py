@@ -41,9 +41,10 @@ def find_model(args: argparse.Namespace) -> Path:
     """The GGUF file every peer runs (requantized with --quant); --fake: none."""
     if args.fake:
         return FAKE_MODEL
-    from aiosfs.model import default_model_path
+    from aiosfs.model import default_model_path, shipped_model_path
 
-    model: Path = (args.model or default_model_path()).absolute()
+    # --quant re-encodes the shipped file (not the Q8_0 default), so its Q4_0 stays the one measured before
+    model: Path = (args.model or (shipped_model_path() if args.quant else default_model_path())).absolute()
     if not model.is_file():
         raise SystemExit(f"bench: model file {model} not found: run scripts/setup or pass --model")
     if args.quant == "q4_0":
@@ -93,7 +94,7 @@ def make_meta(args: argparse.Namespace, argv: list[str] | None, model: Path, lla
         "workloads": args.workloads,
         "agents": args.agents,
         "scheduler": args.scheduler,  # None: the kernel's default (fifo), priority in the priority workload
-        "slots": args.slots,  # None: one per agent
+        "slots": args.slots,  # None: one per agent; 0 (--slots default): the kernel's, each run's extra says how many
         "eog_tokens": eog,
         "command": "scripts/bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "llama_server": str(llama_server) if llama_server else None,
@@ -190,6 +191,9 @@ class Bench:
             else:
                 records, started = RUNNERS[peer](cell)
             run["summary"] = summarize(records, started, n, m if w.priority else n * m, w.priority)
+            if cell.extra.get("tok_s") is not None:  # raw-batched: over its decode phases only
+                run["summary"]["wall_tok_s"] = run["summary"]["tok_s"]
+                run["summary"]["tok_s"] = cell.extra["tok_s"]
             run["records"] = [asdict(r) for r in records]
         except KeyboardInterrupt:
             raise

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-PEERS = ["naive", "llama_cpp.server", "llama-server", "aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount"]
+PEERS = ["raw-batched", "naive", "llama_cpp.server", "llama-server", "aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount"]
 AIOSFS_PEERS = ("aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount")  # --scheduler and --slots apply to these
-BASELINES = ("naive", "llama-server")
+KERNEL_SLOTS = 0  # --slots default: the kernel's own number of KV slots (each run records what it was)
+BASELINES = ("raw-batched", "naive", "llama-server")  # the tables show every peer's tok/s as a multiple of these
 SHORT_SYSTEM = "You are a helpful assistant."
 EOG_BIAS = -1e9  # added to the logits of end-of-generation tokens: never sampled
 HIGH_DELAY_S = 1.0  # priority workload: the high-priority agent starts this much after the busy ones
@@ -40,6 +41,12 @@ class Workload:
     multi_turn: bool
     requests: int  # default requests (turns) per agent; in `priority`, of the high-priority agent
     priority: bool = False  # agent 0 is high priority, the others are busy low-priority agents
+    user_max: int = 0  # > 0: each user message gets a seeded length in [user_tokens, user_max]
+
+    @property
+    def user_text(self) -> str:
+        """The user messages' length in words, for the tables."""
+        return f"{self.user_tokens}–{self.user_max}" if self.user_max > self.user_tokens else f"~{self.user_tokens}"
 
 
 WORKLOADS = {
@@ -47,6 +54,8 @@ WORKLOADS = {
     "prefill-heavy": Workload("prefill-heavy", 0, 512, 32, False, 4),
     "multi-turn": Workload("multi-turn", 256, 64, 64, True, 4),
     "priority": Workload("priority", 0, 32, 128, False, 4, priority=True),
+    # N agents with the same long system prompt, each request alone (system + a short question)
+    "shared-prefix": Workload("shared-prefix", 1600, 16, 32, False, 2, user_max=24),
 }
 
 
@@ -54,7 +63,7 @@ def context_per_sequence(w: Workload, requests: int) -> int:
     """Context tokens each sequence needs, rounded up to 256 (template overhead included)."""
     system = w.system_tokens or 16
     turns = requests if w.multi_turn else 1
-    need = system + 16 + turns * (w.user_tokens + w.max_tokens + 16) + 64
+    need = system + 16 + turns * (max(w.user_tokens, w.user_max) + w.max_tokens + 16) + 64
     return max(512, -(-need // 256) * 256)
 
 
@@ -154,9 +163,14 @@ def make_plan(vocab: Texts, w: Workload, n_agents: int, requests: int, seed: int
     rng = random.Random(f"{seed}-{w.name}")
     system = vocab.text(rng, w.system_tokens) if w.system_tokens else SHORT_SYSTEM
     counts = [requests * (BUSY_FACTOR if w.priority and a > 0 else 1) for a in range(n_agents)]
-    messages = [[vocab.text(rng, w.user_tokens) for _ in range(count)] for count in counts]
+    messages = [[vocab.text(rng, user_length(rng, w)) for _ in range(count)] for count in counts]
     warmup = [vocab.text(rng, min(w.user_tokens, 64)) for _ in range(n_agents)]
     return Plan(w, n_agents, requests, system, messages, warmup, context_per_sequence(w, requests))
+
+
+def user_length(rng: random.Random, w: Workload) -> int:
+    """The token count of one user message: fixed, or seeded in [user_tokens, user_max]."""
+    return rng.randint(w.user_tokens, w.user_max) if w.user_max > w.user_tokens else w.user_tokens
 
 
 class FakeVocab:

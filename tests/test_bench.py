@@ -16,8 +16,10 @@ import pytest
 from mounting import needs_fuse, troubles
 
 from bench import mount_client
+from bench.report import markdown
 from bench.stats import Record, jain, medians, percentile, summarize
-from bench.workloads import BUSY_FACTOR, WORKLOADS, FakeVocab, context_per_sequence, make_plan
+from bench.workloads import BUSY_FACTOR, WORKLOADS, FakeVocab, Workload, context_per_sequence, make_plan
+from kernel import params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +79,24 @@ def test_medians_make_one_row_per_peer_and_n_with_ratios_to_naive() -> None:
     assert rows[1]["p99_p50"] == 2.0
 
 
+def test_the_tables_show_the_raw_ceiling_and_each_peers_share_of_it() -> None:
+    def run(peer: str, tok_s: float) -> dict[str, Any]:
+        summary = {"tok_s": tok_s, "lat_p50": 1.0, "lat_p99": 2.0, "ttft_p50": 0.5, "n_errors": 0, "requests": 4, "expected_requests": 4}
+        return {"workload": "shared-prefix", "agents": 4, "peer": peer, "rep": 1, "summary": summary, "calib_tok_s": None, "extra": {}}
+
+    rows = medians([run("aiosfs-mount", 30.0), run("raw-batched", 120.0)])
+    assert [r["peer"] for r in rows] == ["raw-batched", "aiosfs-mount"]  # the ceiling first
+    assert rows[1]["vs_raw-batched"] == 0.25
+    meta = {"date": "today", "machine": "m", "model": "/m.gguf", "threads": 2, "reps": 1, "command": "c", "scheduler": None, "slots": None}
+    table = markdown(rows, meta, [])
+    assert (
+        "## shared-prefix (prompt 16–24 user tokens after a ~1600-token system prompt shared by all agents, each request alone, 32 generated)"
+        in table
+    )
+    assert "| agents | peer | tok/s | × raw |" in table
+    assert "| 4 | raw-batched | 120.0 | 1.00 |" in table and "| 4 | aiosfs-mount | 30.0 | 0.25 |" in table
+
+
 # -- workloads ---------------------------------------------------------------------------------------
 def test_plans_are_the_same_for_the_same_seed_and_differ_for_another() -> None:
     w = WORKLOADS["decode-heavy"]
@@ -100,6 +120,17 @@ def test_fake_vocab_texts_are_seeded() -> None:
     texts = [FakeVocab().text(random.Random(7), 40) for _ in range(2)]
     assert texts[0] == texts[1]
     assert texts[0][0].isupper() and texts[0].endswith(".")
+
+
+def test_shared_prefix_plans_share_a_long_system_prompt_and_vary_the_questions() -> None:
+    w = WORKLOADS["shared-prefix"]
+    plan = make_plan(FakeVocab(), w, 16, w.requests, 1)
+    assert (w.max_tokens, w.multi_turn, w.requests) == (32, False, 2)
+    assert len(plan.system) in (1600, 1601)  # one system prompt for all: n fake tokens (a space stripped) and a full stop
+    questions = [text for m in plan.messages for text in m]
+    assert len(questions) == 32 and len(set(questions)) == 32  # one per agent and round
+    assert all(16 <= len(q) <= 24 + 1 for q in questions) and len({len(q) for q in questions}) > 1  # 16 to 24 fake tokens
+    assert context_per_sequence(w, 2) >= 1600 + 24 + 32 + 64  # system, question, answer and the template fit
 
 
 def test_context_per_sequence_grows_with_turns() -> None:
@@ -195,3 +226,84 @@ def test_bench_runs_the_mount_peer_on_the_fake_backend(tmp_path: Path) -> None:
     assert len(logs) == 2
     for log in logs:  # what `mounted()` checks at teardown: the daemon logged no error
         assert troubles(log.read_text(), []) == []
+
+
+def test_bench_runs_the_shared_prefix_workload_on_the_fake_backend_with_the_kernels_slots(tmp_path: Path) -> None:
+    """Every agent sends the same ~1600-token system prompt and its own question, each
+    request alone; `--slots default` leaves the slots to the kernel and records them."""
+    out = tmp_path / "results"
+    data = bench(out, "--workloads", "shared-prefix", "--agents", "2", "--peers", "aiosfs-inproc", "--slots", "default")
+    check_rows(data, {("shared-prefix", 2, "aiosfs-inproc")}, {"shared-prefix": 32})
+    (run,) = data["runs"]
+    prompts = [r["prompt_tokens"] for r in run["records"]]
+    assert len(prompts) == 4 and all(1600 < n < 1700 for n in prompts)  # system + question: no earlier turn kept
+    assert run["extra"]["slots"] == params.DEFAULT_SLOTS  # what the fake backend ran without --slots
+    assert data["meta"]["slots"] == 0
+    table = (out / "results.md").read_text()
+    assert "## shared-prefix (prompt 16–24 user tokens after a ~1600-token system prompt shared by all agents" in table
+    assert "the kernel's default KV slots" in table and "| shared-prefix | 2 | aiosfs-inproc | fifo, 8 |" in table
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_bench_runs_the_shared_prefix_workload_through_the_mount(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    data = bench(out, "--workloads", "shared-prefix", "--agents", "2", "--peers", "aiosfs-mount", "--slots", "default")
+    check_rows(data, {("shared-prefix", 2, "aiosfs-mount")}, {"shared-prefix": 32})
+    (run,) = data["runs"]
+    assert "--slots" not in run["extra"]["argv"] and "--ctx 1792" in run["extra"]["argv"]
+    assert run["extra"]["slots"] == params.DEFAULT_SLOTS  # read back from the mount's `mounted ...` line
+    assert run["summary"]["ttft_p50"] > 0
+
+
+# -- the raw batched-decode peer, on the embedded model -------------------------------------------------
+def test_raw_batched_decodes_every_sequence_in_every_step(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two agents, two rounds of 6 tokens: each round prefills both prompts, then decodes
+    6 steps with both sequences in every batch; tok/s counts those steps only."""
+    from bench.load import Cell
+    from bench.peers import raw
+
+    w = Workload("tiny", 0, 8, 6, False, 2)
+    plan = make_plan(FakeVocab(), w, 2, 2, 1)
+    plan.ctx = 256
+    batches: list[list[tuple[int, int, bool]]] = []
+    make = raw.make_raw_backend
+
+    def recording(cell: Cell) -> Any:
+        backend = make(cell)
+        decode = backend.decode
+
+        def record(entries: list[Any]) -> int:
+            batches.append([(e.seq, e.pos, e.logits) for e in entries])
+            return int(decode(entries))
+
+        backend.decode = record
+        return backend
+
+    monkeypatch.setattr(raw, "make_raw_backend", recording)
+
+    class Count:
+        n = 0
+
+        def add(self, n: int = 1) -> None:
+            self.n += n
+
+    count = Count()
+    cell = Cell(plan, model, 2, time.time() + 120, 120, tmp_path, "raw", count, [])
+    records, started = raw.run_raw_batched(cell)
+    assert sorted((r.agent, r.index) for r in records) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert count.n == 4
+    for r in records:
+        assert (r.tokens, r.error) == (6, "")
+        assert r.prompt_tokens is not None and r.prompt_tokens > 8  # template, system and message
+        assert r.first is not None and started <= r.start < r.first < r.end  # the first token at the end of its prefill
+    steps = [b for b in batches if len(b) == 2 and all(logits for _, _, logits in b)]
+    assert len(steps) == 1 + 2 * 6  # the warm-up step, then max_tokens steps per round
+    for step in steps[1:]:
+        assert [seq for seq, _, _ in step] == [0, 1]  # every sequence, sorted by id
+    prompt = {(r.agent, r.index): r.prompt_tokens for r in records}
+    assert [pos for _, pos, _ in steps[1]] == [prompt[(0, 0)], prompt[(1, 0)]]  # the token after each prompt
+    assert [pos for _, pos, _ in steps[6]] == [prompt[(0, 0)] + 5, prompt[(1, 0)] + 5]
+    extra = cell.extra["raw"]
+    assert (extra["rounds"], extra["decode_steps"], extra["decode_tokens"], extra["slots"]) == (2, 12, 24, 2)
+    assert cell.extra["tok_s"] == pytest.approx(24 / extra["decode_s"], rel=0.01)

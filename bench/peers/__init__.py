@@ -10,8 +10,10 @@ from .http import run_llama_cpp_server, run_llama_server
 from .inproc import run_aiosfs_inproc, run_aiosfs_noreuse
 from .mount import run_aiosfs_mount
 from .naive import run_naive
+from .raw import run_raw_batched
 
 RUNNERS: dict[str, Callable[[Cell], tuple[list[Record], float]]] = {
+    "raw-batched": run_raw_batched,
     "naive": run_naive,
     "llama_cpp.server": run_llama_cpp_server,
     "llama-server": run_llama_server,
@@ -19,4 +21,4 @@ RUNNERS: dict[str, Callable[[Cell], tuple[list[Record], float]]] = {
     "aiosfs-noreuse": run_aiosfs_noreuse,
     "aiosfs-mount": run_aiosfs_mount,
 }
-IN_WORKER = {"naive", "aiosfs-inproc", "aiosfs-noreuse"}  # run in a fresh process each (bench.worker)
+IN_WORKER = {"raw-batched", "naive", "aiosfs-inproc", "aiosfs-noreuse"}  # run in a fresh process each (bench.worker)

@@ -31,12 +31,16 @@ def agent_config(plan: Plan, agent: int) -> str:
 
 def make_backend(cell: Cell) -> Any:
     """The run's llama.cpp backend, or the fake one under --fake."""
+    # --slots default (n_slots None): the backend's own number, as `aiosfs mount` without --slots
     if cell.fake:
+        from kernel import params
         from kernel.cores.backends.fake import FakeBackend
 
-        return FakeBackend(n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
+        return FakeBackend(n_slots=cell.n_slots or params.DEFAULT_SLOTS, n_ctx_seq=cell.plan.ctx)
     from kernel.cores.backends.llama import LlamaBackend
 
+    if cell.n_slots is None:
+        return LlamaBackend(cell.model, threads=cell.threads, n_ctx_seq=cell.plan.ctx)
     return LlamaBackend(cell.model, threads=cell.threads, n_slots=cell.n_slots, n_ctx_seq=cell.plan.ctx)
 
 
@@ -144,7 +148,7 @@ def run_aiosfs_inproc(cell: Cell, kv_reuse: bool = True) -> tuple[list[Record], 
     tmp = Path(tempfile.mkdtemp(prefix="aiosfs-bench-"))
     storage = Storage(tmp / "b.db")
     kernel = Kernel(storage, backend, scheduler=cell.scheduler, kv_reuse=kv_reuse)
-    cell.extra.update(scheduler=kernel.engine.scheduler.describe(), slots=cell.n_slots, kv_reuse=kv_reuse)
+    cell.extra.update(scheduler=kernel.engine.scheduler.describe(), slots=backend.info.n_slots, kv_reuse=kv_reuse)
     run = KernelRun(cell, kernel)
     try:
         trio.run(run.main)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,14 +72,32 @@ def mount_reset(agent_dir: Path) -> None:
 def start_mount(cell: Cell, mountpoint: Path, state: Path) -> None:
     """`aiosfs mount` with the run's model, threads, slots and context (--fake: the fake backend)."""
     args = ["--state", str(state), "--model", str(cell.model), "--threads", str(cell.threads)]
-    args += ["--slots", str(cell.n_slots), "--ctx", str(cell.plan.ctx)]
+    if cell.n_slots is not None:  # None (--slots default): the mount's own
+        args += ["--slots", str(cell.n_slots)]
+    args += ["--ctx", str(cell.plan.ctx)]
     if cell.fake:
         args += ["--backend", "fake"]
     cell.extra["argv"] = " ".join(["aiosfs", "mount", "MOUNTPOINT", *args])
     result = aiosfs_cli("mount", str(mountpoint), *args)
     if result.returncode != 0:
         raise RuntimeError(f"aiosfs mount failed: {result.stderr.strip()[-500:]}")
-    cell.extra.update(scheduler=set_mount_scheduler(mountpoint, cell.scheduler), slots=cell.n_slots)
+    slots = mounted_slots(result.stdout + result.stderr, state)
+    if slots is None:
+        raise RuntimeError(f"aiosfs mount did not say how many slots it runs: {(result.stdout + result.stderr).strip()[-300:]!r}")
+    cell.extra.update(scheduler=set_mount_scheduler(mountpoint, cell.scheduler), slots=slots)
+
+
+def mounted_slots(output: str, state: Path) -> int | None:
+    """The KV slots the mounted kernel runs, from its `mounted ...: N slots x C tokens` line
+    (the mount's output, else the daemon's log): neither kernel/status nor kernel/stats says."""
+    texts = [output]
+    with contextlib.suppress(OSError):
+        texts.append((state / "aiosfs.log").read_text())
+    for text in texts:
+        found = re.findall(r"mounted .*?(\d+) slots x \d+ tokens", text)
+        if found:
+            return int(found[-1])
+    return None
 
 
 def make_agents(cell: Cell, mountpoint: Path) -> list[Path]:
