@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -89,12 +88,7 @@ class Outcome:
 
     @property
     def signal_name(self) -> str | None:
-        if self.timed_out or self.returncode >= 0:
-            return None
-        try:
-            return signal.Signals(-self.returncode).name
-        except ValueError:
-            return f"signal {-self.returncode}"
+        return None if self.timed_out else model_mod.death_signal(self.returncode)
 
     @property
     def ok(self) -> bool:

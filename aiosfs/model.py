@@ -291,6 +291,16 @@ def _write_record(record: dict[str, Any]) -> None:
 # --- the re-encoded default: encode, in child processes --------------------------------
 
 
+def death_signal(returncode: int) -> str | None:
+    """The name of the signal that killed a child process (None: it exited)."""
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 @dataclass
 class ChildOutcome:
     """How one of encode's child processes ended."""
@@ -303,12 +313,7 @@ class ChildOutcome:
 
     @property
     def signal_name(self) -> str | None:
-        if self.timed_out or self.returncode >= 0:
-            return None
-        try:
-            return signal.Signals(-self.returncode).name
-        except ValueError:
-            return f"signal {-self.returncode}"
+        return None if self.timed_out else death_signal(self.returncode)
 
     def result(self) -> dict[str, Any] | None:
         """The child's last JSON line."""
