@@ -23,6 +23,16 @@ READY = b"\0aiosfs-ready\n"
 CLEAN_EXIT = "aiosfs: daemon stopped cleanly"
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiosfs", description="An operating system for LLM agents, in the filesystem.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,7 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--state", type=Path, default=None, help="state directory (default: ~/.local/state/aiosfs/<mountpoint>)")
     m.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp (default: all cores)")
     m.add_argument("--gpu-layers", type=int, default=None, help="layers to offload to a GPU (default: all when llama.cpp has GPU support)")
-    m.add_argument("--slots", type=int, default=params.DEFAULT_SLOTS, help="sequences decoded together")
+    m.add_argument(
+        "--slots",
+        type=_positive,
+        default=None,
+        help=f"sequences decoded together (default: as many as --kv-budget holds, up to {params.MAX_AUTO_SLOTS})",
+    )
+    m.add_argument(
+        "--kv-budget",
+        type=_positive,
+        default=params.KV_BUDGET_BYTES // 2**20,
+        metavar="MIB",
+        help="MiB of KV cache the default slots may take (default: %(default)s)",
+    )
     m.add_argument("--ctx", type=int, default=params.DEFAULT_CTX_PER_SLOT, help="context tokens per agent")
     m.add_argument("--memory-quota", type=int, default=params.MEMORY_QUOTA_BYTES, help="bytes of memory/ files per agent (EDQUOT beyond)")
     m.add_argument(
@@ -92,6 +114,7 @@ def _options(args: argparse.Namespace) -> object:
         threads=args.threads,
         gpu_layers=args.gpu_layers,
         slots=args.slots,
+        kv_budget=args.kv_budget,
         ctx=args.ctx,
         fake_delay=args.fake_delay,
         memory_quota=args.memory_quota,
@@ -217,6 +240,7 @@ TOP_STATS = [
     "swap_ms",
     "recomputes",
     "prefix_hit_tokens",
+    "shared_prefix_tokens",
 ]
 
 

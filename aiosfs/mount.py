@@ -43,7 +43,8 @@ class MountOptions:
     backend: str = "llama"  # "llama", or "fake" for tests of the filesystem itself
     threads: int = 0
     gpu_layers: int | None = None
-    slots: int = params.DEFAULT_SLOTS
+    slots: int | None = None  # None: as many as kv_budget holds (up to params.MAX_AUTO_SLOTS)
+    kv_budget: int = params.KV_BUDGET_BYTES // 2**20  # MiB (the --kv-budget flag)
     ctx: int = params.DEFAULT_CTX_PER_SLOT
     fake_delay: float = 0.0
     memory_quota: int = params.MEMORY_QUOTA_BYTES
@@ -184,6 +185,7 @@ def load_engine(options: MountOptions, out: Any) -> ProcessCore:
         gpu_layers=options.gpu_layers,
         n_slots=options.slots,
         n_ctx_seq=options.ctx,
+        kv_budget=options.kv_budget * 2**20,
         fake_delay=options.fake_delay,
     )
     progress = None
@@ -222,6 +224,7 @@ def load_local(options: MountOptions, model: LocalModel) -> ProcessCore:
         gpu_layers=model.gpu_layers if model.gpu_layers is not None else options.gpu_layers,
         n_slots=model.slots or options.slots,
         n_ctx_seq=model.ctx or options.ctx,
+        kv_budget=options.kv_budget * 2**20,
     )
     return start_engine(spec)
 

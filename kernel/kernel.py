@@ -71,12 +71,14 @@ class Kernel:
         self.requests = Requests(storage, self.writer, self.agents, self.cores, self.memory, self.tools, self.log_event)
         self.events = self.requests.events
         self.started = time.time()
+        self._cpu_started = 0.0  # the trio thread's CPU time when `run` began
         self.ps_providers: list[Callable[[], list[str]]] = []  # services' lines for kernel/ps (their processes)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop()`. Started means: the cores serve, and the jobs a previous
         daemon left unfinished are requeued (readers find them live)."""
+        self._cpu_started = time.thread_time()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -113,5 +115,9 @@ class Kernel:
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"agents": len(self.agents)}
         stats.update(self.cores.statistics())
+        # the trio thread's share: handing results to jobs, and all of its CPU time (the
+        # FUSE requests, syscalls, journal); called on that thread
+        stats["deliver_s"] = round(self.requests.deliver_s, 3)
+        stats["trio_cpu_s"] = round(time.thread_time() - self._cpu_started, 3)
         stats.update(self.memory.store.statistics())
         return stats

@@ -21,9 +21,16 @@ MAX_STOP_STRINGS = 8  # stop strings per request
 MAX_STOP_BYTES = 64  # length of one stop string
 
 # -- engine ---------------------------------------------------------------------
-DEFAULT_SLOTS = 8  # sequences decoded together in one batch (KV slots)
+DEFAULT_SLOTS = 8  # KV slots of a core that cannot size its own (the fake backend, remote configs)
+MAX_AUTO_SLOTS = 32  # a local model gets as many slots as KV_BUDGET_BYTES holds, up to this many
+KV_BUDGET_BYTES = 1024 * 1024 * 1024  # KV cache memory a local model's slots may take (--kv-budget)
 DEFAULT_CTX_PER_SLOT = 2048  # tokens of context each sequence may hold
 DEFAULT_BATCH_TOKENS = 512  # tokens per llama_decode step (decode first, then prefill chunks)
+PREFILL_TILE = 64  # prompt rows llama.cpp's CPU attention computes in tiles (GGML_FA_TILE_Q); chunks are whole tiles
+PREFILL_STALL = 1.0  # while sequences generate, prompt chunks may make a step this much longer
+PREFILL_MIN_CHUNK = PREFILL_TILE  # ... but a step always carries at least this many prompt tokens
+KV_SHARE_MIN_TOKENS = PREFILL_TILE  # a job starts on another sequence's prefix when that saves this much prefill
+MAX_MOVES_PER_STEP = 4  # sequences moved per step to keep the batch's sequence ids contiguous
 MIN_PROMPT_ROOM = 16  # tokens of generation room a prompt must leave, else E2BIG
 
 # -- scheduling -------------------------------------------------------------------

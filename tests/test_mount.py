@@ -97,6 +97,20 @@ def test_reader_started_before_prompt_streams_it(agent: Path) -> None:
     assert out == "turn 1: LATE\n"
 
 
+def test_a_reader_that_is_behind_gets_all_that_is_ready_in_one_read(agent: Path) -> None:
+    message = "catch up " * 20  # within the default max_tokens
+    (agent / "prompt").write_text(message)
+    fd = os.open(agent / "output", os.O_RDONLY)
+    try:
+        first = os.read(fd, 1)  # the first token: the answer is being generated
+        wait_for(lambda: (agent / "status").read_text().startswith("done"), what="the answer to finish")
+        rest = os.read(fd, 1 << 16)  # one read: every byte generated since, not one token
+        assert first + rest == f"turn 1: {message.strip().upper()}\n".encode()
+        assert os.read(fd, 1 << 16) == b""
+    finally:
+        os.close(fd)
+
+
 def test_two_agents_at_once(fs: Mount) -> None:
     names = ["twin-a", "twin-b"]
     for name in names:

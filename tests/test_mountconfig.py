@@ -126,3 +126,15 @@ def test_a_config_that_names_a_model_this_mount_lacks_is_einval_at_submit(new_ke
             assert "not served by this mount" in error.message
 
     run(body)
+
+
+def test_the_daemon_gets_every_mount_option_unchanged(tmp_path):
+    """`aiosfs mount` starts the daemon with a command line made of its options: parsed
+    again, they must be the same (units included)."""
+    from aiosfs.cli import _daemon_argv, _options, build_parser
+
+    argv = ["mount", str(tmp_path / "mnt"), "--kv-budget", "256", "--ctx", "1024", "--threads", "1", "--model", str(tmp_path / "m.gguf")]
+    args = build_parser().parse_args(argv)
+    options = _options(args)
+    again = _options(build_parser().parse_args(_daemon_argv(args, options)))
+    assert again == options and options.kv_budget == 256 and options.slots is None

@@ -60,17 +60,20 @@ class Engine:
         *,
         swap_budget: int = params.SWAP_RAM_BYTES,
         kv_reuse: bool = True,
+        kv_share: bool = True,
         slots: int | None = None,
     ) -> None:
         """`backend`: an engine process (`ProcessCore`), or a backend to run in this
-        process. `slots` uses fewer of the backend's sequences than it has."""
+        process. `slots` uses fewer of the backend's sequences than it has; `kv_reuse` and
+        `kv_share` keep an agent's cells for its next job and share prefixes within a
+        user's jobs (kernel/cores/runner.py)."""
         self.backend = backend
         self.core: Core = backend if isinstance(backend, ProcessCore) else InlineCore(backend)
-        self.core.configure(RunnerOptions(swap_budget, kv_reuse, slots))
+        self.core.configure(RunnerOptions(swap_budget, kv_reuse, slots, kv_share))
         if isinstance(self.core, ProcessCore):
             self.core.on_exit = self._core_exited
         self.scheduler = scheduler
-        self.n_seqs = min(slots or backend.info.n_slots, backend.info.n_slots)
+        self._slot_limit = slots
         self._cond = threading.Condition()
         self._slots: dict[int, Seat] = {}  # by key
         self._keys = itertools.count(1)
@@ -92,6 +95,11 @@ class Engine:
     @property
     def info(self) -> Any:
         return self.core.info
+
+    @property
+    def n_seqs(self) -> int:
+        """Sequences jobs may hold: the core's (known once it has loaded), or fewer."""
+        return min(self._slot_limit or self.info.n_slots, self.info.n_slots)
 
     # -- trio side ----------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -184,12 +192,17 @@ class Engine:
         core = self._core_stats
         s = {k: core[k] + self._dead_stats[k] + self.stats.get(k, 0) for k in STAT_KEYS}
         s["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
+        s["prefill_chunk"] = core["prefill_chunk"]  # a gauge: the running core's current value
         steps = s["steps"] or 1
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
         out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
         out["mean_seqs"] = round(s["batch_seqs"] / steps, 2)  # sequences decoded together per step
         out["tokens_per_s"] = round(s["generated"] / s["decode_s"], 1) if s["decode_s"] else 0.0
         out["python_overhead"] = round(1 - s["decode_s"] / s["step_s"], 3) if s["step_s"] else 0.0  # the process boundary included
+        # where a step's time goes: llama_decode, sampling, the core's Python, and the
+        # engine thread's planning plus the process boundary (docs/protocol.md §6)
+        out["runner_python_s"] = round(max(s["runner_s"] - s["decode_s"] - s["sample_s"], 0.0), 3)
+        out["plan_ipc_s"] = round(max(s["step_s"] - s["runner_s"], 0.0), 3)
         out["swap_ms"] = round(s["swap_ms"], 2)
         out["running"] = self.running()
         out["queued"] = len(self.scheduler)
@@ -264,7 +277,7 @@ class Engine:
                     lost.append(job)
             self._forget.clear()
             for key in self._core_stats:
-                self._dead_stats[key] += self._core_stats[key] if key != "max_seqs" else 0
+                self._dead_stats[key] += self._core_stats[key] if key not in ("max_seqs", "prefill_chunk") else 0
             self._dead_stats["max_seqs"] = max(self._dead_stats["max_seqs"], self._core_stats["max_seqs"])
             self._core_stats = dict.fromkeys(STAT_KEYS, 0)
             self._last = None
@@ -370,7 +383,8 @@ class Engine:
             return []
         key = next(self._keys)
         seed = job.config.seed if job.config.seed >= 0 else random.getrandbits(32)
-        plan.start.append(Admit(key, job.agent, list(job.prompt_tokens), job.config, seed, job.grammar))
+        scope = str(job.uid)  # jobs share KV prefixes only with jobs of the same user
+        plan.start.append(Admit(key, job.agent, list(job.prompt_tokens), job.config, seed, job.grammar, scope))
         self._slots[key] = Seat(key, job, paused=job.pause_requested)
         return [(job, b"", 0, None)]
 

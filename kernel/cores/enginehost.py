@@ -74,8 +74,9 @@ class EngineSpec:
     name: str = ""
     threads: int | None = None
     gpu_layers: int | None = None
-    n_slots: int = params.DEFAULT_SLOTS
+    n_slots: int | None = None  # None: as many as kv_budget holds (the fake model: DEFAULT_SLOTS)
     n_ctx_seq: int = params.DEFAULT_CTX_PER_SLOT
+    kv_budget: int = params.KV_BUDGET_BYTES
     fake_delay: float = 0.0
 
 
@@ -121,7 +122,7 @@ def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
     if spec.kind == "fake":
         from .backends.fake import FakeBackend
 
-        return FakeBackend(n_slots=spec.n_slots, n_ctx_seq=spec.n_ctx_seq, step_delay=spec.fake_delay)
+        return FakeBackend(n_slots=spec.n_slots or params.DEFAULT_SLOTS, n_ctx_seq=spec.n_ctx_seq, step_delay=spec.fake_delay)
     from .backends.llama import LlamaBackend
 
     return LlamaBackend(
@@ -130,6 +131,7 @@ def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
         gpu_layers=spec.gpu_layers,
         n_slots=spec.n_slots,
         n_ctx_seq=spec.n_ctx_seq,
+        kv_budget=spec.kv_budget,
         progress=progress,
         name=spec.name,
     )
@@ -254,7 +256,7 @@ class ProcessCore:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
-        self.info = BackendInfo(spec.name or Path(spec.model).name, spec.kind, spec.model, "cpu", 0, 0, spec.n_slots, spec.n_ctx_seq, 0)
+        self.info = BackendInfo(spec.name or Path(spec.model).name, spec.kind, spec.model, "cpu", 0, 0, spec.n_slots or 0, spec.n_ctx_seq, 0)
         self.state = "loading"  # loading, ready, restarting, failed (the engine loop sets the last two)
         self.pid: int | None = None
         self.options = RunnerOptions()

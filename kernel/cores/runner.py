@@ -24,6 +24,31 @@ KV reuse: when a job ends its sequence stays cached for its agent; the agent's
 next job keeps the longest common token prefix and prefills only the rest. Idle
 cached sequences are evicted least recently used first (saved to RAM while the
 budget allows) when a job needs their slot.
+
+KV sharing across agents: a new job whose prompt begins with the same tokens as
+another sequence of the same scope (the same submitting uid: one user's agents
+with the same system prompt or tool schemas) starts from a copy of that
+sequence's cells, cut at the common prefix, instead of prefilling it again. When
+the other sequence is still prefilling that prefix, the new job waits for it, so
+16 agents that arrive together with one system prompt prefill it once. A job only
+ever gets cells of tokens its own prompt holds, at the same positions, so what it
+sees is what it would have computed; sharing never crosses users (its timing
+would tell one user what another's prompts begin with). The copy is a sequence
+state copy (`state_get`/`state_set`, then a trim), which is immediate and moves
+only used cells: with `kv_unified=false` llama.cpp's `seq_cp` between streams
+copies whole streams at the next decode. The copies are independent, so a shared
+prefix lives as long as any sequence holding it, and idle ones are evicted least
+recently used, like any cached sequence.
+
+Prompt chunks are whole tiles (`params.PREFILL_TILE`) in llama_decode calls of
+their own, and a prompt's last partial tile goes one row at a time with the
+generating tokens: llama.cpp's CPU attention rounds tiles and single rows
+differently, and this way a cell is the same however it came to be computed, which
+makes shared prefixes exact (docs/scheduling.md). While sequences are generating, a
+step carries at most as many prompt tokens as take about as long as the generating
+part of the step (`params.PREFILL_STALL`, measured online), so decoding does not
+stall. The sequences of a step keep contiguous ids (`_compact`): llama.cpp decodes
+each run of consecutive ids as a ubatch of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +80,7 @@ class RunnerOptions:
     swap_budget: int = params.SWAP_RAM_BYTES  # bytes of saved KV states kept; beyond, recompute
     kv_reuse: bool = True  # keep a finished job's cells for its agent's next job
     slots: int | None = None  # use fewer of the backend's sequences (tests, benchmarks)
+    kv_share: bool = True  # start jobs on another sequence's common prefix, within a scope
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,7 @@ class Admit:
     config: AgentConfig
     seed: int
     grammar: str | None = None
+    scope: str = ""  # jobs of one scope (the submitting uid) may share KV prefixes; "" never shares
 
 
 @dataclass
@@ -111,6 +138,10 @@ class Slot:
     decoder: codecs.IncrementalDecoder = field(default_factory=_utf8)
     state: Any = None  # saved KV cells while switched out (None: recompute)
     idle: bool = False  # paused or held: left out of this step
+    scope: str = ""
+    donor: Slot | None = None  # waiting for this sequence to compute the prefix it shares
+    share: int = 0  # tokens to take from `donor`
+    tiled: int = 0  # the first cells, computed in tiles (see _tile_end): what may be shared
 
 
 @dataclass(eq=False)
@@ -122,6 +153,8 @@ class Cached:
     seq: int = -1  # -1: saved in RAM as `state`
     state: Any = None
     used: int = 0
+    scope: str = ""
+    tiled: int = 0
 
 
 # kernel/stats order (docs/protocol.md §6). The scheduling side counts step_s, preemptions,
@@ -148,6 +181,12 @@ STAT_KEYS = [
     "prefix_hit_tokens",
     "cache_evictions",
     "engine_crashes",
+    "shared_prefix_hits",
+    "shared_prefix_tokens",
+    "sample_s",
+    "runner_s",
+    "prefill_chunk",
+    "seq_moves",
 ]
 
 
@@ -158,7 +197,10 @@ class Runner:
         self.backend = backend
         self.options = options
         n = backend.info.n_slots
-        self._free = list(range(min(options.slots or n, n)))
+        self._n_seqs = min(options.slots or n, n)
+        # prompt rows computed in tiles by llama.cpp (none where a batch cannot hold a tile; without tiles every cell can be shared)
+        self._tile = params.PREFILL_TILE if backend.info.n_batch >= params.PREFILL_TILE else 0
+        self._free = list(range(self._n_seqs))
         self._slots: dict[int, Slot] = {}  # by sequence id
         self._keys: dict[int, Slot] = {}  # the same slots, by job key
         self._switched: dict[int, Slot] = {}  # switched-out jobs, by key
@@ -166,8 +208,10 @@ class Runner:
         self._swapped_bytes = 0
         self._clock = itertools.count(1)
         self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
+        self._cost = StepCost()
 
     def step(self, plan: Plan) -> StepResult:
+        started = time.perf_counter()
         outputs: list[Output] = []
         try:
             self._apply(plan, outputs)
@@ -175,6 +219,7 @@ class Runner:
         except Exception:
             log.exception("engine step failed; failing the jobs in the engine and going on")
             outputs += self._fail_all("internal error in the engine (see the aiosfs log)")
+        self.stats["runner_s"] += time.perf_counter() - started
         return StepResult(outputs, dict(self.stats), len(self._cache), self._swapped_bytes)
 
     def close(self) -> None:
@@ -204,6 +249,8 @@ class Runner:
                 self._switch_in(self._switched.pop(item), self._take_seq(None))
         for slot in self._slots.values():
             slot.idle = slot.key in plan.paused or slot.key in plan.held
+        self._take_shared()
+        self._compact()
 
     def _switch_out(self, slot: Slot) -> None:
         """Save (or plan to recompute) a running job's sequence and free its slot."""
@@ -211,11 +258,12 @@ class Runner:
         state = self._save(slot.seq, slot.kv)
         if state is None:
             slot.feed = slot.kv + slot.feed
-            slot.kv = []
+            slot.kv, slot.tiled = [], 0
             slot.sample_after_feed = slot.sample_after_feed and slot.pending is None
         else:
             self.stats["swaps_out"] += 1
         slot.state = state
+        slot.donor = None
         self.backend.seq_clear(slot.seq)
         self._free_seq(slot.seq)
         del self._slots[slot.seq], self._keys[slot.key]
@@ -238,9 +286,10 @@ class Runner:
         """Start a job on its agent's cached prefix, if it has one."""
         sampler = self.backend.new_sampler(admit.config, admit.seed, admit.grammar)
         seq = self._take_seq(admit.agent)
-        slot = Slot(admit.key, admit.agent, admit.config, sampler, list(admit.tokens), seq)
+        slot = Slot(admit.key, admit.agent, admit.config, sampler, list(admit.tokens), seq, scope=admit.scope)
         self._reuse_prefix(slot)
         self._slots[seq] = self._keys[admit.key] = slot
+        self._find_donor(slot)
 
     def _switch_in(self, slot: Slot, seq: int) -> None:
         started = time.perf_counter()
@@ -249,13 +298,14 @@ class Runner:
             if self.backend.state_set(seq, slot.state):
                 self.stats["swaps_in"] += 1
             else:  # could not restore: recompute instead
-                slot.feed, slot.kv = slot.kv + slot.feed, []
+                slot.feed, slot.kv, slot.tiled = slot.kv + slot.feed, [], 0
                 slot.sample_after_feed = slot.sample_after_feed and slot.pending is None
             self._swapped_bytes -= len(slot.state)
             slot.state = None
         if slot.feed and not slot.kv and slot.pending is not None:
             self.stats["recomputes"] += 1
         self._slots[seq] = self._keys[slot.key] = slot
+        self._find_donor(slot)
         self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
 
     def _forget(self, key: int) -> None:
@@ -311,7 +361,121 @@ class Runner:
         common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
         self.backend.seq_trim(slot.seq, common)
         slot.kv, slot.feed = prompt[:common], prompt[common:]
+        slot.tiled = min(cached.tiled, common)
         self.stats["prefix_hit_tokens"] += common
+
+    # -- KV sharing across agents ----------------------------------------------------
+    def _find_donor(self, slot: Slot) -> None:
+        """Start `slot` on the longest prefix another sequence of its scope holds (or is
+        prefilling) in tiles, when that saves at least `KV_SHARE_MIN_TOKENS` of prefill."""
+        if not (self.options.kv_share and slot.scope and slot.feed):
+            return
+        prompt = slot.kv + slot.feed
+        limit = len(prompt) - 1  # the last prompt token must be decoded for logits
+        best: Slot | Cached | None = None
+        best_rank = (len(slot.kv) + params.KV_SHARE_MIN_TOKENS - 1, 0, 0)
+        for other in self._slots.values():
+            if other is slot or other.scope != slot.scope or other.donor is not None or other.idle:
+                continue
+            reach = _tile_end(other, self._tile) if other.tiled == len(other.kv) else other.tiled  # what it will have in tiles
+            n = _tiles(min(_common(prompt, other.kv + other.feed), limit, reach), self._tile)
+            rank = (n, min(n, other.tiled), 1)
+            if rank > best_rank:
+                best, best_rank = other, rank
+        for cached in self._cache.values():
+            if cached.scope == slot.scope and (cached.seq >= 0 or cached.state is not None):
+                n = _tiles(min(_common(prompt, cached.kv), limit, cached.tiled), self._tile)
+                rank = (n, n, 2 if cached.seq >= 0 else 0)
+                if rank > best_rank:
+                    best, best_rank = cached, rank
+        if best is None:
+            return
+        n = best_rank[0]
+        if isinstance(best, Slot) and best.tiled < n:
+            slot.donor, slot.share = best, n  # wait for it to compute the prefix: decoded once
+            return
+        self._copy_prefix(slot, best, n)
+
+    def _take_shared(self) -> None:
+        """Waiting jobs whose donor has computed their prefix take it; those whose donor
+        ended, was switched out, sits this step out or went past the prefix without
+        computing it in tiles look again, without waiting."""
+        for slot in list(self._slots.values()):
+            donor = slot.donor
+            if donor is None:
+                continue
+            if donor.tiled >= slot.share and self._keys.get(donor.key) is donor:
+                slot.donor = None
+                self._copy_prefix(slot, donor, slot.share)
+            elif self._keys.get(donor.key) is not donor or donor.idle or len(donor.kv) >= slot.share:
+                slot.donor = None
+                self._find_donor(slot)
+
+    def _copy_prefix(self, slot: Slot, donor: Slot | Cached, n: int) -> None:
+        """Put the donor's cells into the slot's sequence and keep the first `n`."""
+        started = time.perf_counter()
+        if isinstance(donor, Cached) and donor.seq < 0:
+            state = donor.state
+        else:
+            state = self.backend.state_get(donor.seq)
+        if isinstance(donor, Cached):
+            donor.used = next(self._clock)  # a shared prefix in use is the last to be evicted
+        prompt = slot.kv + slot.feed
+        self.backend.seq_clear(slot.seq)
+        if not self.backend.state_set(slot.seq, state):  # could not restore: prefill it all
+            self.backend.seq_clear(slot.seq)
+            slot.kv, slot.feed, slot.tiled = [], prompt, 0
+            return
+        self.backend.seq_trim(slot.seq, n)
+        self.stats["shared_prefix_hits"] += 1
+        self.stats["shared_prefix_tokens"] += n - len(slot.kv)
+        slot.kv, slot.feed, slot.tiled = prompt[:n], prompt[n:], n
+        self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
+
+    # -- contiguous sequence ids -------------------------------------------------------
+    def _compact(self) -> None:
+        """Keep the sequences of this step's batch on contiguous ids. llama.cpp splits a
+        batch (kv_unified=false) into one ubatch per run of consecutive sequence ids,
+        each a pass over all the weights: 16 sequences with gaps between them decode
+        3x slower than 16 in a row. A sequence after a gap moves into the lowest id
+        outside the run, trading places with what is there (an idle cached sequence, a
+        job that sits this step out, or nothing), a few milliseconds per move."""
+        ids = sorted(slot.seq for slot in self._slots.values() if not slot.idle and slot.donor is None)
+        if not ids or ids[-1] - ids[0] + 1 == len(ids):
+            return
+        taken = set(ids)
+        width = len(ids)
+        # the run of `width` ids that holds most of them already: the fewest moves
+        start = max(range(self._n_seqs - width + 1), key=lambda w: sum(1 for seq in range(w, w + width) if seq in taken))
+        holes = [seq for seq in range(start, start + width) if seq not in taken]
+        outside = [seq for seq in ids if not start <= seq < start + width]
+        for seq, hole in list(zip(outside, holes, strict=True))[: params.MAX_MOVES_PER_STEP]:
+            self._move(self._slots[seq], hole)
+
+    def _move(self, slot: Slot, hole: int) -> None:
+        """Move a running job's cells to sequence `hole`, and what holds `hole` to the job's old one."""
+        started = time.perf_counter()
+        old = slot.seq
+        other: Slot | Cached | None = self._slots.get(hole) or next((c for c in self._cache.values() if c.seq == hole), None)
+        mine = self.backend.state_get(old) if slot.kv else None
+        theirs = self.backend.state_get(hole) if other is not None and other.kv else None
+        self.backend.seq_clear(old)
+        self.backend.seq_clear(hole)
+        if (mine is not None and not self.backend.state_set(hole, mine)) or (theirs is not None and not self.backend.state_set(old, theirs)):
+            raise RuntimeError(f"could not move sequence {old} to {hole}")
+        del self._slots[old]
+        slot.seq = hole
+        self._slots[hole] = slot
+        if other is None:
+            self._free.remove(hole)
+            self._free_seq(old)
+        elif isinstance(other, Slot):
+            other.seq = old
+            self._slots[old] = other
+        else:
+            other.seq = old
+        self.stats["seq_moves"] += 1
+        self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
 
     def _free_seq(self, seq: int) -> None:
         self._free.append(seq)
@@ -327,52 +491,91 @@ class Runner:
 
     # -- one decode ----------------------------------------------------------------------
     def _decode_step(self) -> list[Output]:
-        entries, batch_slots, samplers = self._build_batch()
-        if not entries:
+        groups, batch_slots, generating = self._build_batch()
+        if not groups:
             return []
-        started = time.perf_counter()
-        rc = self.backend.decode(entries)
-        self.stats["decode_s"] += time.perf_counter() - started
-        self.stats["steps"] += 1
-        self.stats["batch_tokens"] += len(entries)
+        out: list[Output] = []
+        for entries, samplers, n_generating in groups:
+            started = time.perf_counter()
+            rc = self.backend.decode(entries)
+            elapsed = time.perf_counter() - started
+            self._cost.record(elapsed, n_generating, len(entries) - n_generating)
+            self.stats["decode_s"] += elapsed
+            self.stats["steps"] += 1
+            self.stats["batch_tokens"] += len(entries)
+            if rc != 0:
+                return out + self._decode_failed(rc, [slot for slot in batch_slots if slot.seq >= 0 and self._slots.get(slot.seq) is slot])
+            started = time.perf_counter()
+            out += self._sample([(slot, index) for slot, index in samplers if self._slots.get(slot.seq) is slot])
+            self.stats["sample_s"] += time.perf_counter() - started
         self.stats["batch_seqs"] += len(batch_slots)
         self.stats["max_seqs"] = max(self.stats["max_seqs"], len(batch_slots))
-        return self._decode_failed(rc, batch_slots) if rc != 0 else self._sample(samplers)
+        return out
 
-    def _build_batch(self) -> tuple[list[BatchEntry], list[Slot], list[tuple[Slot, int]]]:
-        """Decode tokens first, then prompt chunks; sorted by sequence id."""
-        budget = self.backend.info.n_batch
-        wanted: list[tuple[Slot, list[BatchEntry]]] = []
-        active = [s for s in self._slots.values() if not s.idle]
+    def _build_batch(self) -> tuple[list[tuple[list[BatchEntry], list[tuple[Slot, int]], int]], list[Slot], int]:
+        """This step's llama_decode calls: the generating sequences' tokens with prompt
+        tails, then prompt chunks computed in tiles; each sorted by sequence id.
+
+        llama.cpp's CPU attention computes a sequence's prompt rows in tiles when a
+        ubatch holds at least PREFILL_TILE of them, else one row at a time, and the two
+        round differently. A prompt's cells are computed the same way however it is
+        chunked, shared or batched with others: its first `len - len % PREFILL_TILE`
+        tokens in chunks of whole tiles, alone in their call (with other sequences'
+        tokens in one ubatch, llama.cpp would cut them to one row each), and the rest
+        one row at a time, with the generating tokens. While sequences generate, the
+        prompt tokens of a step are limited so that they do not stall them."""
+        n_batch = self.backend.info.n_batch
+        rows: list[tuple[Slot, list[BatchEntry]]] = []
+        tiles: list[tuple[Slot, list[BatchEntry]]] = []
+        active = [s for s in self._slots.values() if not s.idle and s.donor is None]
         for slot in active:
             if not slot.feed and slot.pending is not None:
-                wanted.append((slot, [BatchEntry(slot.seq, slot.pending, len(slot.kv), True)]))
-                budget -= 1
-        for slot in active:
-            if budget <= 0:
-                break
-            if slot.feed:
-                chunk = slot.feed[:budget]
-                last = len(chunk) == len(slot.feed) and slot.sample_after_feed
-                base = len(slot.kv)
-                wanted.append((slot, [BatchEntry(slot.seq, t, base + i, last and i == len(chunk) - 1) for i, t in enumerate(chunk)]))
-                budget -= len(chunk)
-                self.stats["prompt_tokens"] += len(chunk)
-        wanted.sort(key=lambda item: item[0].seq)
-        entries: list[BatchEntry] = []
-        samplers: list[tuple[Slot, int]] = []
-        for slot, batch in wanted:
-            entries += batch
-            if slot.feed:
-                slot.feed = slot.feed[len(batch) :]
-                if not slot.feed:
-                    slot.sample_after_feed = True
+                rows.append((slot, [BatchEntry(slot.seq, slot.pending, len(slot.kv), True)]))
+        generating = len(rows)
+        budget = n_batch
+        if generating:
+            budget = min(budget, self._cost.prefill_budget(n_batch))
+            self.stats["prefill_chunk"] = budget
+        room = {"rows": n_batch - generating, "tiles": n_batch}
+        for slot in sorted((s for s in active if s.feed), key=lambda s: s.seq):
+            base = len(slot.kv)
+            tile_end = _tile_end(slot, self._tile)
+            if self._tile and base < tile_end:
+                size = _tiles(min(tile_end - base, budget, room["tiles"]), self._tile)
+                kind, into = "tiles", tiles
             else:
-                slot.pending = None
-            slot.kv += [e.token for e in batch]
-            if batch[-1].logits:
-                samplers.append((slot, len(entries) - 1))
-        return entries, [slot for slot, _ in wanted], samplers
+                size = min(len(slot.feed), budget, room["rows"])
+                kind, into = "rows", rows
+            if size <= 0:
+                continue
+            chunk = slot.feed[:size]
+            last = size == len(slot.feed) and slot.sample_after_feed
+            into.append((slot, [BatchEntry(slot.seq, t, base + i, last and i == size - 1) for i, t in enumerate(chunk)]))
+            budget -= size
+            room[kind] -= size
+            self.stats["prompt_tokens"] += size
+            if (kind == "tiles" or not self._tile) and slot.tiled == base:
+                slot.tiled = base + size
+        groups = []
+        for wanted, n_generating in ((rows, generating), (tiles, 0)):
+            if not wanted:
+                continue
+            wanted.sort(key=lambda item: item[0].seq)
+            entries: list[BatchEntry] = []
+            samplers: list[tuple[Slot, int]] = []
+            for slot, batch in wanted:
+                entries += batch
+                if slot.feed:
+                    slot.feed = slot.feed[len(batch) :]
+                    if not slot.feed:
+                        slot.sample_after_feed = True
+                else:
+                    slot.pending = None
+                slot.kv += [e.token for e in batch]
+                if batch[-1].logits:
+                    samplers.append((slot, len(entries) - 1))
+            groups.append((entries, samplers, n_generating))
+        return groups, [slot for slot, _ in rows + tiles], generating
 
     def _sample(self, samplers: list[tuple[Slot, int]]) -> list[Output]:
         out: list[Output] = []
@@ -432,10 +635,69 @@ class Runner:
         if old is not None:
             self._drop_cache(old)
         if keep and self.options.kv_reuse:
-            self._cache[slot.agent] = Cached(slot.agent, slot.kv, slot.seq, used=next(self._clock))
+            self._cache[slot.agent] = Cached(slot.agent, slot.kv, slot.seq, used=next(self._clock), scope=slot.scope, tiled=slot.tiled)
             return
         self.backend.seq_clear(slot.seq)
         self._free_seq(slot.seq)
+
+
+def _tiles(n: int, tile: int) -> int:
+    """`n` rounded down to whole prefill tiles (`tile` 0: no tiles, every row apart)."""
+    return n // tile * tile if tile else n
+
+
+def _tile_end(slot: Slot, tile: int) -> int:
+    """Where the part of the slot's prompt computed in tiles ends: whole tiles from its
+    first uncomputed token up to the last whole tile of the prompt (without tiles: all
+    of it, every row computed apart)."""
+    base = len(slot.kv)
+    total = base + len(slot.feed)
+    if not tile:
+        return total
+    return base + _tiles(max(_tiles(total, tile) - base, 0), tile)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists (slice compares run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class StepCost:
+    """How long a step's generating part and its prompt tokens take, measured online
+    (moving averages of llama_decode's times), to size prompt chunks."""
+
+    WEIGHT = 0.2
+
+    def __init__(self) -> None:
+        self.decode_s = 0.0  # a step with generating sequences only
+        self.per_prompt_token_s = 0.0  # what one more prompt token adds to a step
+
+    def record(self, elapsed: float, generating: int, prompt: int) -> None:
+        if not prompt:
+            self.decode_s = self._average(self.decode_s, elapsed)
+        elif not generating:
+            self.per_prompt_token_s = self._average(self.per_prompt_token_s, elapsed / prompt)
+        elif self.decode_s:
+            self.per_prompt_token_s = self._average(self.per_prompt_token_s, max(elapsed - self.decode_s, 0.0) / prompt)
+
+    def _average(self, old: float, new: float) -> float:
+        return new if not old else old + self.WEIGHT * (new - old)
+
+    def prefill_budget(self, n_batch: int) -> int:
+        """Prompt tokens a step with generating sequences may carry."""
+        if not (self.decode_s and self.per_prompt_token_s):
+            return min(n_batch, params.PREFILL_MIN_CHUNK * 4)  # not measured yet
+        tokens = int(params.PREFILL_STALL * self.decode_s / self.per_prompt_token_s)
+        return min(max(params.PREFILL_MIN_CHUNK, tokens), n_batch)
 
 
 def _cut_at_stop(slot: Slot, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -36,6 +36,7 @@ class Results(abc.ABC):
         self.agents = agents
         self.audit = audit
         self.nursery: trio.Nursery | None = None  # tool loops, turns and the commits of turns
+        self.deliver_s = 0.0  # trio thread time spent handing steps' results to their jobs
 
     @abc.abstractmethod
     def emit(self, job: Job, event: str, **extra: Any) -> None: ...
@@ -59,6 +60,13 @@ class Results(abc.ABC):
     # -- from the cores (trio thread) ---------------------------------------------------
     def deliver(self, deliveries: list[Delivery]) -> None:
         """A step's results, on the trio thread: an error here must cost one job, never the daemon."""
+        started = time.perf_counter()
+        try:
+            self._deliver_all(deliveries)
+        finally:
+            self.deliver_s += time.perf_counter() - started
+
+    def _deliver_all(self, deliveries: list[Delivery]) -> None:
         for job, chunk, n_tokens, end in deliveries:
             try:
                 self._deliver_one(job, chunk, n_tokens, end)

@@ -3,6 +3,11 @@
 One model, one context holding `n_slots` sequences of `n_ctx_seq` tokens each
 (`kv_unified=false`, so every sequence owns its cells), and one llama_sampler
 chain per request. Only the engine thread calls the context methods.
+
+Unless told how many, a backend gets as many slots as `kv_budget` bytes of KV cache
+hold (f16 keys and values of every layer, `n_ctx_seq` tokens each), up to
+`params.MAX_AUTO_SLOTS`: the slots cost memory only, and every busy agent should
+find one.
 """
 
 from __future__ import annotations
@@ -42,6 +47,18 @@ def model_name(path: Path) -> str:
     return stem
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of KV cache one token takes: f16 keys and values of every layer."""
+    n_head = max(llama_cpp.llama_model_n_head(model), 1)
+    head_dim = llama_cpp.llama_model_n_embd(model) // n_head
+    return 2 * 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
+
+
+def auto_slots(per_token: int, n_ctx_seq: int, budget: int) -> int:
+    """As many sequences of `n_ctx_seq` tokens as `budget` bytes hold, 1 to MAX_AUTO_SLOTS."""
+    return max(1, min(params.MAX_AUTO_SLOTS, budget // max(per_token * n_ctx_seq, 1)))
+
+
 class LlamaBackend:
     def __init__(
         self,
@@ -49,13 +66,15 @@ class LlamaBackend:
         *,
         threads: int | None = None,
         gpu_layers: int | None = None,
-        n_slots: int = params.DEFAULT_SLOTS,
+        n_slots: int | None = None,
         n_ctx_seq: int = params.DEFAULT_CTX_PER_SLOT,
+        kv_budget: int = params.KV_BUDGET_BYTES,
         n_batch: int = params.DEFAULT_BATCH_TOKENS,
         progress: Callable[[float], None] | None = None,
         name: str = "",
     ) -> None:
-        """`name`: the model's name in kernel/models and `model=` (default: from the file name)."""
+        """`name`: the model's name in kernel/models and `model=` (default: from the file name);
+        `n_slots`: sequences (default: what `kv_budget` holds)."""
         if not model_path.is_file():
             raise KernelError(2, f"model file {model_path} not found")
         llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
@@ -73,6 +92,8 @@ class LlamaBackend:
             raise KernelError(5, f"llama.cpp could not load {model_path}: is it a GGUF model file?")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         n_layer = llama_cpp.llama_model_n_layer(self.model)
+        if n_slots is None:
+            n_slots = auto_slots(kv_bytes_per_token(self.model), n_ctx_seq, kv_budget)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_slots * n_ctx_seq
         cparams.n_batch = n_batch
