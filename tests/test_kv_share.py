@@ -122,6 +122,18 @@ def test_sharing_stays_within_a_scope_and_can_be_turned_off():
     assert runner.stats["shared_prefix_hits"] == 0
 
 
+def test_agents_whose_last_turn_was_short_still_share_their_new_prompt():
+    """Each agent's cached sequence begins like the new prompt for a few tokens only, computed a
+    row at a time: the runner computes them again in tiles, so the long prefix is shared."""
+    runner = Runner(FakeBackend(n_slots=4, n_batch=64))
+    _drain(runner, Plan(start=[_admit(k, "<|system|>\nbe brief\n<|user|>\nhi\n<|end|>\n", "1000") for k in (1, 2)]))
+    assert runner.stats["shared_prefix_hits"] == 0
+    prompts = {k: f"<|system|>\n{SYSTEM}<|user|>\nq{k}\n<|end|>\n" for k in (1, 2)}
+    out = _drain(runner, Plan(start=[_admit(k + 2, p, "1000", agent=f"a{k}") for k, p in prompts.items()]))
+    assert [out[k + 2].decode() for k in (1, 2)] == [answer("q1"), answer("q2")]
+    assert runner.stats["shared_prefix_hits"] == 1 and runner.stats["shared_prefix_tokens"] >= SHARED - params.PREFILL_TILE
+
+
 def test_a_follower_whose_donor_leaves_prefills_for_itself():
     runner = Runner(FakeBackend(n_slots=2, n_batch=64))
     prompt = f"{SYSTEM}<|user|>\nq\n<|end|>\n"
