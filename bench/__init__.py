@@ -23,7 +23,8 @@ Workloads (seeded, fixed lengths, greedy, end-of-generation suppressed):
                     ones stop starting requests once it is done. Measures agent 0's latency
                     against its own at N=1, and what the busy agents still get
   shared-prefix     the same ~1600-token system prompt for every agent, a 16-24-token question each,
-                    32 generated, 2 requests per agent, each request alone (system + question)
+                    32 generated, 2 requests per agent, each request alone (system + question);
+                    warmed up on another system prompt, so the first round finds none of it cached
 
 The aiosfs peers use one KV slot per agent and the kernel's default scheduler (fifo;
 `priority` in the priority workload) unless --slots and --scheduler say otherwise

@@ -97,7 +97,7 @@ def worker_main() -> int:
     """`--worker`: run one in-process peer for the parent bench process."""
     job = json.loads(sys.stdin.readline())
     p = job["plan"]
-    plan = Plan(Workload(**p["workload"]), p["n_agents"], p["requests"], p["system"], p["messages"], p["warmup"], p["ctx"])
+    plan = Plan(Workload(**p["workload"]), p["n_agents"], p["requests"], p["system"], p["messages"], p["warmup"], p["ctx"], p["warm_system"])
     cell = Cell(
         plan,
         Path(job["model"]),

@@ -42,6 +42,7 @@ class Workload:
     requests: int  # default requests (turns) per agent; in `priority`, of the high-priority agent
     priority: bool = False  # agent 0 is high priority, the others are busy low-priority agents
     user_max: int = 0  # > 0: each user message gets a seeded length in [user_tokens, user_max]
+    cold: bool = False  # warm up on another system prompt: the measured requests find none of theirs cached
 
     @property
     def user_text(self) -> str:
@@ -55,7 +56,7 @@ WORKLOADS = {
     "multi-turn": Workload("multi-turn", 256, 64, 64, True, 4),
     "priority": Workload("priority", 0, 32, 128, False, 4, priority=True),
     # N agents with the same long system prompt, each request alone (system + a short question)
-    "shared-prefix": Workload("shared-prefix", 1600, 16, 32, False, 2, user_max=24),
+    "shared-prefix": Workload("shared-prefix", 1600, 16, 32, False, 2, user_max=24, cold=True),
 }
 
 
@@ -126,6 +127,10 @@ class Plan:
     messages: list[list[str]]  # [agent][request] user message
     warmup: list[str]  # one message per agent, same length, not measured
     ctx: int
+    warm_system: str = ""  # the warm-up's system prompt (default: `system`)
+
+    def __post_init__(self) -> None:
+        self.warm_system = self.warm_system or self.system
 
     @property
     def max_tokens(self) -> int:
@@ -165,7 +170,8 @@ def make_plan(vocab: Texts, w: Workload, n_agents: int, requests: int, seed: int
     counts = [requests * (BUSY_FACTOR if w.priority and a > 0 else 1) for a in range(n_agents)]
     messages = [[vocab.text(rng, user_length(rng, w)) for _ in range(count)] for count in counts]
     warmup = [vocab.text(rng, min(w.user_tokens, 64)) for _ in range(n_agents)]
-    return Plan(w, n_agents, requests, system, messages, warmup, context_per_sequence(w, requests))
+    warm_system = SHORT_SYSTEM if w.cold else system
+    return Plan(w, n_agents, requests, system, messages, warmup, context_per_sequence(w, requests), warm_system)
 
 
 def user_length(rng: random.Random, w: Workload) -> int:

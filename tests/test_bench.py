@@ -131,6 +131,9 @@ def test_shared_prefix_plans_share_a_long_system_prompt_and_vary_the_questions()
     assert len(questions) == 32 and len(set(questions)) == 32  # one per agent and round
     assert all(16 <= len(q) <= 24 + 1 for q in questions) and len({len(q) for q in questions}) > 1  # 16 to 24 fake tokens
     assert context_per_sequence(w, 2) >= 1600 + 24 + 32 + 64  # system, question, answer and the template fit
+    assert plan.warm_system != plan.system and len(plan.warm_system) < 100  # the warm-up caches none of it
+    other = make_plan(FakeVocab(), WORKLOADS["multi-turn"], 2, 2, 1)
+    assert other.warm_system == other.system  # elsewhere the warm-up is the measured requests' kind
 
 
 def test_context_per_sequence_grows_with_turns() -> None:

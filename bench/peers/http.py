@@ -61,8 +61,8 @@ def run_http_peer(cell: Cell, argv: list[str], ready_path: str, port: int, extra
                 return http_chat(client, url, body, agent, max_tokens)
 
             # warm-up: one request alone, then one per agent at once
-            record, _ = one(0, chat(plan.system, [], plan.warmup[0]), 16)
-            warm_threads(plan.n_agents, lambda a: one(a, chat(plan.system, [], plan.warmup[a]), 8))
+            record, _ = one(0, chat(plan.warm_system, [], plan.warmup[0]), 16)
+            warm_threads(plan.n_agents, lambda a: one(a, chat(plan.warm_system, [], plan.warmup[a]), 8))
             cell.extra["warm_prompt_tokens"] = record.prompt_tokens
             return closed_loop_threads(cell, one)
 

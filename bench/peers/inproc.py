@@ -23,8 +23,9 @@ def envelope(plan: Plan, message: str, max_tokens: int | None = None) -> bytes:
     return json.dumps({"prompt": message, "max_tokens": max_tokens or plan.max_tokens, "temperature": 0, "ignore_eos": True}).encode()
 
 
-def agent_config(plan: Plan, agent: int) -> str:
-    system = plan.system.replace("\n", "\\n")
+def agent_config(plan: Plan, agent: int, warm: bool = False) -> str:
+    """An agent's config: the plan's system prompt (`warm`: the warm-up's)."""
+    system = (plan.warm_system if warm else plan.system).replace("\n", "\\n")
     priority = plan.priority_of(agent)
     return f"system={system}\ntemperature=0\nignore_eos=on\n" + ("" if priority is None else f"priority={priority}\n")
 
@@ -101,7 +102,7 @@ class KernelRun:
         agents = []
         for a in range(plan.n_agents):
             agent = await syscall(kernel, Sys.AGENT_CREATE, caller, f"a{a}", 0o755)
-            await syscall(kernel, Sys.CONFIG_WRITE, caller, agent, agent_config(plan, a))
+            await syscall(kernel, Sys.CONFIG_WRITE, caller, agent, agent_config(plan, a, warm=True))
             agents.append(agent)
         warm = await self.request(agents[0], 0, 0, plan.warmup[0], 16)
         if warm.error:
@@ -110,8 +111,9 @@ class KernelRun:
         async with trio.open_nursery() as warmers:
             for a, agent in enumerate(agents):
                 warmers.start_soon(self.request, agent, 0, a, plan.warmup[a], 8)
-        for agent in agents:
+        for a, agent in enumerate(agents):
             await syscall(kernel, Sys.CONTEXT_WRITE, caller, agent, "")
+            await syscall(kernel, Sys.CONFIG_WRITE, caller, agent, agent_config(plan, a))
         return agents
 
     async def measure(self, agents: list[Any]) -> None:

@@ -107,12 +107,13 @@ def make_agents(cell: Cell, mountpoint: Path) -> list[Path]:
     for a in range(plan.n_agents):
         d = mountpoint / "agents" / f"a{a}"
         d.mkdir()
-        (d / "config").write_text(agent_config(plan, a))
+        (d / "config").write_text(agent_config(plan, a, warm=True))
         dirs.append(d)
     mount_request(dirs[0], envelope(plan, plan.warmup[0], 16))
     warm_threads(plan.n_agents, lambda a: mount_request(dirs[a], envelope(plan, plan.warmup[a], 8)))
-    for d in dirs:
+    for a, d in enumerate(dirs):
         mount_reset(d)
+        (d / "config").write_text(agent_config(plan, a))
     return dirs
 
 

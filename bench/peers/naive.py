@@ -59,9 +59,13 @@ def run_naive(cell: Cell) -> tuple[list[Record], float]:
     try:
         # warm-up, on the thread(s) that will serve: the first generation after load is slow
         if mode == "lock":
-            warm_threads(plan.n_agents, lambda a: warm(chat(plan.system, [], plan.warmup[a]), 8))
+            warm_threads(plan.n_agents, lambda a: warm(chat(plan.warm_system, [], plan.warmup[a]), 8))
         for message in plan.warmup[:2]:
-            out = warm(chat(plan.system, [], message), 16) if mode == "lock" else server.submit(warm, chat(plan.system, [], message), 16).result()
+            out = (
+                warm(chat(plan.warm_system, [], message), 16)
+                if mode == "lock"
+                else server.submit(warm, chat(plan.warm_system, [], message), 16).result()
+            )
             cell.extra["warm_prompt_tokens"] = out["usage"]["prompt_tokens"]
         return closed_loop_threads(cell, one)
     finally:
