@@ -30,6 +30,7 @@ PREFILL_TILE = 64  # prompt rows llama.cpp's CPU attention computes in tiles (GG
 PREFILL_STALL = 1.0  # while sequences generate, prompt chunks may make a step this much longer
 PREFILL_MIN_CHUNK = PREFILL_TILE  # ... but a step always carries at least this many prompt tokens
 KV_SHARE_MIN_TOKENS = PREFILL_TILE  # a job starts on another sequence's prefix when that saves this much prefill
+SHORT_HEAD_TOKENS = 16  # a reused prefix this short, not computed in tiles, is computed again to be shareable
 MAX_MOVES_PER_STEP = 4  # sequences moved per step to keep the batch's sequence ids contiguous
 MIN_PROMPT_ROOM = 16  # tokens of generation room a prompt must leave, else E2BIG
 

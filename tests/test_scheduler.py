@@ -349,7 +349,7 @@ def test_next_turn_reuses_the_cached_prefix(make_kernel):
         async def body(kernel=kernel, name=f"talker{reuse}"):
             async with running(kernel):
                 agent = await mkdir(kernel, name)
-                await ask(kernel, agent, "first turn " * 8)  # a prompt of whole prefill tiles: kept whole
+                await ask(kernel, agent, "first turn")
                 return await ask(kernel, agent, "second turn")
 
         second = run(body)
@@ -366,7 +366,7 @@ def test_cached_sequences_give_way_to_new_agents(make_kernel):
         async with running(kernel):
             agents = [await mkdir(kernel, f"a{i}") for i in range(4)]
             for agent in agents:
-                await ask(kernel, agent, "hello " * 12)  # a prompt of whole prefill tiles: kept whole
+                await ask(kernel, agent, "hello")
             return [await ask(kernel, agent, "again") for agent in agents]
 
     assert [j.answer for j in run(body)] == [answer("again", turn=2)] * 4

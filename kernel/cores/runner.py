@@ -360,10 +360,10 @@ class Runner:
             common += 1
         common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
         tiled = min(cached.tiled, common)
-        if self._tile and tiled < common < min(self._tile, _tiles(len(prompt), self._tile)):
-            # under one tile of cells, computed a row at a time where this prompt has a whole
-            # tile (the agent's last prompt was short): compute them again in tiles, so that
-            # the prompt's prefix can be shared with the user's other agents
+        if self._tile and tiled < common <= params.SHORT_HEAD_TOKENS and common < _tiles(len(prompt), self._tile):
+            # a few cells, computed a row at a time where this prompt has a whole tile (the
+            # agent's last prompt began otherwise, e.g. with another system prompt): compute
+            # them again in tiles, so that the prompt's prefix can be shared
             common = tiled = 0
         self.backend.seq_trim(slot.seq, common)
         slot.kv, slot.feed = prompt[:common], prompt[common:]
