@@ -92,6 +92,9 @@ def _drain(runner: Runner, plan: Plan, steps: int = 200) -> dict[int, bytes]:
 
 def test_jobs_admitted_together_prefill_the_shared_prefix_once():
     backend = FakeBackend(n_slots=4, n_batch=64)
+    reads: list[int] = []
+    state_get = backend.state_get
+    backend.state_get = lambda seq: reads.append(seq) or state_get(seq)  # type: ignore[method-assign]
     runner = Runner(backend)
     prompts = {k: f"{SYSTEM}<|user|>\nquestion {k}\n<|end|>\n" for k in range(1, 5)}
     out = _drain(runner, Plan(start=[_admit(k, p, "1000") for k, p in prompts.items()]))
@@ -103,6 +106,7 @@ def test_jobs_admitted_together_prefill_the_shared_prefix_once():
     assert stats["prompt_tokens"] + stats["shared_prefix_tokens"] == total  # nothing prefilled twice
     shared = sum(1 for call in backend.decode_calls for e in call if e.pos < SHARED)
     assert shared == SHARED  # the shared positions went through llama_decode once
+    assert reads == [0]  # and the donor's cells were read once for its three followers
 
 
 def test_sharing_stays_within_a_scope_and_can_be_turned_off():

@@ -209,12 +209,15 @@ class Runner:
         self._clock = itertools.count(1)
         self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
         self._cost = StepCost()
+        self._states: dict[int, tuple[Any, int, Any]] = {}  # donors' cells read this step: (donor, cells, state)
 
     def step(self, plan: Plan) -> StepResult:
         started = time.perf_counter()
         outputs: list[Output] = []
+        self._states.clear()
         try:
             self._apply(plan, outputs)
+            self._states.clear()
             outputs += self._decode_step()
         except Exception:
             log.exception("engine step failed; failing the jobs in the engine and going on")
@@ -422,8 +425,11 @@ class Runner:
         started = time.perf_counter()
         if isinstance(donor, Cached) and donor.seq < 0:
             state = donor.state
-        else:
-            state = self.backend.state_get(donor.seq)
+        else:  # one read of the donor's cells for all its followers of this step
+            held = self._states.get(id(donor))
+            if held is None or held[0] is not donor or held[1] != len(donor.kv):
+                held = self._states[id(donor)] = (donor, len(donor.kv), self.backend.state_get(donor.seq))
+            state = held[2]
         if isinstance(donor, Cached):
             donor.used = next(self._clock)  # a shared prefix in use is the last to be evicted
         prompt = slot.kv + slot.feed
