@@ -449,9 +449,10 @@ class Runner:
         """Keep the sequences of this step's batch on contiguous ids. llama.cpp splits a
         batch (kv_unified=false) into one ubatch per run of consecutive sequence ids,
         each a pass over all the weights: 16 sequences with gaps between them decode
-        3x slower than 16 in a row. A sequence after a gap moves into the lowest id
-        outside the run, trading places with what is there (an idle cached sequence, a
-        job that sits this step out, or nothing), a few milliseconds per move."""
+        3x slower than 16 in a row. The sequences outside the run of ids that holds most
+        of them already move into its gaps, trading places with what is there (an idle
+        cached sequence, a job that sits this step out, or nothing), a state copy of a
+        few milliseconds each, at most MAX_MOVES_PER_STEP a step."""
         ids = sorted(slot.seq for slot in self._slots.values() if not slot.idle and slot.donor is None)
         if not ids or ids[-1] - ids[0] + 1 == len(ids):
             return
