@@ -81,6 +81,7 @@ CALC_MAX_EXPONENT = 10_000  # |exponent| of ** in the calculator; beyond → EIN
 CALC_MAX_INT_BITS = 4096  # integers the calculator may produce (about 1233 digits); beyond → EINVAL
 
 # -- memory (each agent's memory/) -----------------------------------------------------
+MEMORY_MAX_FILE_BYTES = 2**44 - 4096  # the largest file in memory/ (ext4's with 4 KiB blocks); beyond → EFBIG
 MEMORY_QUOTA_BYTES = 64 * 1024 * 1024  # bytes of files and symlinks per agent; beyond → EDQUOT (mount --memory-quota)
 MEMORY_MAX_INODES = 100_000  # files and directories per agent; beyond → ENOSPC
 MEMORY_CHUNK_BYTES = 64 * 1024  # data is stored in rows of this size: a small write rewrites one row

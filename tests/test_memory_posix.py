@@ -712,6 +712,16 @@ SCENARIOS: dict[str, list[Step]] = {
         ("close", "t"),
         ("changed", "f"),
     ],
+    "past_the_largest_file": [  # EFBIG, not EDQUOT: no quota could ever allow it
+        ("put", "f", b"small"),
+        ("truncate", "f", 10**18),
+        ("open", "f", "f", RW),
+        ("ftruncate", "f", 10**18),
+        ("pwrite", "f", b"x", 10**18),
+        ("close", "f"),
+        ("content", "f"),
+        ("stat", "f"),
+    ],
     "errors_and_limits": [
         ("statvfs", "."),
         ("stat", "missing"),

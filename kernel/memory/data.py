@@ -255,6 +255,7 @@ class DataMixin:
             if append:
                 offset = attr.size
             end = offset + len(data)
+            _check_file_size(end)
             if end > attr.size:
                 self._charge(attr.agent_id, end - attr.size)
             if not data:
@@ -277,6 +278,7 @@ class DataMixin:
             return len(data)
 
     def _truncate(self, attr: Attr, size: int) -> None:
+        _check_file_size(size)
         dirty = self._dirty_of(attr)
         if size > dirty.size:
             self._charge(attr.agent_id, size - dirty.size)
@@ -342,3 +344,9 @@ class DataMixin:
     def _content(self, ino: int) -> bytes:
         attr = self.getattr(ino)
         return b"".join(self._chunk(ino, idx, attr.size) for idx in range(-(-attr.size // CHUNK)))
+
+
+def _check_file_size(size: int) -> None:
+    """EFBIG past the largest file memory/ can hold (the quota is EDQUOT, for real growth)."""
+    if size > params.MEMORY_MAX_FILE_BYTES:
+        raise KernelError(errno.EFBIG, f"{size} bytes is past the largest file size, {params.MEMORY_MAX_FILE_BYTES} bytes")
