@@ -17,9 +17,11 @@ import errno
 import hashlib
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1187,3 +1189,41 @@ def test_recall_shows_only_what_its_caller_may_read(fs: Mount) -> None:
     assert result.returncode == 0, result.stderr
     assert "sunny" in result.stdout
     assert "swordfish" not in result.stdout, f"recall gave text its caller cannot read:\n{result.stdout}"
+
+
+SETID_PROBE = r"""
+import os, sys
+root = sys.argv[1]
+with open(os.path.join(root, "w"), "r+b") as f:
+    f.write(b"user")
+os.truncate(os.path.join(root, "t"), 1)
+with open(os.path.join(root, "g"), "r+b") as f:
+    f.write(b"user")
+"""
+
+
+def test_set_id_bits_are_cleared_as_linux_clears_them(fs: Mount) -> None:
+    """A write or truncate by a user clears set-user-id, and set-group-id where group-execute is
+    set or the user is not in the file's group; root's write keeps them; a chown clears them
+    whoever does it. The same outcome as the local disk's."""
+    modes = {}
+    local_dir = Path(tempfile.mkdtemp(prefix="aiosfs-setid-", dir="/tmp"))  # a path the other user can reach
+    os.chmod(local_dir, 0o755)
+    memory = fs.agent("setid") / "memory"
+    os.chmod(memory, 0o777)
+    for base in (local_dir / "local", memory / "setid"):
+        base.mkdir()
+        os.chmod(base, 0o777)
+        for name, mode in (("w", 0o6777), ("t", 0o6777), ("g", 0o2766), ("r", 0o6777), ("c", 0o6777)):
+            (base / name).write_bytes(b"original")
+            os.chmod(base / name, mode)
+        result = subprocess.run([*NOBODY, sys.executable, "-c", SETID_PROBE, str(base)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        with open(base / "r", "r+b") as f:  # root: CAP_FSETID keeps the bits
+            f.write(b"root")
+        os.chown(base / "c", 65534, 65534)
+        modes[base] = {name: oct(stat.S_IMODE(os.stat(base / name).st_mode)) for name in "wtgrc"}
+    shutil.rmtree(local_dir)
+    local, memory = modes.values()
+    assert memory == local
+    assert local == {"w": "0o777", "t": "0o777", "g": "0o766", "r": "0o6777", "c": "0o777"}  # g: not in the file's group

@@ -114,12 +114,20 @@ class DataMixin:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         commit: bool = True,
+        writer: tuple[int, int] | None = None,
     ) -> Attr:
         """chmod/chown/utimens/truncate. A truncate through an open handle
-        (`commit=False`) stays uncommitted until that handle's flush, like a write."""
+        (`commit=False`) stays uncommitted until that handle's flush, like a write.
+        As in Linux, a chown of a file that is not a directory, and a truncate by a
+        user without privilege (`writer`: their uid and gid; None for root), clear its
+        set-id bits (_without_set_ids), unless the mode is set in the same call."""
         with self._tx():
             attr = self._row(ino)
             now = _now()
+            if mode is None and size is not None and writer is not None:
+                mode = _without_set_ids(attr.mode, in_group=writer[1] == attr.gid)
+            elif mode is None and (uid is not None or gid is not None) and not attr.is_dir:
+                mode = _without_set_ids(attr.mode, in_group=True)
             if size is not None:
                 if attr.is_dir:
                     raise KernelError(errno.EISDIR, "is a directory")
@@ -246,8 +254,9 @@ class DataMixin:
         if attr.atime_ns <= max(attr.mtime_ns, attr.ctime_ns) or now - attr.atime_ns > 86400 * 10**9:
             self._atime[attr.ino] = now
 
-    def write(self, ino: int, offset: int, data: bytes, append: bool = False) -> int:
-        """Write into the overlay; EDQUOT (nothing written) past the agent's quota."""
+    def write(self, ino: int, offset: int, data: bytes, append: bool = False, writer: tuple[int, int] | None = None) -> int:
+        """Write into the overlay; EDQUOT (nothing written) past the agent's quota. A write by a
+        user without privilege (`writer`: their uid and gid) clears the set-id bits."""
         with self._lock:
             attr = self.getattr(ino)
             if attr.is_dir:
@@ -256,6 +265,9 @@ class DataMixin:
                 offset = attr.size
             end = offset + len(data)
             _check_file_size(end)
+            kept = _without_set_ids(attr.mode, in_group=writer[1] == attr.gid) if writer is not None else None
+            if kept is not None:
+                self.setattr(ino, mode=kept)
             if end > attr.size:
                 self._charge(attr.agent_id, end - attr.size)
             if not data:
@@ -350,3 +362,13 @@ def _check_file_size(size: int) -> None:
     """EFBIG past the largest file memory/ can hold (the quota is EDQUOT, for real growth)."""
     if size > params.MEMORY_MAX_FILE_BYTES:
         raise KernelError(errno.EFBIG, f"{size} bytes is past the largest file size, {params.MEMORY_MAX_FILE_BYTES} bytes")
+
+
+def _without_set_ids(mode: int, in_group: bool) -> int | None:
+    """The permission bits without set-user-id, and without set-group-id when group-execute is set
+    or the user is not in the file's group (Linux's setattr_should_drop_sgid); None when nothing
+    changes."""
+    kept = mode & 0o7777 & ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group):
+        kept &= ~stat.S_ISGID
+    return kept if kept != mode & 0o7777 else None
