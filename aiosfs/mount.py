@@ -254,6 +254,7 @@ def fuse_options(fsname: str) -> set[str]:
     opts = set(pyfuse3.default_options)  # includes default_permissions: the VFS enforces modes
     opts.add(f"fsname={fsname}")
     opts.add("subtype=aiosfs")
+    opts.add("nodev")  # memory/ keeps device nodes (mknod) as data: opening one must reach no device
     if os.geteuid() == 0 or _user_allow_other():
         opts.add("allow_other")  # every uid may use the mount; mode bits decide what
     return opts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
 import stat
 
 import pytest
@@ -209,7 +210,9 @@ def test_names_are_checked(store):
     root = store.root(AGENT, 0, 0)
     refused(errno.ENAMETOOLONG, store.create, root, b"x" * 256, 0o644, 0, 0)
     refused(errno.EINVAL, store.mkdir, root, b"a/b", 0o755, 0, 0)
-    refused(errno.EPERM, store.create, root, b"dev", stat.S_IFCHR | 0o644, 0, 0)
+    refused(errno.EINVAL, store.create, root, b"dir", stat.S_IFDIR | 0o644, 0, 0)  # mkdir makes directories
+    dev = store.create(root, b"dev", stat.S_IFCHR | 0o644, 0, 0, rdev=os.makedev(1, 3))
+    assert stat.S_ISCHR(dev.mode) and dev.rdev == os.makedev(1, 3)  # kept with its number, as tmpfs does
     store.create(root, b"x" * 255, 0o644, 0, 0)
 
 

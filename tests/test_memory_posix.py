@@ -164,6 +164,13 @@ class Side:
     def do_rmdir(self, path: str) -> None:
         os.rmdir(self.p(path))
 
+    def do_mknod(self, path: str, mode: int, major: int, minor: int) -> None:
+        os.mknod(self.p(path), mode, os.makedev(major, minor))
+
+    def do_rdev(self, path: str) -> tuple[int, int]:
+        st = os.lstat(self.p(path))
+        return os.major(st.st_rdev), os.minor(st.st_rdev)
+
     def do_symlink(self, target: str, path: str) -> None:
         os.symlink(target, self.p(path))
 
@@ -713,6 +720,29 @@ SCENARIOS: dict[str, list[Step]] = {
         ("open", "t", "f", WO | TRUNC),  # POSIX: O_TRUNC on an existing file marks mtime and ctime for update
         ("close", "t"),
         ("changed", "f"),
+    ],
+    "device_nodes": [  # kept with their type and number, as tmpfs keeps them (the mount is nodev)
+        ("mknod", "c", stat.S_IFCHR | 0o644, 1, 3),
+        ("mknod", "b", stat.S_IFBLK | 0o600, 7, 0),
+        ("mknod", "p", stat.S_IFIFO | 0o644, 0, 0),
+        ("lstat", "c"),
+        ("lstat", "b"),
+        ("rdev", "c"),
+        ("rdev", "b"),
+        ("rdev", "p"),
+        ("mknod", "c", stat.S_IFCHR | 0o644, 1, 3),
+        ("rename", "c", "c2"),
+        ("link", "b", "b2"),
+        ("lstat", "b2"),
+        ("chmod", "c2", 0o600),
+        ("chown", "c2", 65534, 65534),
+        ("lstat", "c2"),
+        ("rdev", "c2"),
+        ("unlink", "b"),
+        ("rdev", "b2"),
+        ("rename", "b2", "c2"),
+        ("rdev", "c2"),
+        ("listdir", "."),
     ],
     "past_the_largest_file": [  # EFBIG, not EDQUOT: no quota could ever allow it
         ("put", "f", b"small"),

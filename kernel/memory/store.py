@@ -223,9 +223,12 @@ class MemoryStore(DataMixin, VersionsMixin, IndexMixin):
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Attr:
         kind = stat.S_IFMT(mode) or stat.S_IFREG
-        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
-            raise KernelError(errno.EPERM, "memory/ holds files, directories, symlinks, FIFOs and sockets, not devices")
-        return self._add(parent, name, kind | (mode & 0o7777), uid, gid, rdev=0)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise KernelError(errno.EINVAL, f"memory/ cannot make a file of type {kind:o}")
+        # device nodes are kept with their number, as tmpfs keeps them: the mount is nodev,
+        # so opening one reaches no device (the VFS refuses it); only root may make them (CAP_MKNOD)
+        device = kind in (stat.S_IFCHR, stat.S_IFBLK)
+        return self._add(parent, name, kind | (mode & 0o7777), uid, gid, rdev=rdev if device else 0)
 
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return self._add(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
