@@ -21,7 +21,7 @@ MAX_STOP_STRINGS = 8  # stop strings per request
 MAX_STOP_BYTES = 64  # length of one stop string
 
 # -- engine ---------------------------------------------------------------------
-DEFAULT_SLOTS = 8  # KV slots of a core that cannot size its own (the fake backend, remote configs)
+DEFAULT_SLOTS = 8  # KV slots of the test backend, which has no KV cache to size them by
 MAX_AUTO_SLOTS = 32  # a local model gets as many slots as KV_BUDGET_BYTES holds, up to this many
 KV_BUDGET_BYTES = 1024 * 1024 * 1024  # KV cache memory a local model's slots may take (--kv-budget)
 DEFAULT_CTX_PER_SLOT = 2048  # tokens of context each sequence may hold
