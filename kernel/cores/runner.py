@@ -356,12 +356,7 @@ class Runner:
         elif cached.seq != slot.seq:
             return
         prompt = slot.feed
-        common = 0
-        for a, b in zip(cached.kv, prompt, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)  # the last prompt token must be decoded for logits
+        common = min(_common(cached.kv, prompt), len(prompt) - 1)  # the last prompt token must be decoded for logits
         tiled = min(cached.tiled, common)
         if self._tile and tiled < common <= params.SHORT_HEAD_TOKENS and common < _tiles(len(prompt), self._tile):
             # a few cells, computed a row at a time where this prompt has a whole tile (the
@@ -413,10 +408,11 @@ class Runner:
             donor = slot.donor
             if donor is None:
                 continue
-            if donor.tiled >= slot.share and self._keys.get(donor.key) is donor:
+            running = self._keys.get(donor.key) is donor
+            if running and donor.tiled >= slot.share:
                 slot.donor = None
                 self._copy_prefix(slot, donor, slot.share)
-            elif self._keys.get(donor.key) is not donor or donor.idle or len(donor.kv) >= slot.share:
+            elif not running or donor.idle or len(donor.kv) >= slot.share:
                 slot.donor = None
                 self._find_donor(slot)
 
@@ -504,7 +500,7 @@ class Runner:
 
     # -- one decode ----------------------------------------------------------------------
     def _decode_step(self) -> list[Output]:
-        groups, batch_slots, generating = self._build_batch()
+        groups, batch_slots = self._build_batch()
         if not groups:
             return []
         out: list[Output] = []
@@ -517,7 +513,7 @@ class Runner:
             self.stats["steps"] += 1
             self.stats["batch_tokens"] += len(entries)
             if rc != 0:
-                return out + self._decode_failed(rc, [slot for slot in batch_slots if slot.seq >= 0 and self._slots.get(slot.seq) is slot])
+                return out + self._decode_failed(rc, [slot for slot in batch_slots if self._slots.get(slot.seq) is slot])
             started = time.perf_counter()
             out += self._sample([(slot, index) for slot, index in samplers if self._slots.get(slot.seq) is slot])
             self.stats["sample_s"] += time.perf_counter() - started
@@ -525,7 +521,7 @@ class Runner:
         self.stats["max_seqs"] = max(self.stats["max_seqs"], len(batch_slots))
         return out
 
-    def _build_batch(self) -> tuple[list[tuple[list[BatchEntry], list[tuple[Slot, int]], int]], list[Slot], int]:
+    def _build_batch(self) -> tuple[list[tuple[list[BatchEntry], list[tuple[Slot, int]], int]], list[Slot]]:
         """This step's llama_decode calls: the generating sequences' tokens with prompt
         tails, then prompt chunks computed in tiles; each sorted by sequence id.
 
@@ -588,7 +584,7 @@ class Runner:
                 if batch[-1].logits:
                     samplers.append((slot, len(entries) - 1))
             groups.append((entries, samplers, n_generating))
-        return groups, [slot for slot, _ in rows + tiles], generating
+        return groups, [slot for slot, _ in rows + tiles]
 
     def _sample(self, samplers: list[tuple[Slot, int]]) -> list[Output]:
         out: list[Output] = []
