@@ -5,7 +5,8 @@ import errno
 import pytest
 
 from kernel import params
-from kernel.agents.config import AgentConfig, parse_config, parse_envelope
+from kernel.agents.config import AgentConfig, parse_config
+from kernel.agents.request import parse_envelope
 from kernel.errors import KernelError
 
 

@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "kernel.params": 0,
     # 1: records: data types and their parsers, no behaviour that reaches other parts
     "kernel.agents.config": 1,
+    "kernel.agents.request": 1,
     "kernel.access.policy": 1,
     "kernel.storage.database": 1,
     "kernel.llm.jobs": 1,

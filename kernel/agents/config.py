@@ -10,7 +10,7 @@ import errno
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import params
@@ -124,7 +124,19 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "on_restart": _choice("requeue", "fail"),
 }
 
-ENVELOPE_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "priority", "model", "tools", "tool_choice", "ignore_eos")
+
+@dataclass(frozen=True)
+class Function:
+    """A tool a request declares (its envelope's "tools" as objects): the model may
+    call it, and the call is returned to the client instead of being run."""
+
+    name: str
+    description: str
+    parameters: str  # its JSON Schema, as JSON text
+
+    @property
+    def schema(self) -> Any:
+        return json.loads(self.parameters)
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,8 @@ class AgentConfig:
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     on_restart: str = "requeue"  # what a restart does to an unfinished prompt job: requeue | fail
     stop: tuple[str, ...] = field(default=())
+    functions: tuple[Function, ...] = ()  # declared tools: calls are returned, not run (envelope only)
+    grammar: str = ""  # GBNF of the envelope's response_format: the answer is JSON that matches it
 
     def render(self) -> str:
         """The `config` file: every key with its effective value."""
@@ -179,37 +193,13 @@ def parse_config(text: str, known_models: Callable[[str], bool] | None = None) -
         if key not in VALIDATORS:
             known = ", ".join(VALIDATORS)
             raise KernelError(errno.EINVAL, f"config line {number}: unknown key {key!r} (known: {known})")
-        values[key] = _validate(key, _unescape(value.strip()), f"config line {number}")
-    _check_model(values.get("model", ""), known_models)
+        values[key] = validate(key, _unescape(value.strip()), f"config line {number}")
+    check_model(values.get("model", ""), known_models)
     return AgentConfig(**values)
 
 
-def parse_envelope(text: str, base: AgentConfig, known_models: Callable[[str], bool] | None = None) -> tuple[str, AgentConfig]:
-    """Split a request into (user message, effective config).
-
-    Text that starts with `{` must be JSON; an object with a "prompt" key is an
-    envelope of per-request overrides. Any other text is the message itself.
-    """
-    if not text.lstrip().startswith("{"):
-        return text, base
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise KernelError(errno.EINVAL, f"request starts with '{{' but is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict) or "prompt" not in obj:
-        return text, base
-    prompt = obj.pop("prompt")
-    if not isinstance(prompt, str):
-        raise KernelError(errno.EINVAL, 'envelope: "prompt" must be a string')
-    unknown = sorted(set(obj) - set(ENVELOPE_KEYS))
-    if unknown:
-        raise KernelError(errno.EINVAL, f"envelope: unknown keys {unknown} (known: {', '.join(ENVELOPE_KEYS)})")
-    changes = {key: _validate(key, value, "envelope") for key, value in obj.items()}
-    _check_model(changes.get("model", ""), known_models)
-    return prompt, replace(base, **changes)
-
-
-def _validate(key: str, value: Any, where: str) -> Any:
+def validate(key: str, value: Any, where: str) -> Any:
+    """A config or envelope value checked by its validator; EINVAL names where it was."""
     check = _stop if key == "stop" else VALIDATORS[key]
     try:
         return check(value)
@@ -217,6 +207,6 @@ def _validate(key: str, value: Any, where: str) -> Any:
         raise KernelError(errno.EINVAL, f"{where}: {key}: {exc}") from None
 
 
-def _check_model(name: str, known_models: Callable[[str], bool] | None) -> None:
+def check_model(name: str, known_models: Callable[[str], bool] | None) -> None:
     if name and known_models is not None and not known_models(name):
         raise KernelError(errno.EINVAL, f"unknown model {name!r}: see kernel/models")

@@ -62,6 +62,7 @@ class Job:
     step: Job | None = None  # the running step of this job's tool loop
     extra_prompt_tokens: int = 0  # prompts of the tool loop's later steps, for the budget
     tool_messages: list[dict[str, str]] = field(default_factory=list)  # the loop's calls and results, for the context
+    history: list[dict[str, str]] | None = None  # a stateless chat's conversation (envelope "messages"): no context is read or kept
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
     # -- trio thread only ---------------------------------------------------
@@ -103,6 +104,12 @@ class Job:
             await self._changed.wait()
             return True
         return False
+
+    @property
+    def stateless(self) -> bool:
+        """Its envelope gave the whole conversation: neither the agent's context nor a
+        `call` session's history is read or extended."""
+        return self.history is not None
 
     @property
     def text(self) -> str:

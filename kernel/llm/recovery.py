@@ -33,13 +33,16 @@ async def recover_jobs(requests: Requests) -> None:
             if agent is None:
                 raise KernelError(errno.EIO, RESTARTED)
             _check_requeue(agent, row)
-            message, config = requests.parse(agent, row["request"])
-            config = access.check_request(agent, config)
+            request = requests.parse(agent, row["request"])
+            config = access.check_request(agent, request.config)
         except KernelError as refusal:
             failed.append((agent, row, refusal))
             continue
         # the output starts over: generation restarts from scratch on today's context and config
-        requeued.append(Job(row["id"], agent.name, row["uid"], message, [], [], config, "prompt", queued_at=row["queued_at"]))
+        history = None if request.history is None else list(request.history)
+        requeued.append(
+            Job(row["id"], agent.name, row["uid"], request.message, [], [], config, "prompt", queued_at=row["queued_at"], history=history)
+        )
     now = time.time()
     ends = [(row["id"], JobState.ERROR.value, bytes(row["output"]), exc.errno, exc.message, now) for _, row, exc in failed]
     await requests.writer.call(_apply, storage, [job.id for job in requeued], ends)  # every row is requeued or failed, or none is

@@ -22,8 +22,9 @@ import trio
 
 from .. import params
 from ..access import rules as access
-from ..agents.config import AgentConfig, parse_envelope
+from ..agents.config import AgentConfig, Function
 from ..agents.context import build_prompt
+from ..agents.request import Request, parse_request
 from ..agents.table import AgentTable
 from ..cores.coreset import CoreSet
 from ..errors import KernelError, errno_name
@@ -63,24 +64,28 @@ class Requests(Results):
             self.fail_unfinished("the kernel stopped before this job finished")
 
     # -- submit ----------------------------------------------------------------------
-    def parse(self, agent: Agent, text: str) -> tuple[str, AgentConfig]:
-        """A request's message and config (with the agent's config of now), for `submit`
-        and for a journaled job queued again after a restart."""
-        message, config = parse_envelope(text, agent.config, self.cores.known)
-        message = message.rstrip("\r\n")  # `echo` adds a newline that is not part of the question
+    def parse(self, agent: Agent, text: str) -> Request:
+        """A request's message, config (with the agent's config of now) and, for a
+        stateless chat, conversation; for `submit` and for a journaled job queued again
+        after a restart."""
+        request = parse_request(text, agent.config, self.cores.known)
+        message = request.message.rstrip("\r\n")  # `echo` adds a newline that is not part of the question
         if not message.strip():
             raise KernelError(errno.EINVAL, "the prompt is empty")
-        return message, config
+        return dataclasses.replace(request, message=message)
 
     async def submit(self, caller: Caller, agent: Agent, text: str, history: list[Message] | None = None) -> Job:
         """Queue one request. `history` is a `call` session's conversation; None uses
-        the agent's own context (a `prompt` job), which the answer then extends."""
-        message, config = self.parse(agent, text)
+        the agent's own context (a `prompt` job), which the answer then extends. A
+        stateless chat brings its own conversation and extends nothing."""
+        request = self.parse(agent, text)
+        message, config = request.message, request.config
+        stateless = None if request.history is None else list(request.history)
         self.cores.require_loaded(config)
         config = access.check_request(agent, config)
         self.admit(agent)
         config, recalled = await self.prepare(caller, agent, config, message)
-        conversation = agent.messages if history is None else history
+        conversation = stateless if stateless is not None else agent.messages if history is None else history
         config = self.cores.routed(config)  # the route chooses once: the prompt is tokenized by the model that runs it
         messages, tokens = await trio.to_thread.run_sync(build_prompt, self.cores.vocabulary(config), config, list(conversation), message)
         self.agents.require_live(agent)
@@ -89,7 +94,8 @@ class Requests(Results):
         queued_at = time.time()
         job_id = await self.writer.call(self.storage.journal_job, agent.row.id, caller.uid, source, message, queued_at, text)
         self.agents.require_live(agent)  # removed while journaled: the job's row goes with the agent
-        job = Job(job_id, agent.name, caller.uid, message, messages, tokens, config, source, queued_at=queued_at)
+        job = Job(job_id, agent.name, caller.uid, message, messages, tokens, config, source, queued_at=queued_at, history=stateless)
+        job.grammar = config.grammar or None
         agent.latest[caller.uid] = job
         agent.errors.pop(caller.uid, None)
         if history is None:
@@ -100,7 +106,7 @@ class Requests(Results):
         self.emit(job, "queued")
         if recalled is not None:
             agent.events.emit("recall", job=job.id, agent=agent.name, uid=caller.uid, passages=recalled)
-        if source == "call":
+        if source == "call" or job.stateless:  # no turn of the agent's context to wait for
             self.launch(agent, job)
         elif agent.turn is None:
             agent.turn = job
@@ -128,13 +134,16 @@ class Requests(Results):
         config, recalled = await self.memory.recall_into(caller, agent, config, message)
         if uses_tools(config):
             specs = self.tool_specs(config)
-            if config.tool_choice not in ("auto", *config.tools):
-                raise KernelError(errno.EINVAL, f"tool_choice {config.tool_choice!r} is not one of this request's tools ({' '.join(config.tools)})")
+            names = [spec.name for spec in specs]
+            if config.tool_choice not in ("auto", "required", *names):
+                raise KernelError(errno.EINVAL, f"tool_choice {config.tool_choice!r} is not auto, required or one of this request's tools ({' '.join(names)})")
             config = dataclasses.replace(config, system=with_tools(config.system, specs))
         return config, recalled
 
-    def tool_specs(self, config: AgentConfig) -> list[ToolSpec]:
-        """The tools a config offers; EINVAL names one nobody serves."""
+    def tool_specs(self, config: AgentConfig) -> list[ToolSpec] | list[Function]:
+        """The tools a config offers (declared, or served); EINVAL names one nobody serves."""
+        if config.functions:
+            return list(config.functions)
         try:
             return [self.tools.spec(name) for name in config.tools]
         except KernelError as exc:
@@ -155,9 +164,11 @@ class Requests(Results):
             job = agent.next_turns.popleft()
             agent.turn = job
             try:
+                conversation = list(agent.messages) if job.history is None else job.history
                 job.messages, job.prompt_tokens = await trio.to_thread.run_sync(
-                    build_prompt, self.cores.vocabulary(job.config), job.config, list(agent.messages), job.user_message
+                    build_prompt, self.cores.vocabulary(job.config), job.config, conversation, job.user_message
                 )
+                job.grammar = job.config.grammar or None
             except KernelError as exc:
                 job.finish(JobState.ERROR, exc.errno, exc.message)
             if job.cancel_requested:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import json
 import logging
 import time
 from typing import Any
@@ -113,9 +114,11 @@ class Results(abc.ABC):
         if job.state.finished:
             return
         agent = self.agents.get(job.agent)
+        if state is JobState.DONE and job.grammar is not None and job.parent is None and not _is_json(job.text):
+            state, code, message = JobState.ERROR, errno.EIO, "the answer ended before its JSON was complete (max_tokens too small?)"
         if state is JobState.DONE:
             job.end_line()
-        if state is JobState.DONE and job.source == "prompt" and agent is not None:
+        if state is JobState.DONE and job.source == "prompt" and not job.stateless and agent is not None:
             job.finished_at = time.time()  # the core's end; readers see it once the turn is kept
             if self.nursery is not None:
                 self.nursery.start_soon(self._keep_turn, agent, job)
@@ -165,7 +168,7 @@ class Results(abc.ABC):
             if agent.next_turns and self.nursery is not None:
                 self.nursery.start_soon(self.start_next_turn, agent)
         if job.state is not JobState.DONE and agent.latest.get(job.uid) is job:
-            agent.errors[job.uid] = job.error_line()
+            agent.add_error(job.uid, job.error_line())
         self.audit("job", id=job.id, agent=job.agent, uid=job.uid, state=job.state.value, tokens=job.n_generated)
 
     @staticmethod
@@ -188,3 +191,11 @@ class Results(abc.ABC):
             for job in sorted(agent.active, key=lambda j: j.id):
                 job.finish(JobState.ERROR, errno.EIO, message)
                 self.finished(job)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

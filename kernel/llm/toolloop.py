@@ -54,7 +54,8 @@ TOOLS_HEADER = (
 
 
 def uses_tools(config: AgentConfig) -> bool:
-    return bool(config.tools) and config.tool_choice != "none"
+    """Served tools (run in a loop) or declared ones (the calls are the answer)."""
+    return bool(config.tools or config.functions) and config.tool_choice != "none"
 
 
 def with_tools(system: str, specs: Sequence[Any]) -> str:
@@ -64,12 +65,12 @@ def with_tools(system: str, specs: Sequence[Any]) -> str:
 
 
 def step_grammar(specs: Sequence[Any], choice: str) -> str:
-    """GBNF for one step: `auto` (any call or an answer), a tool's name (that call
-    only), or `answer` (the answer only)."""
+    """GBNF for one step: `auto` (any call or an answer), `required` (any call), a
+    tool's name (that call only), or `answer` (the answer only)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    calls = [_call_schema(s) for s in specs if choice in ("auto", s.name)]
-    options = calls if choice not in ("auto", "answer") else [*calls, ANSWER] if choice == "auto" else [ANSWER]
+    calls = [_call_schema(s) for s in specs if choice in ("auto", "required", s.name)]
+    options = [*calls, ANSWER] if choice == "auto" else [ANSWER] if choice == "answer" else calls
     schema = options[0] if len(options) == 1 else {"oneOf": options}
     return str(json_schema_to_gbnf(json.dumps(schema)))
 
@@ -109,7 +110,7 @@ def prompt_tokens(host: Host, config: AgentConfig, messages: list[dict[str, str]
 async def run_tool_loop(host: Host, agent: Agent, job: Job) -> None:
     """Drive `job` through its steps to an answer, an error or a cancel."""
     try:
-        await _steps(host, agent, job)
+        await (_declared if job.config.functions else _steps)(host, agent, job)
     except KernelError as exc:
         _end(host, job, JobState.ERROR, exc.errno, exc.message)
     except trio.Cancelled:
@@ -141,6 +142,23 @@ async def _steps(host: Host, agent: Agent, job: Job) -> None:
             raise KernelError(errno.EIO, "the model called a tool at the last step, where only an answer is allowed")
         messages = messages + await _call(host, agent, job, step.text, *value)
         tokens = await trio.to_thread.run_sync(prompt_tokens, host, config, messages)
+
+
+async def _declared(host: Host, agent: Agent, job: Job) -> None:
+    """Declared tools: one step, whose call (or answer) is the job's output as JSON
+    `{"content": TEXT or null, "tool_calls": [{"id", "name", "arguments"}]}`; nothing runs."""
+    config = host.cores.routed(dataclasses.replace(job.config, ignore_eos=False))
+    step = await _run_step(host, job, list(job.messages), job.prompt_tokens, config, step_grammar(job.config.functions, job.config.tool_choice))
+    if step is None:
+        return
+    kind, value = parse_step(step.text)
+    if kind == "answer":
+        reply: dict[str, Any] = {"content": value, "tool_calls": []}
+    else:
+        name, arguments = value
+        reply = {"content": None, "tool_calls": [{"id": f"call_{job.id}_1", "name": name, "arguments": arguments}]}
+        host.emit(job, "tool_call", tool=name, arguments=arguments)
+    _answer(host, job, json.dumps(reply, ensure_ascii=False))
 
 
 async def _run_step(host: Host, job: Job, messages: list[dict[str, str]], tokens: list[int], config: AgentConfig, grammar: str) -> Job | None:
