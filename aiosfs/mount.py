@@ -71,6 +71,12 @@ def check_fuse() -> None:
         raise MountError(
             "/dev/fuse is missing: load the module with 'modprobe fuse', or start the container with '--device /dev/fuse --cap-add SYS_ADMIN'"
         )
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):  # a user's mount: fusermount3 opens it as that user
+        mode = os.stat("/dev/fuse").st_mode & 0o777
+        raise MountError(
+            f"/dev/fuse (mode {mode:04o}) is not readable and writable by you, so only root can mount here: "
+            "as root, run 'chmod 0666 /dev/fuse' (the mode udev gives it; scripts/setup does this), or mount as root"
+        )
     if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 is not installed: run scripts/setup (Debian package fuse3)")
 
@@ -255,14 +261,15 @@ def fuse_options(fsname: str) -> set[str]:
     opts.add(f"fsname={fsname}")
     opts.add("subtype=aiosfs")
     opts.add("nodev")  # memory/ keeps device nodes (mknod) as data: opening one must reach no device
-    if os.geteuid() == 0 or _user_allow_other():
+    if os.geteuid() == 0 or user_allow_other():
         opts.add("allow_other")  # every uid may use the mount; mode bits decide what
     return opts
 
 
-def _user_allow_other() -> bool:
+def user_allow_other() -> bool:
+    """Does /etc/fuse.conf let users other than root mount with allow_other?"""
     try:
-        return any(line.strip() == "user_allow_other" for line in open("/etc/fuse.conf"))
+        return "user_allow_other" in (line.strip() for line in Path("/etc/fuse.conf").read_text().splitlines())
     except OSError:
         return False
 

@@ -140,7 +140,7 @@ class Mount:
         """Kill the daemon on purpose and wait until its mount is dead."""
         self.expect_death()
         os.kill(self.daemons[-1].pid, sig)
-        wait_for(lambda: not alive(self.daemons[-1].pid) and dead(self.root), what=f"the daemon to die of signal {sig}")
+        wait_for(lambda: not alive(self.daemons[-1].pid) and self.is_dead(), what=f"the daemon to die of signal {sig}")
 
     def allow_log(self, pattern: str) -> None:
         """A log record (with its traceback) that matches `pattern` (re.search) is expected: no failure.
@@ -156,6 +156,14 @@ class Mount:
         except FileNotFoundError:
             return ""
 
+    def command(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run `aiosfs ARGS` as the mount's user (here: this process's)."""
+        return aiosfs(*args, timeout=timeout)
+
+    def is_dead(self) -> bool:
+        """Is the mount left dead (ENOTCONN)? Asked as a user the mount lets in."""
+        return dead(self.root)
+
     def stop(self) -> None:
         """Unmount, then fail the test if the daemon did not live and end as it should."""
         problems: list[str] = []
@@ -163,10 +171,10 @@ class Mount:
         if current is not None and not current.expect_death:
             if not alive(current.pid):
                 problems.append(f"the daemon (pid {current.pid}) stopped during the test")
-            if dead(self.root):
+            if self.is_dead():
                 problems.append(f"the mount at {self.root} was dead (ENOTCONN), not unmounted")
-        if listed(self.root) and not dead(self.root):
-            result = aiosfs("unmount", str(self.root), timeout=90)
+        if listed(self.root) and not self.is_dead():
+            result = self.command("unmount", str(self.root), timeout=90)
             if result.returncode != 0:
                 problems.append(f"aiosfs unmount failed ({result.returncode}): {result.stderr.strip()}")
         for daemon in self.daemons:
