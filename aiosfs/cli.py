@@ -1,4 +1,4 @@
-"""`aiosfs mount|unmount|status`.
+"""`aiosfs mount|unmount|status|top|aios-api`.
 
 `mount` runs in the background by default: the command starts the daemon, relays
 its start-up output (model loading progress included) and returns once the mount
@@ -80,11 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("mountpoint", type=Path)
     t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     t.add_argument("--once", action="store_true", help="print one frame and exit")
+    g = sub.add_parser("aios-api", help="serve the AIOS kernel's HTTP protocol (/query) through a mount")
+    g.add_argument("mountpoint", type=Path)
+    g.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="address to serve on (default: %(default)s)")
+    g.add_argument("--token", type=Path, default=None, metavar="FILE", help="require 'Authorization: Bearer TOKEN', TOKEN read from FILE")
+    g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "aios-api":  # a client of a mount: it needs neither FUSE nor llama.cpp
+        return cmd_aios_api(args)
     from .mount import MountError
 
     try:
@@ -100,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_aios_api(args: argparse.Namespace) -> int:
+    from .aios.server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args.mountpoint.absolute(), args.listen, args.token)
 
 
 def _options(args: argparse.Namespace) -> object:

@@ -14,11 +14,8 @@ from kernel_helpers import OWNER, answer, ask, mkdir, refused, run, running, sub
 
 from kernel.agents.config import AgentConfig
 from kernel.agents.request import parse_request, response_grammar
-from kernel.cores.backends.fake import FakeBackend
 from kernel.errors import KernelError
-from kernel.kernel import Kernel
 from kernel.llm.jobs import JobState
-from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 BASE = AgentConfig(system="agent's own system")
@@ -113,11 +110,8 @@ def test_response_format_compiles_to_a_grammar():
 
 # -- in the kernel ------------------------------------------------------------------------------
 @pytest.fixture
-def kernel(tmp_path):
-    made = Kernel(Storage(tmp_path / "aiosfs.db"), FakeBackend(step_delay=0.001))
-    yield made
-    made.storage.close()
-    made.memory.store.close()
+def kernel(new_kernel):
+    return new_kernel()
 
 
 def test_a_stateless_prompt_neither_reads_nor_extends_the_context(kernel):
