@@ -199,6 +199,8 @@ class Operations(pyfuse3.Operations):
         self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         values = _ownership(attr, fields)
+        if not any(getattr(fields, "update_" + f) for f in ("mode", "uid", "gid", "size", "atime", "mtime")):
+            values["chown"] = True  # what chown(-1, -1) sends (utimensat with both UTIME_OMIT sends nothing)
         if fields.update_atime:
             values["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:

@@ -6,12 +6,16 @@ import datetime as dt
 import errno
 import os
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
+from mounting import wait_for
 
 from kernel import params
 from kernel.errors import KernelError
 from kernel.memory.store import RENAME_EXCHANGE, MemoryStore, split_passages
+from kernel.types import Caller
 
 AGENT = 7
 
@@ -272,3 +276,33 @@ def test_the_inode_limit_counts_what_an_agent_holds(tmp_path, monkeypatch):
     other = again.root(AGENT + 1, 0, 0)  # another agent has its own count
     again.create(other, b"x", 0o644, 0, 0)
     again.close()
+
+
+def test_set_id_bits_after_a_users_truncate_or_chown(store):
+    """open(O_TRUNC) and chown(-1, -1), which names nothing to change, clear the set-id bits as a
+    write does; set-group-id stays only without group-execute and for a member of the file's
+    group, a supplementary one included (looked up through the caller's pid)."""
+    ino = new_file(store)
+    holder = subprocess.Popen(["setpriv", "--groups", "4242", "sleep", "60"])  # a process in supplementary group 4242
+    try:
+        wait_for(lambda: "\t4242" in Path(f"/proc/{holder.pid}/status").read_text(), timeout=10)
+        me = Caller(1000, 1000, holder.pid)
+        store.setattr(ino, mode=0o6744, gid=4242)
+        store.open(ino, truncate=True, writer=me)
+        store.release(ino)
+        assert stat.S_IMODE(store.getattr(ino).mode) == 0o2744
+    finally:
+        holder.kill()
+        holder.wait()
+    store.setattr(ino, mode=0o6754)
+    before = store.getattr(ino).ctime_ns
+    assert stat.S_IMODE(store.setattr(ino, chown=True).mode) == 0o754  # root: set-group-id goes with group-execute
+    assert store.getattr(ino).ctime_ns > before
+    store.setattr(ino, mode=0o2744, gid=54321)  # a group the caller is not in
+    assert stat.S_IMODE(store.setattr(ino, chown=True, writer=me).mode) == 0o744
+
+
+def test_times_beyond_64_bit_nanoseconds_are_clamped(store):
+    ino = new_file(store)
+    attr = store.setattr(ino, atime_ns=-(2**70), mtime_ns=2**70)
+    assert (attr.atime_ns, attr.mtime_ns) == (-(2**63), 2**63 - 1)

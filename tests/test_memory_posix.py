@@ -13,6 +13,7 @@ for an unprivileged user.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 from mounting import Mount, dead, mounted, needs_fuse, sh, wait_for
+from test_access import MEMBER, OTHER, OWNER, User, as_user
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -42,6 +44,7 @@ RW, WO, RO = os.O_RDWR, os.O_WRONLY, os.O_RDONLY
 CREAT, EXCL, TRUNC, APPEND = os.O_CREAT, os.O_EXCL, os.O_TRUNC, os.O_APPEND
 CHUNK = 64 * 1024  # the store's chunk size: writes across this boundary touch two rows
 MIB = 1 << 20
+NOW, OMIT = "now", "omit"  # utimensat's UTIME_NOW and UTIME_OMIT
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +208,18 @@ class Side:
         else:
             os.utime(self.p(path), ns=ns, follow_symlinks=follow)
 
+    def do_utimensat(self, path: str, atime: int | str, mtime: int | str, follow: bool = True) -> None:
+        utimensat(self.p(path), atime, mtime, follow)
+
+    def do_stamps(self, path: str) -> dict[str, int | str]:
+        """atime and mtime: exact, or "now" when set to about now (local clocks are coarse)."""
+        st, now = os.lstat(self.p(path)), time.time_ns()
+        return {k: NOW if abs(now - ns) < 5 * 10**9 else ns for k, ns in (("atime", st.st_atime_ns), ("mtime", st.st_mtime_ns))}
+
+    def do_as(self, user: User, step: Step) -> Outcome:
+        """One step as another user, in a forked child: its outcome, an errno included."""
+        return as_user(user, lambda: outcome(self, step))
+
     def do_times(self, path: str) -> tuple[int, int]:
         st = os.lstat(self.p(path))
         return st.st_atime_ns, st.st_mtime_ns
@@ -218,9 +233,11 @@ class Side:
         self.marks[path] = os.lstat(self.p(path))
         time.sleep(TICK)
 
-    def do_changed(self, path: str, mark: str | None = None) -> dict[str, bool]:
+    def do_changed(self, path: str, mark: str | None = None) -> dict[str, bool] | str:
         """Which times moved since the mark of `path` (or of `mark`: the name it had then)."""
         before, now = self.marks[mark or path], os.lstat(self.p(path))
+        if now.st_ino != before.st_ino:
+            return "another inode"  # the rename that would have brought it here failed
         return {"mtime": now.st_mtime_ns != before.st_mtime_ns, "ctime": now.st_ctime_ns != before.st_ctime_ns}
 
     def do_statvfs(self, path: str) -> int:
@@ -243,6 +260,23 @@ class Side:
         return out
 
 
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, AT_SYMLINK_NOFOLLOW = -100, 0x100
+UTIME_NSEC = {NOW: (1 << 30) - 1, OMIT: (1 << 30) - 2}
+
+
+def utimensat(path: str, atime: int | str, mtime: int | str, follow: bool = True) -> None:
+    """utimensat(2) itself: os.utime cannot say UTIME_NOW or UTIME_OMIT for one of the times."""
+    times = (Timespec * 2)(*(Timespec(0, UTIME_NSEC[t]) if isinstance(t, str) else Timespec(*divmod(t, 10**9)) for t in (atime, mtime)))
+    if LIBC.utimensat(AT_FDCWD, os.fsencode(path), times, 0 if follow else AT_SYMLINK_NOFOLLOW) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+
+
 def outcome(side: Side, step: Step) -> Outcome:
     name, *args = step
     try:
@@ -263,6 +297,8 @@ def show(value: Any) -> str:
         return "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str) and len(value) > 48:
         return f"<{len(value)} chars {value[:24]!r}...>"
+    if isinstance(value, User):
+        return value.name
     return repr(value)
 
 
@@ -303,6 +339,14 @@ def run_both(disk_root: Path, mem_root: Path, steps: list[Step], label: str) -> 
 
 
 # -- scenarios ------------------------------------------------------------------------------
+
+
+def watch(step: Step, *names: str | tuple[str, str]) -> list[Step]:
+    """`step` between marks of the times of `names` and looks at which of them moved; a pair
+    (new, old) is an inode that the step moves from the name old to new."""
+    pairs = [(name, name) if isinstance(name, str) else name for name in names]
+    return [*(("mark", old) for _, old in pairs), step, *(("changed", new, old) for new, old in pairs)]
+
 
 LONG = "n" * 256
 MAX = "m" * 255
@@ -778,8 +822,194 @@ SCENARIOS: dict[str, list[Step]] = {
         ("stat", "d/"),
         ("rename", "f", "d/"),
     ],
+    "times_of_names": [  # every change of a name marks its directory, and the inode whose links it changes
+        ("mkdir", "d", 0o755),
+        ("mkdir", "e", 0o755),
+        *watch(("put", "d/f", b"f"), "d"),
+        *watch(("mkdir", "d/sub", 0o755), "d"),
+        *watch(("mknod", "d/fifo", stat.S_IFIFO | 0o644, 0, 0), "d"),
+        *watch(("mknod", "d/chr", stat.S_IFCHR | 0o644, 1, 3), "d"),
+        *watch(("symlink", "f", "d/sl"), "d"),
+        *watch(("link", "d/f", "d/f2"), "d", "d/f"),
+        *watch(("unlink", "d/f2"), "d", "d/f"),
+        *watch(("rmdir", "d/sub"), "d"),
+        *watch(("rename", "d/f", "d/g"), "d", ("d/g", "d/f")),
+        *watch(("rename", "d/g", "e/g"), "d", "e", ("e/g", "d/g")),
+        ("mkdir", "d/m", 0o755),
+        *watch(("rename", "d/m", "e/m"), "d", "e", ("e/m", "d/m")),  # a directory to another parent: its ".." changes too
+        ("put", "e/victim", b"v"),
+        ("link", "e/victim", "e/victim-link"),
+        *watch(("rename", "e/g", "e/victim"), "e", "e/victim-link"),  # the replaced inode loses a link: its ctime moves
+        ("stat", "e/victim-link"),
+        ("link", "e/victim", "e/same"),
+        *watch(("rename", "e/victim", "e/same"), "e", "e/same"),  # two names of one inode: nothing at all happens
+        ("mark", "e"),
+        ("mkdir", "e/m", 0o755),  # what fails changes nothing
+        ("rmdir", "e"),
+        ("rename", "d", "e/m"),
+        ("unlink", "e/missing"),
+        ("changed", "e"),
+        ("mkdir", "e/m2", 0o755),
+        *watch(("rename", "e/m", "e/m2"), ("e/m2", "e/m")),  # over an empty directory of the same parent
+        ("stat", "e"),
+    ],
+    "times_of_data": [
+        ("put", "f", b"abc"),
+        *watch(("writeat", "f", 0, b"x"), "f", "."),
+        ("open", "h", "f", RW),
+        *watch(("ftruncate", "h", 3), "f"),  # the same size
+        *watch(("ftruncate", "h", 5), "f"),
+        *watch(("write", "h", b""), "f"),
+        *watch(("read", "h", 10), "f"),
+        ("close", "h"),
+        *watch(("truncate", "f", 5), "f"),
+        *watch(("chmod", "f", 0o644), "f"),  # the same mode: still a change
+        *watch(("chown", "f", -1, -1), "f"),  # nothing to change: still a change
+        ("chmod", "f", 0o6755),
+        ("chown", "f", -1, -1),  # and, as any chown, it clears the set-id bits
+        ("stat", "f"),
+        ("mkdir", "sgid", 0o2755),
+        *watch(("chown", "sgid", -1, -1), "sgid"),  # but not a directory's
+        ("stat", "sgid"),
+        ("chmod", "f", 0o644),
+        *watch(("chown", "f", 0, 0), "f"),
+        *watch(("utimensat", "f", 1_000_000_001, OMIT), "f"),
+        ("stamps", "f"),
+        *watch(("utimensat", "f", OMIT, OMIT), "f"),
+        ("utimensat", "f", OMIT, 2_000_000_002),
+        ("stamps", "f"),
+        ("utimensat", "f", NOW, OMIT),
+        ("stamps", "f"),
+        ("utimensat", "f", 3_000_000_003, NOW),
+        ("stamps", "f"),
+        ("utimensat", "f", 4, 5),
+        *watch(("utimensat", "f", NOW, NOW), "f"),
+        ("stamps", "f"),
+        ("symlink", "f", "s"),
+        ("utimensat", "s", 6, OMIT, False),
+        ("stamps", "s"),
+        ("stamps", "f"),
+        ("mkdir", "d", 0o755),
+        *watch(("utimensat", "d", NOW, 8), "d"),
+        ("stamps", "d"),
+        ("utimensat", "missing", NOW, NOW),
+        ("utimensat", "f", -100 * 10**9 - 5, 2**33 * 10**9 + 7),  # before 1970 and after 2038
+        ("stamps", "f"),
+        ("utimensat", "f", 0, 0),
+        ("stamps", "f"),
+        ("open", "n", "new", WO | CREAT, 0o644),
+        ("close", "n"),
+        ("stamps", "new"),
+    ],
+    "link_counts": [
+        ("mkdir", "a", 0o755),
+        ("mkdir", "b", 0o755),
+        ("stat", "."),
+        ("stat", "a"),
+        ("mkdir", "a/1", 0o755),
+        ("mkdir", "a/2", 0o755),
+        ("mkdir", "a/3", 0o755),
+        ("put", "a/f", b"f"),
+        ("mknod", "a/p", stat.S_IFIFO | 0o644, 0, 0),
+        ("symlink", "f", "a/s"),
+        ("stat", "a"),
+        ("stat", "a/1"),
+        ("lstat", "a/s"),
+        ("rename", "a/1", "b/1"),
+        ("stat", "a"),
+        ("stat", "b"),
+        ("mkdir", "b/2", 0o755),
+        ("rename", "a/2", "b/2"),  # over an empty directory of another parent
+        ("stat", "a"),
+        ("stat", "b"),
+        ("rename", "b/2", "b/1"),  # and of the same parent
+        ("stat", "b"),
+        ("mkdir", "b/full", 0o755),
+        ("mkdir", "b/full/x", 0o755),
+        ("rename", "a/3", "b/full"),
+        ("stat", "a"),
+        ("stat", "b"),
+        ("stat", "b/full"),
+        ("rename", "b/full/x", "a/3"),  # a subdirectory back over its old place
+        ("stat", "a"),
+        ("stat", "b/full"),
+        ("rmdir", "b/1"),
+        ("stat", "b"),
+        ("link", "a/f", "b/g"),
+        ("link", "a/f", "g"),
+        ("stat", "a/f"),
+        ("link", "a/p", "b/p"),
+        ("lstat", "b/p"),
+        ("link", "a/s", "b/s"),
+        ("lstat", "a/s"),
+        ("put", "b/h", b"h"),
+        ("link", "b/h", "b/h2"),
+        ("rename", "a/f", "b/h"),  # over a file with two links: one is left
+        ("stat", "b/h2"),
+        ("stat", "b/h"),
+        ("rename", "b/g", "b/h"),  # two links of one inode: nothing happens
+        ("stat", "b/h"),
+        ("listdir", "b"),
+        ("unlink", "g"),
+        ("stat", "b/h"),
+        ("unlink", "b/p"),
+        ("lstat", "a/p"),
+        ("rmdir", "b/full"),
+        ("stat", "b"),
+        ("stat", "."),
+    ],
+    "rename_into_itself": [
+        ("mkdir", "a", 0o755),
+        ("mkdir", "a/b", 0o755),
+        ("mkdir", "a/b/c", 0o755),
+        ("rename", "a", "a/b/c/d"),
+        ("rename", "a", "a/b/c"),
+        ("rename", "a/b", "a/b/c"),
+        ("rename", "a/b/c", "a"),  # onto its own ancestor, not empty
+        ("rename", "a/b/c", "a/b/c"),
+        ("rename", "a/b", "a/b/"),
+        ("rename", "a/b/c", "a/b"),
+        ("rename", "a/./b", "a/b2"),
+        ("rename", "a/b/..", "x"),
+        ("rename", "a/b2", "."),
+        ("tree",),
+    ],
 }
 
+
+# Each kind of name as the source and as the target of a rename, the local disk's answers beside ours.
+KINDS: dict[str, Step] = {
+    "file": ("put", "{}", b"data"),
+    "symlink": ("symlink", "somewhere", "{}"),
+    "fifo": ("mknod", "{}", stat.S_IFIFO | 0o644, 0, 0),
+    "socket": ("mknod", "{}", stat.S_IFSOCK | 0o644, 0, 0),
+    "chardev": ("mknod", "{}", stat.S_IFCHR | 0o644, 1, 3),
+    "blockdev": ("mknod", "{}", stat.S_IFBLK | 0o644, 7, 0),
+    "dir": ("mkdir", "{}", 0o755),
+    "fulldir": ("mkdir", "{}", 0o755),
+}
+
+
+def make(kind: str, path: str) -> list[Step]:
+    name, *args = KINDS[kind]
+    steps: list[Step] = [(name, *(a.format(path) if a == "{}" else a for a in args))]
+    if kind == "fulldir":
+        steps.append(("put", path + "/inside", b"x"))
+    return steps
+
+
+def rename_over(source: str) -> list[Step]:
+    """A `source` over each kind of target: each rename gives the local disk's answer, leaves the
+    same tree and changes the same times."""
+    steps: list[Step] = [("mkdir", source, 0o755)]
+    for target in KINDS:
+        pair = f"{source}/{target}"
+        steps += [("mkdir", pair, 0o755), *make(source, pair + "/src"), *make(target, pair + "/dst")]
+        steps += [*watch(("rename", pair + "/src", pair + "/dst"), pair, (pair + "/dst", pair + "/src")), ("lstat", pair + "/src"), ("tree",)]
+    return steps
+
+
+SCENARIOS |= {f"rename_{kind}_over_every_kind": rename_over(kind) for kind in KINDS}
 
 # Enough names that listing them takes several readdir calls, then half of them gone.
 SCENARIOS["many_names"] = [
@@ -794,6 +1024,198 @@ SCENARIOS["many_names"] = [
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_differential_scenario(name: str, posix_memory: Path, tmp_path: Path) -> None:
     run_both(tmp_path / name, posix_memory / name, SCENARIOS[name], f"scenario {name}")
+
+
+# -- as other users -------------------------------------------------------------------------------
+# ("as", USER, STEP) runs one step as that user in a forked child; root sets up and looks.
+
+USER_SCENARIOS: dict[str, list[Step]] = {
+    "sticky_directories": [  # only the owner of the entry, of the directory, or root removes or replaces it
+        ("mkdir", "t", 0o777),
+        ("chmod", "t", 0o1777),
+        ("as", OWNER, ("put", "t/owners", b"o")),
+        ("as", OWNER, ("mkdir", "t/ownersdir", 0o777)),
+        ("as", OTHER, ("put", "t/others", b"x")),
+        ("put", "t/roots", b"r"),
+        ("chmod", "t/roots", 0o666),
+        ("as", OTHER, ("unlink", "t/owners")),
+        ("as", OTHER, ("unlink", "t/roots")),
+        ("as", OTHER, ("rmdir", "t/ownersdir")),
+        ("as", OTHER, ("rename", "t/owners", "t/mine")),
+        ("as", OTHER, ("rename", "t/others", "t/owners")),
+        ("as", OTHER, ("rename", "t/others", "t/roots")),
+        ("as", OTHER, ("rename", "t/ownersdir", "t/mine")),
+        ("as", MEMBER, ("unlink", "t/owners")),
+        ("as", OWNER, ("rename", "t/owners", "t/owners2")),
+        ("as", OTHER, ("rename", "t/others", "t/others2")),
+        ("as", OWNER, ("unlink", "t/others2")),
+        ("as", OWNER, ("rename", "t/owners2", "t/others2")),
+        ("unlink", "t/others2"),
+        ("listdir", "t"),
+        ("as", OWNER, ("mkdir", "u", 0o777)),
+        ("as", OWNER, ("chmod", "u", 0o1777)),
+        ("as", OTHER, ("put", "u/others", b"x")),
+        ("as", OTHER, ("mkdir", "u/othersdir", 0o777)),
+        ("as", OTHER, ("put", "u/x", b"x")),
+        ("as", MEMBER, ("unlink", "u/others")),
+        ("as", OWNER, ("unlink", "u/others")),
+        ("as", OWNER, ("rmdir", "u/othersdir")),
+        ("as", OWNER, ("rename", "u/x", "t/x")),
+        ("as", OTHER, ("unlink", "t/x")),
+        ("listdir", "u"),
+        ("mkdir", "n", 0o777),
+        ("chmod", "n", 0o777),
+        ("as", OWNER, ("put", "n/owners", b"o")),
+        ("as", OTHER, ("unlink", "n/owners")),  # not sticky: write on the directory is enough
+        ("as", OWNER, ("mkdir", "n/od", 0o755)),
+        ("as", OTHER, ("rename", "n/od", "n/od2")),
+        ("mkdir", "n/elsewhere", 0o777),
+        ("chmod", "n/elsewhere", 0o777),
+        ("as", OTHER, ("rename", "n/od2", "n/elsewhere/od")),  # a directory to another parent: its ".." needs write
+        ("tree",),
+    ],
+    "permissions_of_a_stranger": [
+        ("put", "w", b"w"),
+        ("chmod", "w", 0o666),
+        ("put", "r", b"r"),
+        ("chmod", "r", 0o644),
+        ("utimensat", "w", 1, 2),
+        ("as", OTHER, ("utimensat", "w", NOW, NOW)),  # write permission is enough to touch
+        ("stamps", "w"),
+        ("utimensat", "w", 1, 2),
+        ("mark", "w"),
+        ("as", OTHER, ("utime", "w", None)),
+        ("changed", "w"),
+        ("stamps", "w"),
+        ("as", OTHER, ("utimensat", "w", 3, 4)),  # but only the owner sets times
+        ("as", OTHER, ("utimensat", "w", NOW, OMIT)),
+        ("as", OTHER, ("utimensat", "w", OMIT, OMIT)),
+        ("as", OTHER, ("utimensat", "r", NOW, NOW)),
+        ("as", OTHER, ("utime", "r", None)),
+        ("as", OTHER, ("utimensat", "r", 3, 4)),
+        ("stamps", "w"),
+        ("as", OTHER, ("chmod", "w", 0o777)),
+        ("as", OTHER, ("chown", "w", -1, -1)),
+        ("as", OTHER, ("chown", "w", OTHER.uid, -1)),
+        ("as", OTHER, ("chown", "w", -1, OTHER.gid)),
+        ("as", OTHER, ("truncate", "r", 0)),
+        ("as", OTHER, ("truncate", "w", 1)),
+        ("as", OTHER, ("open", "x", "r", WO)),
+        ("as", OTHER, ("open", "x", "r", RO | TRUNC)),
+        ("as", OTHER, ("open", "x", "r", RO)),
+        ("chmod", "w", 0o6666),
+        ("as", OTHER, ("open", "x", "w", WO | TRUNC)),  # O_TRUNC clears the set-id bits too, even of an empty file
+        ("stat", "w"),
+        ("chmod", "w", 0o6666),
+        ("as", OTHER, ("open", "x", "w", WO | TRUNC)),
+        ("stat", "w"),
+        ("chmod", "w", 0o6666),
+        ("as", OTHER, ("open", "x", "w", WO)),
+        ("stat", "w"),
+        ("chmod", "w", 0o666),
+        ("stat", "r"),
+        ("as", OTHER, ("open", "x", "new", WO | CREAT | EXCL, 0o600)),
+        ("lstat", "new"),
+        ("as", OTHER, ("put", "mine", b"m")),
+        ("as", OTHER, ("chmod", "mine", 0o4700)),
+        ("stat", "mine"),
+        ("as", OTHER, ("chmod", "mine", 0o2755)),
+        ("stat", "mine"),
+        ("chown", "mine", -1, 0),
+        ("stat", "mine"),
+        ("as", OTHER, ("chmod", "mine", 0o2755)),  # not in the file's group: set-group-id is dropped
+        ("stat", "mine"),
+        ("as", OTHER, ("chown", "mine", -1, OTHER.gid)),
+        ("as", OTHER, ("chown", "mine", -1, 0)),  # not a member of group 0
+        ("as", OTHER, ("chown", "mine", OWNER.uid, -1)),
+        ("as", OTHER, ("utimensat", "mine", 5, 6)),
+        ("stamps", "mine"),
+        ("as", OTHER, ("chmod", "mine", 0o1755)),  # the sticky bit on a file: Linux lets its owner set it
+        ("stat", "mine"),
+        ("as", OTHER, ("symlink", "t" * 4095, "longest")),
+        ("as", OTHER, ("readlink", "longest")),
+        ("as", OTHER, ("symlink", "t" * 4096, "too-long")),
+        ("mkdir", "ro", 0o755),
+        ("as", OTHER, ("put", "ro/x", b"")),
+        ("as", OTHER, ("mkdir", "ro/x", 0o755)),
+        ("as", OTHER, ("symlink", "x", "ro/x")),
+        ("as", OTHER, ("link", "w", "ro/x")),
+        ("as", OTHER, ("rename", "w", "ro/x")),
+        ("as", OTHER, ("mknod", "ro/p", stat.S_IFIFO | 0o644, 0, 0)),
+        ("put", "ro/f", b"f"),
+        ("as", OTHER, ("unlink", "ro/f")),
+        ("as", OTHER, ("rename", "ro/f", "moved")),
+        ("mkdir", "nox", 0o766),
+        ("put", "nox/f", b"f"),
+        ("as", OTHER, ("stat", "nox/f")),
+        ("as", OTHER, ("unlink", "nox/f")),
+        ("as", OTHER, ("listdir", "nox")),
+        ("as", OTHER, ("mknod", "c", stat.S_IFCHR | 0o644, 1, 3)),  # no CAP_MKNOD
+        ("as", OTHER, ("mknod", "p", stat.S_IFIFO | 0o644, 0, 0)),
+        ("as", OTHER, ("link", "r", "hl")),  # fs.protected_hardlinks: not theirs, not writable
+        ("as", OTHER, ("link", "w", "hl")),
+        ("tree",),
+    ],
+    "set_ids_and_supplementary_groups": [  # the set-group-id bit stays for a member of the file's group
+        ("put", "f", b"data"),
+        ("chown", "f", MEMBER.uid, OWNER.gid),  # a group of the member's only as a supplementary one
+        ("chmod", "f", 0o2745),
+        ("as", MEMBER, ("writeat", "f", 0, b"D")),
+        ("stat", "f"),
+        ("as", MEMBER, ("truncate", "f", 3)),
+        ("stat", "f"),
+        ("as", MEMBER, ("chown", "f", -1, -1)),
+        ("stat", "f"),
+        ("as", MEMBER, ("chown", "f", -1, MEMBER.gid)),
+        ("stat", "f"),
+        ("chown", "f", -1, 0),
+        ("chmod", "f", 0o2745),
+        ("as", MEMBER, ("chown", "f", -1, -1)),  # not in group 0: set-group-id goes
+        ("stat", "f"),
+        ("chmod", "f", 0o2745),
+        ("as", MEMBER, ("writeat", "f", 0, b"d")),
+        ("stat", "f"),
+        ("chmod", "f", 0o2745),
+        ("as", MEMBER, ("truncate", "f", 2)),
+        ("stat", "f"),
+        ("chmod", "f", 0o6555),
+        ("as", MEMBER, ("chown", "f", -1, OWNER.gid)),
+        ("stat", "f"),
+        ("mkdir", "d", 0o755),
+        ("chown", "d", MEMBER.uid, 0),
+        ("chmod", "d", 0o6755),
+        ("as", MEMBER, ("chown", "d", -1, OWNER.gid)),  # a directory keeps them
+        ("stat", "d"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def shared_roots(fs: Mount) -> Iterator[tuple[Path, Path]]:
+    """A local directory and a memory/ that every user can reach."""
+    local = Path(tempfile.mkdtemp(prefix="aiosfs-users-", dir="/tmp"))
+    memory = fs.agent("posix-users") / "memory"
+    for path in (local, memory):
+        os.chmod(path, 0o755)
+    yield local, memory
+    shutil.rmtree(local)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to other users needs root")
+@pytest.mark.parametrize("name", list(USER_SCENARIOS))
+def test_differential_scenario_as_users(name: str, shared_roots: tuple[Path, Path]) -> None:
+    local, memory = shared_roots
+    run_both(local / name, memory / name, [("chmod", ".", 0o777), *USER_SCENARIOS[name]], f"scenario {name}")
+
+
+def test_times_past_what_an_inode_holds_are_clamped(posix_memory: Path) -> None:
+    """memory/ holds times from 1677 to 2262 (nanoseconds in 64 bits; ext4 reaches 2446): a time
+    beyond is clamped, as Linux clamps times to a filesystem's range, and the mount stays up."""
+    far = posix_memory / "far-times"
+    far.write_bytes(b"")
+    utimensat(str(far), -(2**40) * 10**9, 2**40 * 10**9)
+    st = os.stat(far)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (-(2**63), 2**63 - 1)
 
 
 # -- the randomized scenario ------------------------------------------------------------------

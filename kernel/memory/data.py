@@ -18,14 +18,19 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
 from .. import params
+from ..access.rules import groups_of
 from ..errors import KernelError
 
+if TYPE_CHECKING:
+    from ..types import Caller
+
 CHUNK = params.MEMORY_CHUNK_BYTES
+TIME_NS = (-(2**63), 2**63 - 1)  # the times an inode holds (SQLite's INTEGER): 1677 to 2262
 
 
 @dataclass
@@ -114,20 +119,23 @@ class DataMixin:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         commit: bool = True,
-        writer: tuple[int, int] | None = None,
+        writer: Caller | None = None,
+        chown: bool = False,
     ) -> Attr:
         """chmod/chown/utimens/truncate. A truncate through an open handle
         (`commit=False`) stays uncommitted until that handle's flush, like a write.
         As in Linux, a chown of a file that is not a directory, and a truncate by a
-        user without privilege (`writer`: their uid and gid; None for root), clear its
-        set-id bits (_without_set_ids), unless the mode is set in the same call."""
+        user without privilege (`writer`; None for root), clear its set-id bits
+        (_without_set_ids), unless the mode is set in the same call.
+        `chown` is a chown that names neither owner nor group (chown(-1, -1)): it
+        still clears them and marks the ctime."""
         with self._tx():
             attr = self._row(ino)
             now = _now()
-            if mode is None and size is not None and writer is not None:
-                mode = _without_set_ids(attr.mode, in_group=writer[1] == attr.gid)
-            elif mode is None and (uid is not None or gid is not None) and not attr.is_dir:
-                mode = _without_set_ids(attr.mode, in_group=True)
+            truncated_by_user = size is not None and writer is not None
+            chowned = (chown or uid is not None or gid is not None) and not attr.is_dir
+            if mode is None and (truncated_by_user or chowned):
+                mode = _without_set_ids(attr, writer)
             if size is not None:
                 if attr.is_dir:
                     raise KernelError(errno.EISDIR, "is a directory")
@@ -144,14 +152,14 @@ class DataMixin:
             if gid is not None:
                 values["gid"] = gid
             if atime_ns is not None:
-                values["atime_ns"] = atime_ns
+                values["atime_ns"] = atime_ns = _clamp_time(atime_ns)
                 self._atime.pop(ino, None)
             if mtime_ns is not None:
-                values["mtime_ns"] = mtime_ns
+                values["mtime_ns"] = mtime_ns = _clamp_time(mtime_ns)
                 dirty = self._dirty.get(ino)
                 if dirty is not None:
                     dirty.mtime_ns = mtime_ns
-            if values or size is not None:
+            if values or size is not None or chown:
                 values["ctime_ns"] = now
                 dirty = self._dirty.get(ino)
                 if dirty is not None:
@@ -162,11 +170,12 @@ class DataMixin:
             return self.getattr(ino)
 
     # -- data ------------------------------------------------------------------------------
-    def open(self, ino: int, truncate: bool) -> None:
+    def open(self, ino: int, truncate: bool, writer: Caller | None = None) -> None:
         with self._lock:
             attr = self._row(ino)
             self._open[ino] += 1
-            if truncate and attr.is_reg:  # also when empty: O_TRUNC sets mtime and ctime
+            if truncate and attr.is_reg:  # also when empty: O_TRUNC sets mtime and ctime, and clears set-id bits
+                self._drop_set_ids(attr, writer)
                 self._truncate(attr, 0)
                 dirty = self._dirty[ino]
                 dirty.mtime_ns = dirty.ctime_ns = _now()
@@ -254,9 +263,9 @@ class DataMixin:
         if attr.atime_ns <= max(attr.mtime_ns, attr.ctime_ns) or now - attr.atime_ns > 86400 * 10**9:
             self._atime[attr.ino] = now
 
-    def write(self, ino: int, offset: int, data: bytes, append: bool = False, writer: tuple[int, int] | None = None) -> int:
+    def write(self, ino: int, offset: int, data: bytes, append: bool = False, writer: Caller | None = None) -> int:
         """Write into the overlay; EDQUOT (nothing written) past the agent's quota. A write by a
-        user without privilege (`writer`: their uid and gid) clears the set-id bits."""
+        user without privilege (`writer`) clears the set-id bits."""
         with self._lock:
             attr = self.getattr(ino)
             if attr.is_dir:
@@ -265,9 +274,7 @@ class DataMixin:
                 offset = attr.size
             end = offset + len(data)
             _check_file_size(end)
-            kept = _without_set_ids(attr.mode, in_group=writer[1] == attr.gid) if writer is not None else None
-            if kept is not None:
-                self.setattr(ino, mode=kept)
+            self._drop_set_ids(attr, writer)
             if end > attr.size:
                 self._charge(attr.agent_id, end - attr.size)
             if not data:
@@ -288,6 +295,13 @@ class DataMixin:
                 dirty.size = end
             dirty.mtime_ns = dirty.ctime_ns = _now()
             return len(data)
+
+    def _drop_set_ids(self, attr: Attr, writer: Caller | None) -> None:
+        """A write or truncate by a user without privilege (`writer`; None for root, who keeps
+        them: CAP_FSETID) clears the set-id bits."""
+        kept = _without_set_ids(attr, writer) if writer is not None else None
+        if kept is not None:
+            self.setattr(attr.ino, mode=kept)
 
     def _truncate(self, attr: Attr, size: int) -> None:
         _check_file_size(size)
@@ -358,17 +372,24 @@ class DataMixin:
         return b"".join(self._chunk(ino, idx, attr.size) for idx in range(-(-attr.size // CHUNK)))
 
 
+def _clamp_time(ns: int) -> int:
+    """A time set past what an inode holds becomes the nearest it holds, as Linux clamps
+    times to a filesystem's range (timestamp_truncate)."""
+    return min(max(ns, TIME_NS[0]), TIME_NS[1])
+
+
 def _check_file_size(size: int) -> None:
     """EFBIG past the largest file memory/ can hold (the quota is EDQUOT, for real growth)."""
     if size > params.MEMORY_MAX_FILE_BYTES:
         raise KernelError(errno.EFBIG, f"{size} bytes is past the largest file size, {params.MEMORY_MAX_FILE_BYTES} bytes")
 
 
-def _without_set_ids(mode: int, in_group: bool) -> int | None:
+def _without_set_ids(attr: Attr, writer: Caller | None) -> int | None:
     """The permission bits without set-user-id, and without set-group-id when group-execute is set
-    or the user is not in the file's group (Linux's setattr_should_drop_sgid); None when nothing
-    changes."""
-    kept = mode & 0o7777 & ~stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group):
+    or the user (`writer`; None for root) is not in the file's group, as a primary or supplementary
+    member (Linux's setattr_should_drop_sgid); None when nothing changes."""
+    mode = attr.mode & 0o7777
+    kept = mode & ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or (writer is not None and attr.gid not in groups_of(writer))):
         kept &= ~stat.S_ISGID
-    return kept if kept != mode & 0o7777 else None
+    return kept if kept != mode else None

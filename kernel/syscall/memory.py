@@ -22,8 +22,8 @@ async def sys_memory(kernel: Kernel, caller: Caller, op: str, *args: Any, **kwar
     """One operation on the memory store (memory/ files); the VFS has checked the mode bits."""
     if op not in MEMORY_OPS:
         raise KernelError(errno.ENOSYS, f"no memory operation {op!r}")
-    if op in ("write", "setattr") and caller.uid != 0:  # root keeps the set-id bits when it writes (CAP_FSETID)
-        kwargs["writer"] = (caller.uid, caller.gid)
+    if op in ("open", "write", "setattr") and caller.uid != 0:  # root keeps the set-id bits when it writes (CAP_FSETID)
+        kwargs["writer"] = caller
     return await kernel.memory.run(getattr(kernel.memory.store, op), *args, **kwargs)
 
 
