@@ -427,3 +427,12 @@ def test_the_gateway_refuses_what_is_not_a_mount(tmp_path: Path):
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "aiosfs.cli", "aios-api", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "is not a live aiosfs mount" in result.stderr and time.monotonic() - started < 60
+
+
+def test_an_agent_written_for_aios_runs_with_only_the_kernel_url_changed(api: Gateway, fs: Mount):
+    agent = Path(__file__).resolve().parent.parent / "agents" / "aios" / "agent.py"
+    result = subprocess.run(
+        [sys.executable, str(agent), "Lisbon"], capture_output=True, text=True, timeout=600, env=os.environ | {"CEREBRUM_KERNEL_URL": api.url}
+    )
+    assert result.returncode == 0 and "all steps worked" in result.stdout, result.stdout + result.stderr
+    assert (fs.agents / "example%2Fday_planner" / "memory" / "trips" / "lisbon.md").read_text().startswith("# Lisbon\n")
