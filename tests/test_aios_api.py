@@ -6,6 +6,7 @@ what happened in the mount."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ import jsonschema
 import pytest
 from mounting import Mount, mounted, needs_fuse, wait_for
 from test_access import OTHER, OWNER, User
+
+from aiosfs.aios.client import FileError, dir_name, unescape
 
 pytestmark = [pytest.mark.mount, pytest.mark.model, needs_fuse]
 
@@ -163,6 +166,21 @@ def envelope_keys(body: dict[str, Any]) -> None:
 
 def stats(mount: Mount) -> dict[str, float]:
     return {k: float(v) for k, v in (line.split() for line in (mount.root / "kernel" / "stats").read_text().splitlines())}
+
+
+# -- names ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["a1", "demo_author/geo", "100%/x", ".", "..", "...", "é/ü", "a\0b", "%2F"])
+def test_agent_names_map_to_directory_names_reversibly(name: str):
+    directory = dir_name(name)
+    assert "/" not in directory and "\0" not in directory and directory not in (".", "..")
+    assert unescape(directory) == name
+
+
+def test_names_that_cannot_be_directories_are_refused():
+    for name, code in (("", errno.EINVAL), ("x" * 200 + "/" * 30, errno.ENAMETOOLONG)):
+        with pytest.raises(FileError) as info:
+            dir_name(name)
+        assert info.value.errno == code
 
 
 # -- the mount and its gateway ---------------------------------------------------------------
