@@ -21,7 +21,7 @@ import trio
 
 from kernel import Agent, Caller, EventStream, Job, JobState, Kernel, params
 from kernel.errors import KernelError
-from kernel.syscall import Sys, checks, syscall
+from kernel.syscall import LINE_CHECKS, Sys, checks, syscall
 
 log = logging.getLogger(__name__)
 
@@ -91,68 +91,107 @@ class SnapshotHandle(Handle):
 
 
 class StoredHandle(Handle):
-    """A whole-file buffer (config, context) committed and validated at flush.
+    """A whole-file buffer (config, context, permissions, kernel/scheduler) committed
+    at flush.
 
     Without O_APPEND the buffer starts as the content at open() (empty with
     O_TRUNC) and writes land at their offset. With O_APPEND only the appended bytes
     are kept and they are added to the content as it is at flush, so concurrent
-    appenders and finishing jobs lose nothing. A failed commit keeps the old content
-    and reports its errno from flush()/close() and in `error`.
+    appenders and finishing jobs lose nothing. The complete lines of each write are
+    checked at once (files with a line check): a bad one refuses that write, and a
+    refused write spoils its commit: later writes are refused too until the flush,
+    which reports the errno again and leaves the content as it was at open(). A
+    refused commit does the same.
     """
 
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, current: Callable[[], str], commit: Sys, limit: int) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.current = current
         self.commit_call = commit
+        self.check_call = LINE_CHECKS.get(commit)
         self.limit = limit
-        self.dirty = bool(flags & os.O_TRUNC)
-        self.appending = bool(flags & os.O_APPEND) and not self.dirty
-        self.data = bytearray() if self.dirty or self.appending else bytearray(current().encode())
+        self.emptied = bool(flags & os.O_TRUNC)  # the buffer replaces the file, and started empty
+        self.appending = bool(flags & os.O_APPEND) and not self.emptied
+        self.dirty = self.emptied
+        self.data = bytearray() if self.emptied or self.appending else bytearray(current().encode())
         # bash flushes once before it writes: a truncation committed then is undone
         # if what is written afterwards is refused, so EINVAL keeps the old content.
         self.before = current().encode()
         self.replaced = False
+        self.refusal: KernelError | None = None  # a refused write: its commit is refused as a whole
 
     def _view(self) -> bytes:
         return self.current().encode() + self.data if self.appending else bytes(self.data)
+
+    def _target(self) -> list[Agent]:
+        return [self.agent] if self.agent is not None else []
 
     async def read(self, off: int, size: int) -> bytes:
         return self._view()[off : off + size]
 
     async def write(self, off: int, buf: bytes) -> int:
-        base = len(self.current().encode()) if self.appending else 0
-        off = len(self.data) if self.flags & os.O_APPEND else off - base
+        if self.refusal is not None:
+            raise self.refusal  # recorded once, when it was refused
+        head = self.current().encode() if self.appending else b""
+        at = len(self.data) if self.flags & os.O_APPEND else off
         try:
-            checks.stored_size(base + max(off, 0) + len(buf), "this file", self.limit)
+            self._check_size(len(head) + at + len(buf))
+            data = self.data if self.check_call is None else bytearray(self.data)
+            data[len(data) : at] = b"\0" * (at - len(data))
+            data[at : at + len(buf)] = buf
+            await self._check_lines(head + data, len(head) + at)
+        except KernelError as exc:
+            self.refusal = exc
+            raise
+        self.data, self.dirty = data, True
+        return len(buf)
+
+    def _check_size(self, size: int) -> None:
+        try:
+            checks.stored_size(size, "this file", self.limit)
         except KernelError as exc:
             self.kernel.requests.record_error(self.agent, self.caller.uid, exc)
             raise
-        if off < 0:
-            raise KernelError(errno.EINVAL, "with O_APPEND, writes go to the end")
-        if off > len(self.data):
-            self.data += b"\0" * (off - len(self.data))
-        self.data[off : off + len(buf)] = buf
-        self.dirty = True
-        return len(buf)
+
+    async def _check_lines(self, view: bytes, start: int) -> None:
+        """The complete lines of the text from the one holding byte `start` on; a line
+        without its newline yet waits for the next write or the commit."""
+        if self.check_call is None:
+            return
+        begin, end = view.rfind(b"\n", 0, start) + 1, view.rfind(b"\n") + 1
+        if end > begin:
+            await syscall(self.kernel, self.check_call, self.caller, *self._target(), view[:end], view.count(b"\n", 0, begin) + 1)
 
     def truncate(self) -> None:
         self.data = bytearray()
         self.appending = False
-        self.dirty = True
+        self.emptied = self.dirty = True
+        self.refusal = None
 
     async def flush(self) -> None:
+        if self.refusal is not None:
+            refusal, self.refusal = self.refusal, None
+            await self._start_over()
+            raise refusal
         if not self.dirty:
             return
         self.dirty = False
         data, self.data = self._view(), bytearray() if self.appending else self.data
-        target = [self.agent] if self.agent is not None else []
         try:
-            await syscall(self.kernel, self.commit_call, self.caller, *target, data)
+            await syscall(self.kernel, self.commit_call, self.caller, *self._target(), data)
         except KernelError:
-            if self.replaced:
-                await syscall(self.kernel, self.commit_call, self.caller, *target, self.before)
+            await self._start_over()
             raise
         self.replaced = True
+
+    async def _start_over(self) -> None:
+        """After a refused commit: the content as it was at open() (committed again if
+        this handle's own commit had emptied it) and the buffer as at open()."""
+        if self.replaced and not self.appending:
+            await syscall(self.kernel, self.commit_call, self.caller, *self._target(), self.before)
+            self.replaced = False
+        self.data = bytearray() if self.emptied or self.appending else bytearray(self.current().encode())
+        self.dirty = False
 
     async def release(self) -> None:
         try:
@@ -167,17 +206,17 @@ class SubmitHandle(Handle):
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.pending = bytearray()
-        self.oversized: KernelError | None = None  # after EFBIG the rest of that request is refused too
+        self.refusal: KernelError | None = None  # after EFBIG or EINVAL the rest of that request is refused too
 
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
-        if self.oversized is not None:
-            raise self._refused(self.oversized, record=False)
-        try:  # its size so far; at its first write, the queue limits (audits a denial, records the error)
-            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, size=len(self.pending) + len(buf), queue=not self.pending)
+        if self.refusal is not None:
+            raise self._refused(self.refusal, record=False)
+        try:  # its bytes so far; at its first write, the queue limits (audits a denial, records the error)
+            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=not self.pending)
         except KernelError as exc:
-            if exc.errno == errno.EFBIG:
-                self.oversized = exc
+            if exc.errno in (errno.EFBIG, errno.EINVAL):  # the request cannot become valid any more
+                self.refusal = exc
                 self.pending.clear()
             raise self._refused(exc, record=False) from None
         self.pending += buf
@@ -185,11 +224,11 @@ class SubmitHandle(Handle):
 
     def truncate(self) -> None:
         self.pending.clear()
-        self.oversized = None
+        self.refusal = None
 
     async def flush(self) -> None:
-        if self.oversized is not None:  # the refused request ends here; the next one may be fine
-            self.oversized = None
+        if self.refusal is not None:  # the refused request ends here; the next one may be fine
+            self.refusal = None
             self.pending.clear()
             return
         if not self.pending:
@@ -333,8 +372,8 @@ class RpcHandle(Handle):
 
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
-        try:  # the turn's size so far (a call turn does not queue until it is read)
-            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, size=len(self.pending) + len(buf), queue=False)
+        try:  # the turn's bytes so far (a call turn does not queue until it is read)
+            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=False)
         except KernelError:
             self.pending.clear()
             raise

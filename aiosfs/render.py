@@ -14,7 +14,7 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   echo "question" > agents/NAME/prompt   queue a request (returns once queued)
   cat agents/NAME/output                 stream your latest answer; exits when done
   cat agents/NAME/status                 "<state> <job-id>"
-  cat agents/NAME/error                  the last error of yours on this agent
+  cat agents/NAME/error                  your last errors on this agent, newest last
   cat agents/NAME/context                the conversation, JSON Lines; ': >' resets it
   echo "temperature=0" >> agents/NAME/config
   echo cancel > agents/NAME/ctl          also: "cancel all", "cancel ID", "pause", "resume", "reset"
@@ -46,8 +46,8 @@ def agent_status(kernel: Kernel, agent: Agent, caller: Caller) -> str:
 
 
 def agent_error(agent: Agent, caller: Caller) -> str:
-    line = agent.errors.get(caller.uid, "")
-    return line + "\n" if line else ""
+    """The caller's last refusals and job failures on this agent, newest last."""
+    return "".join(line + "\n" for line in agent.errors.get(caller.uid, ()))
 
 
 def kernel_stats(kernel: Kernel) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import trio
 
+from . import params
 from .access.policy import Policy
 from .agents.config import AgentConfig
 from .cores.backends import BackendInfo
@@ -48,7 +49,7 @@ class Agent:
     config: AgentConfig
     messages: list[Message]
     latest: dict[int, Job] = field(default_factory=dict)  # uid → the job its output/status follow
-    errors: dict[int, str] = field(default_factory=dict)  # uid → its `error` line
+    errors: dict[int, collections.deque[str]] = field(default_factory=dict)  # uid → its `error` lines, newest last
     active: set[Job] = field(default_factory=set)  # queued or running
     submitted: trio.Event = field(default_factory=trio.Event, repr=False)  # replaced at every submit
     turn: Job | None = None  # the prompt job now extending the context (in the engine)
@@ -68,6 +69,10 @@ class Agent:
     @property
     def name(self) -> str:
         return self.row.name
+
+    def add_error(self, uid: int, line: str) -> None:
+        """A line of the uid's `error` file; past ERROR_LINES the oldest goes."""
+        self.errors.setdefault(uid, collections.deque(maxlen=params.ERROR_LINES)).append(line)
 
 
 class AgentLookup(Protocol):

@@ -55,3 +55,19 @@ def model() -> Path:
     if not path.is_file():
         pytest.fail(f"the embedded model is not installed at {path}: run scripts/setup")
     return path
+
+
+@pytest.fixture(scope="module")
+def fs(tmp_path_factory):
+    """A real mount on the fast fake backend (it answers `turn N: <LAST USER MESSAGE IN
+    UPPER CASE>`), one per test module; a module that needs other options defines its own."""
+    from mounting import mounted
+
+    with mounted(tmp_path_factory.mktemp("fs"), "--backend", "fake", "--fake-delay", "0.002") as mount:
+        yield mount
+
+
+@pytest.fixture
+def agent(fs, request):
+    """A new agent on `fs`, named after the test."""
+    return fs.agent(request.node.name.replace("[", "-").replace("]", ""))

@@ -55,7 +55,7 @@ def test_unknown_models_are_refused_at_the_write(remote_mount: Mount) -> None:
     bad = sh(f"echo model=nowhere > {agent}/config; cat {agent}/error")
     assert "EINVAL" in bad.stdout and "nowhere" in bad.stdout
     refused = sh(f"""echo '{{"prompt": "x", "model": "elsewhere"}}' > {agent}/prompt; cat {agent}/error; cat {agent}/status""")
-    assert "EINVAL" in refused.stdout and "elsewhere" in refused.stdout  # at close, which bash ignores: error says it
+    assert "EINVAL" in refused.stdout and "elsewhere" in refused.stdout  # refused at the write; error says it too
     assert refused.stdout.rstrip().endswith("idle -")  # no job was made
 
 

@@ -310,7 +310,7 @@ def test_cancel_a_queued_job(make_kernel):
             assert queued.state is JobState.CANCELLED  # at once: it never reached the engine
             assert queued.errno == errno.ECANCELED
             assert queued not in agent.active
-            assert agent.errors[OWNER.uid].startswith(f"ECANCELED {queued.id} ")
+            assert agent.errors[OWNER.uid][-1].startswith(f"ECANCELED {queued.id} ")
             await finished(running_job)
             assert running_job.state is JobState.DONE
             assert running_job.answer == answer("running job " * 10)
@@ -338,7 +338,7 @@ def test_cancel_a_running_job(make_kernel):
             assert answer(long_prompt).startswith(victim.answer)
             assert len(victim.answer) < len(answer(long_prompt))
             assert alice.messages == []
-            assert alice.errors[OWNER.uid].startswith(f"ECANCELED {victim.id} ")
+            assert alice.errors[OWNER.uid][-1].startswith(f"ECANCELED {victim.id} ")
             await finished(waiting)
             assert waiting.state is JobState.DONE
             assert waiting.answer == answer("after you")
@@ -501,7 +501,7 @@ def test_non_utf8_request_is_einval_and_recorded(make_kernel):
             agent = await mkdir(kernel, "alice")
             error = await refused(errno.EINVAL, submit(kernel, agent, b"caf\xe9 au lait"))
             assert "UTF-8" in error.message
-            line = agent.errors[OWNER.uid]
+            line = agent.errors[OWNER.uid][-1]
             assert line.startswith("EINVAL - ")
             assert "UTF-8" in line
             assert OTHER.uid not in agent.errors
@@ -519,7 +519,7 @@ def test_oversized_request_is_efbig(make_kernel):
     async def body():
         agent = await mkdir(kernel, "alice")
         await refused(errno.EFBIG, submit(kernel, agent, b"x" * (params.MAX_REQUEST_BYTES + 1)))
-        assert agent.errors[OWNER.uid].startswith("EFBIG - ")
+        assert agent.errors[OWNER.uid][-1].startswith("EFBIG - ")
         assert agent.active == set()
 
     run(body)
@@ -531,7 +531,7 @@ def test_prompt_too_long_for_the_window_is_e2big(make_kernel):
     async def body():
         agent = await mkdir(kernel, "alice")
         await refused(errno.E2BIG, submit(kernel, agent, "x" * 64))
-        assert agent.errors[OWNER.uid].startswith("E2BIG - ")
+        assert agent.errors[OWNER.uid][-1].startswith("E2BIG - ")
 
     run(body)
 
@@ -556,7 +556,7 @@ def test_bad_envelope_is_einval(make_kernel, request_text):
     async def body():
         agent = await mkdir(kernel, "alice")
         await refused(errno.EINVAL, submit(kernel, agent, request_text))
-        assert agent.errors[OWNER.uid].startswith("EINVAL - ")
+        assert agent.errors[OWNER.uid][-1].startswith("EINVAL - ")
 
     run(body)
 
@@ -572,7 +572,7 @@ def test_queue_limit_per_agent_is_eagain(make_kernel, monkeypatch):
         await submit(kernel, alice, "one")
         await submit(kernel, alice, "two")
         await refused(errno.EAGAIN, submit(kernel, alice, "three"))
-        assert alice.errors[OWNER.uid].startswith("EAGAIN - ")
+        assert alice.errors[OWNER.uid][-1].startswith("EAGAIN - ")
         assert len(alice.active) == 2
         await submit(kernel, bob, "other agents are not affected")
         await ctl(kernel, alice, "cancel all")
@@ -642,7 +642,7 @@ def test_unknown_ctl_command_is_einval(make_kernel, line):
     async def body():
         agent = await mkdir(kernel, "alice")
         await refused(errno.EINVAL, ctl(kernel, agent, line))
-        assert agent.errors[OWNER.uid].startswith("EINVAL - ")
+        assert agent.errors[OWNER.uid][-1].startswith("EINVAL - ")
 
     run(body)
 
@@ -660,7 +660,7 @@ def test_config_write_is_validated_and_stored(make_kernel):
         await refused(errno.EINVAL, syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "temperature=0.5\nbogus=1\n"))
         await refused(errno.EFBIG, syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "#" * (params.MAX_CONFIG_BYTES + 1)))
         assert agent.config == AgentConfig(temperature=0.0, model="fake")  # refused writes change nothing
-        assert agent.errors[OWNER.uid].startswith("EFBIG - ")
+        assert agent.errors[OWNER.uid][-1].startswith("EFBIG - ")
 
     run(body)
 
@@ -796,7 +796,7 @@ def test_call_jobs_left_by_a_crash_fail_with_eio(make_kernel):
             failed = kernel.requests.latest_job(agent, OTHER.uid)
             assert (failed.id, failed.state, failed.errno) == (call_id, JobState.ERROR, errno.EIO)
             assert "call" in failed.message
-            assert agent.errors[OTHER.uid].startswith(f"EIO {call_id} ")
+            assert agent.errors[OTHER.uid][-1].startswith(f"EIO {call_id} ")
             kept = await finished(kernel.requests.latest_job(agent, OWNER.uid))
             assert (kept.id, kept.answer) == (prompt_id, answer("kept"))
 

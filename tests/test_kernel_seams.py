@@ -64,7 +64,7 @@ def test_a_disk_error_while_a_turn_is_recorded_fails_that_job_not_the_daemon(new
             monkeypatch.setattr(kernel.storage, "append_messages", broken)
             job = await ask(kernel, agent, "lost turn")
             assert job.state is JobState.ERROR and job.errno == errno.EIO and "disk I/O error" in job.message
-            assert agent.messages == [] and "EIO" in agent.errors[OWNER.uid]
+            assert agent.messages == [] and "EIO" in agent.errors[OWNER.uid][-1]
             monkeypatch.setattr(kernel.storage, "append_messages", real)
             after = await ask(kernel, agent, "kept turn")  # the kernel still serves, and the lost turn is not in the context
             assert bytes(after.data).decode() == answer("kept turn", 1) + "\n"
@@ -109,7 +109,7 @@ def test_a_refusal_at_the_first_write_is_audited(new_kernel, monkeypatch: pytest
             await refused(errno.EDQUOT, syscall(kernel, Sys.LLM_ADMIT, OWNER, agent))
             denials = [e for e in map(json.loads, kernel.audit) if e["event"] == "deny"]
             assert [(d["syscall"], d["errno"], d["agent"], d["uid"]) for d in denials] == [("llm_admit", "EDQUOT", "a", OWNER.uid)]
-            assert agent.errors[OWNER.uid].startswith("EDQUOT")
+            assert agent.errors[OWNER.uid][-1].startswith("EDQUOT")
             await syscall(kernel, Sys.AGENT_CTL, ROOT, agent, "budget reset")
             await submit(kernel, agent, "queued")
             await refused(errno.EAGAIN, syscall(kernel, Sys.LLM_ADMIT, OWNER, agent))  # not a denial: no deny line

@@ -83,6 +83,7 @@ class Side:
         self.root = root
         self.fds: dict[str, int] = {}
         self.marks: dict[str, os.stat_result] = {}
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -96,6 +97,8 @@ class Side:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        for handle in list(self.running):
+            self.do_stop(handle)
 
     # descriptors
     def do_open(self, handle: str, path: str, flags: int, mode: int = 0o644) -> None:
@@ -239,6 +242,15 @@ class Side:
         if now.st_ino != before.st_ino:
             return "another inode"  # the rename that would have brought it here failed
         return {"mtime": now.st_mtime_ns != before.st_mtime_ns, "ctime": now.st_ctime_ns != before.st_ctime_ns}
+
+    def do_run(self, handle: str, path: str) -> None:
+        """Start the program at `path` (it sleeps until `stop`): the kernel keeps it from writers."""
+        self.running[handle] = subprocess.Popen([self.p(path), "60"])
+
+    def do_stop(self, handle: str) -> int:
+        child = self.running.pop(handle)
+        child.kill()
+        return child.wait()
 
     def do_statvfs(self, path: str) -> int:
         return os.statvfs(self.p(path)).f_namemax
@@ -900,6 +912,22 @@ SCENARIOS: dict[str, list[Step]] = {
         ("open", "n", "new", WO | CREAT, 0o644),
         ("close", "n"),
         ("stamps", "new"),
+    ],
+    "busy_program": [  # a program that runs cannot be written to (ETXTBSY) but can be renamed and unlinked
+        ("put", "sleep", Path(shutil.which("sleep") or "/bin/sleep").read_bytes()),
+        ("chmod", "sleep", 0o755),
+        ("run", "p", "sleep"),
+        ("open", "w", "sleep", WO),
+        ("open", "w", "sleep", RW | TRUNC),
+        ("truncate", "sleep", 0),
+        ("open", "r", "sleep", RO),
+        ("close", "r"),
+        ("link", "sleep", "sleep2"),
+        ("rename", "sleep2", "sleep3"),
+        ("unlink", "sleep3"),
+        ("stop", "p"),
+        ("open", "w", "sleep", WO),
+        ("close", "w"),
     ],
     "link_counts": [
         ("mkdir", "a", 0o755),

@@ -26,17 +26,6 @@ from aiosfs.mount import MountError, unmount
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 
-@pytest.fixture(scope="module")
-def fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    with mounted(tmp_path_factory.mktemp("fs"), "--backend", "fake", "--fake-delay", "0.002") as mount:
-        yield mount
-
-
-@pytest.fixture
-def agent(fs: Mount, request: pytest.FixtureRequest) -> Path:
-    return fs.agent(request.node.name.replace("[", "-").replace("]", ""))
-
-
 def test_tree_and_readme(fs: Mount) -> None:
     assert sorted(os.listdir(fs.root)) == ["README", "agents", "kernel", "tools"]
     assert set(os.listdir(fs.root / "kernel")) >= {"status", "stats", "ps", "models"}
@@ -173,9 +162,11 @@ def test_bad_input_errnos_and_error_file(agent: Path, fs: Mount) -> None:
     assert big.value.errno == errno.EFBIG
     os.close(fd)
     assert (agent / "error").read_text().startswith("EFBIG - ")
-    # non-UTF-8: bash cannot see the close error; the error file tells
+    # non-UTF-8: the write fails; the error file keeps both refusals, newest last
     result = sh(f"printf '\\xff\\xfe bad' > {agent}/prompt; cat {agent}/error")
-    assert result.stdout.startswith("EINVAL - ") and "UTF-8" in result.stdout
+    assert "printf: write error: Invalid argument" in result.stderr
+    first, last = result.stdout.splitlines()
+    assert first.startswith("EFBIG - ") and last.startswith("EINVAL - ") and "UTF-8" in last
     with pytest.raises(OSError) as envelope:
         (agent / "prompt").write_text("{not json")
     assert envelope.value.errno == errno.EINVAL
@@ -409,12 +400,12 @@ def test_permissions_file_limits_an_owner(fs: Mount) -> None:
     assert sh(f"echo budget reset > {agent}/ctl && {NOBODY} bash -c 'echo two > {agent}/prompt && cat {agent}/output'").returncode == 0
     os.chmod(agent / "config", 0o666)
     other = sh(f"setpriv --reuid 65533 --regid 65533 --clear-groups bash -c 'echo temperature=0 > {agent}/config'")
-    assert "temperature=0.7" in (agent / "config").read_text() and other.returncode == 0  # EPERM at close; bash ignores it
+    assert "temperature=0.7" in (agent / "config").read_text() and "Operation not permitted" in other.stderr  # EPERM at write
 
 
 def test_output_after_a_refused_prompt_is_that_refusal_not_an_older_answer(agent: Path) -> None:
     assert sh(f"echo first > {agent}/prompt && cat {agent}/output").stdout == "turn 1: FIRST\n"
-    refused = sh(f"printf '\\xff bad' > {agent}/prompt && cat {agent}/output")  # EINVAL at close, which bash ignores
+    refused = sh(f"printf '\\xff bad' > {agent}/prompt; cat {agent}/output")  # EINVAL at the write
     assert refused.returncode != 0 and "Invalid argument" in refused.stderr and "FIRST" not in refused.stdout
     assert sh(f"cat {agent}/error").stdout.startswith("EINVAL - ")
     assert sh(f"echo second > {agent}/prompt && cat {agent}/output").stdout == "turn 2: SECOND\n"  # accepted: output follows again

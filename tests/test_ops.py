@@ -828,7 +828,7 @@ def test_ctl_applies_each_line_in_write(fs):
 # -- config and context (stored files) -------------------------------------------------------
 
 
-def test_config_is_validated_at_flush(fs):
+def test_config_is_validated_at_write_and_flush(fs):
     async def body(ops):
         agent = await mkdir(ops, "a")
         default = AgentConfig().render().encode()
@@ -836,9 +836,10 @@ def test_config_is_validated_at_flush(fs):
         assert (await ops.getattr(await resolve(ops, "agents/a/config"), ALICE)).st_size == len(default)
 
         fh = await open_fh(ops, "agents/a/config", os.O_WRONLY | os.O_APPEND)
-        await ops.write(fh, 0, b"temperature=banana\n")
         with fails(errno.EINVAL):
-            await ops.flush(fh)
+            await ops.write(fh, 0, b"temperature=banana\n")
+        with fails(errno.EINVAL):
+            await ops.flush(fh)  # the commit it spoiled is refused as a whole
         await ops.release(fh)
         assert await cat(ops, "agents/a/config") == default
         assert agent.config == AgentConfig()

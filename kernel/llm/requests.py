@@ -238,10 +238,10 @@ class Requests(Results):
         return job
 
     def record_error(self, agent: Agent | None, uid: int, exc: KernelError, job_id: int | None = None) -> None:
-        """Mirror a refused request into the caller's `error` file and the log."""
+        """Add a refusal to the caller's `error` file and the log."""
         if agent is None:
             return
-        agent.errors[uid] = f"{errno_name(exc.errno)} {job_id if job_id is not None else '-'} {int(time.time())} {exc.message}"
+        agent.add_error(uid, f"{errno_name(exc.errno)} {job_id if job_id is not None else '-'} {int(time.time())} {exc.message}")
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EDQUOT):  # denials get their own `deny` line
             self.audit("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
 

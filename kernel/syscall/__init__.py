@@ -19,13 +19,22 @@ from ..access import rules as access
 from ..errors import KernelError, errno_name
 from ..kernel import Kernel
 from ..types import Agent, Caller
-from .agent import sys_agent_create, sys_agent_remove, sys_agent_setattr, sys_config_write, sys_context_write, sys_permissions_write
+from .agent import (
+    sys_agent_create,
+    sys_agent_remove,
+    sys_agent_setattr,
+    sys_config_check,
+    sys_config_write,
+    sys_context_write,
+    sys_permissions_check,
+    sys_permissions_write,
+)
 from .checks import agent_name as check_agent_name
-from .ctl import sys_agent_ctl, sys_kernel_ctl, sys_sched_set
+from .ctl import sys_agent_ctl, sys_kernel_ctl, sys_sched_check, sys_sched_set
 from .llm import sys_llm_admit, sys_llm_submit, sys_output_bind
 from .memory import sys_memory, sys_memory_recall, sys_tool_call
 
-__all__ = ["TABLE", "Sys", "check_access", "check_agent_name", "syscall"]
+__all__ = ["LINE_CHECKS", "TABLE", "Sys", "check_access", "check_agent_name", "syscall"]
 
 
 class Sys(enum.Enum):
@@ -40,6 +49,9 @@ class Sys(enum.Enum):
     CONTEXT_WRITE = "context_write"
     PERMISSIONS_WRITE = "permissions_write"
     SCHED_SET = "sched_set"
+    CONFIG_CHECK = "config_check"  # the complete lines of a write, before its commit
+    PERMISSIONS_CHECK = "permissions_check"
+    SCHED_CHECK = "sched_check"
     KERNEL_CTL = "kernel_ctl"
     MEMORY = "memory"
     MEMORY_RECALL = "memory_recall"
@@ -59,6 +71,9 @@ TABLE: dict[Sys, Handler] = {
     Sys.CONTEXT_WRITE: sys_context_write,
     Sys.PERMISSIONS_WRITE: sys_permissions_write,
     Sys.SCHED_SET: sys_sched_set,
+    Sys.CONFIG_CHECK: sys_config_check,
+    Sys.PERMISSIONS_CHECK: sys_permissions_check,
+    Sys.SCHED_CHECK: sys_sched_check,
     Sys.KERNEL_CTL: sys_kernel_ctl,
     Sys.MEMORY: sys_memory,
     Sys.MEMORY_RECALL: sys_memory_recall,
@@ -66,10 +81,17 @@ TABLE: dict[Sys, Handler] = {
 }
 
 # Changes only an agent's owner (or root) may make, whatever the mode bits say.
-OWNER_ONLY = {Sys.CONFIG_WRITE: "change its config", Sys.PERMISSIONS_WRITE: "change its permissions"}
+OWNER_ONLY = {
+    Sys.CONFIG_WRITE: "change its config",
+    Sys.CONFIG_CHECK: "change its config",
+    Sys.PERMISSIONS_WRITE: "change its permissions",
+    Sys.PERMISSIONS_CHECK: "change its permissions",
+}
 # Calls in which root uses its power: each one by root is written to the audit log.
 PRIVILEGED = {Sys.SCHED_SET, Sys.KERNEL_CTL, Sys.PERMISSIONS_WRITE, Sys.AGENT_SETATTR, Sys.AGENT_REMOVE, Sys.AGENT_CTL}
 DENIALS = (errno.EPERM, errno.EACCES, errno.EDQUOT)
+# A stored file's commit → the syscall that checks each complete line as it is written.
+LINE_CHECKS = {Sys.CONFIG_WRITE: Sys.CONFIG_CHECK, Sys.PERMISSIONS_WRITE: Sys.PERMISSIONS_CHECK, Sys.SCHED_SET: Sys.SCHED_CHECK}
 
 
 def check_access(kernel: Kernel, number: Sys, caller: Caller, args: tuple[Any, ...]) -> None:
@@ -78,7 +100,7 @@ def check_access(kernel: Kernel, number: Sys, caller: Caller, args: tuple[Any, .
     agent = args[0] if args and isinstance(args[0], Agent) else None
     if agent is not None and number in OWNER_ONLY:
         access.require_owner(caller, agent, OWNER_ONLY[number])
-    if number is Sys.SCHED_SET:
+    if number in (Sys.SCHED_SET, Sys.SCHED_CHECK):
         access.require_root(caller, "change the scheduling policy")
     if agent is not None and number is Sys.TOOL_CALL:
         access.require_work(caller, agent)

@@ -39,6 +39,18 @@ async def sys_config_write(kernel: Kernel, caller: Caller, agent: Agent, data: b
     await kernel.agents.set_config(agent, config)
 
 
+async def sys_config_check(kernel: Kernel, caller: Caller, agent: Agent, data: bytes, first: int = 1) -> None:
+    """The complete lines of a config write, from line `first` on, each checked alone
+    (key, value, model); the policy and the tools are checked at the commit."""
+    parse_config(checks.lines_from(data, first, "config"), kernel.cores.known)
+
+
+async def sys_permissions_check(kernel: Kernel, caller: Caller, agent: Agent, data: bytes, first: int = 1) -> None:
+    """The complete lines of a permissions write, from line `first` on, each checked
+    alone (key, value); root's ceiling is checked at the commit."""
+    parse_policy(checks.lines_from(data, first, "permissions"))
+
+
 async def sys_permissions_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:
     """The policy: root's text is also the ceiling; an owner's must stay within it."""
     kernel.agents.require_live(agent)

@@ -3,6 +3,7 @@ the filesystem's write-time checks both call these."""
 
 from __future__ import annotations
 
+import codecs
 import errno
 
 from .. import params
@@ -21,14 +22,21 @@ def stored_size(size: int, what: str, limit: int = params.MAX_CONFIG_BYTES) -> N
         raise KernelError(errno.EFBIG, f"{what} is over {limit} bytes")
 
 
-def text(data: bytes | str, what: str) -> str:
-    """The UTF-8 text of a write; EINVAL names the first bad byte."""
+def text(data: bytes | str, what: str, final: bool = True) -> str:
+    """The UTF-8 text of a write; EINVAL names the first bad byte. Not `final`: the
+    start of a text still being written, whose last character may be incomplete."""
     if isinstance(data, str):
         return data
     try:
-        return data.decode("utf-8")
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
     except UnicodeDecodeError as exc:
         raise KernelError(errno.EINVAL, f"{what}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); send UTF-8 text") from None
+
+
+def lines_from(data: bytes, first: int, what: str) -> str:
+    """The text of `data` from its line `first` on, behind first - 1 empty lines, so
+    that a parser that names a bad line by its number names it as in the whole file."""
+    return "\n" * (first - 1) + text(data, what).split("\n", first - 1)[-1]
 
 
 def agent_name(name: str) -> None:

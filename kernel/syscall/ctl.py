@@ -216,14 +216,30 @@ async def sys_kernel_ctl(kernel: Kernel, caller: Caller, data: bytes | str) -> N
         await KERNEL_VERBS[verb].apply(kernel, caller, *args)
 
 
-async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
-    """`kernel/scheduler`: one line, `fifo`, `rr [quantum=N]` or `priority`."""
+def policy_line(data: bytes | str) -> str | None:
+    """The policy of a `kernel/scheduler` text, checked; None when it has no line."""
     lines = [line for line in checks.text(data, "scheduler").splitlines() if line.strip()]
     if not lines:
-        return  # `: > kernel/scheduler`, or bash's flush before it writes: no change
+        return None
     if len(lines) != 1:
         raise KernelError(errno.EINVAL, "scheduler: write one line: fifo | rr [quantum=N] | priority")
-    await set_scheduler(kernel, caller, lines[0])
+    try:
+        return make_scheduler(lines[0]).describe()
+    except ValueError as exc:
+        raise KernelError(errno.EINVAL, f"scheduler: {exc}") from None
+
+
+async def sys_sched_check(kernel: Kernel, caller: Caller, data: bytes, first: int = 1) -> None:
+    """The complete lines of a `kernel/scheduler` write, all of them (whatever `first`
+    says): one valid policy line at most."""
+    policy_line(data)
+
+
+async def sys_sched_set(kernel: Kernel, caller: Caller, data: bytes | str) -> None:
+    """`kernel/scheduler`: one line, `fifo`, `rr [quantum=N]` or `priority`."""
+    policy = policy_line(data)
+    if policy is not None:  # none: `: > kernel/scheduler`, or bash's flush before it writes: no change
+        await set_scheduler(kernel, caller, policy)
 
 
 async def set_scheduler(kernel: Kernel, caller: Caller, spec: str) -> None:

@@ -1,7 +1,9 @@
-"""Syscalls of the LLM request path: admission at a request's first write, submit,
+"""Syscalls of the LLM request path: the checks at each write of a request, submit,
 and the binding of `output`/`status` to the caller's latest job."""
 
 from __future__ import annotations
+
+import json
 
 from ..kernel import Kernel
 from ..llm.jobs import Job
@@ -9,13 +11,29 @@ from ..types import Agent, Caller, Message
 from . import checks
 
 
-async def sys_llm_admit(kernel: Kernel, caller: Caller, agent: Agent, size: int = 0, queue: bool = True) -> None:
-    """What a request's writes are refused for before its text is read: its size so far
-    and, at its first write (`queue`), the budget, the queue policy and the queue limits."""
-    checks.request_size(size)
+async def sys_llm_admit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes = b"", queue: bool = True) -> None:
+    """What a request's writes are refused for before it is committed, given its bytes
+    so far: their size; at its first write (`queue`), the budget, the queue policy and
+    the queue limits; UTF-8, but for a last character still incomplete; and, once they
+    parse as a JSON object, a valid request."""
+    checks.request_size(len(data))
     if queue:
         kernel.agents.require_live(agent)
         kernel.requests.admit(agent)
+    text = checks.text(data, "the request", final=False)
+    if _complete_object(text):
+        kernel.requests.parse(agent, text)
+
+
+def _complete_object(text: str) -> bool:
+    """A JSON object already whole: a document still arriving in pieces does not parse
+    yet and is checked when it is committed."""
+    if not text.lstrip().startswith("{") or not text.rstrip().endswith("}"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 async def sys_llm_submit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes, history: list[Message] | None = None) -> Job:
