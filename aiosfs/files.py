@@ -391,7 +391,7 @@ class RpcHandle(Handle):
             self.cursor += len(chunk)
             job = self.stream.job
             if not chunk and job is not None:
-                if job.state is JobState.DONE:
+                if job.state is JobState.DONE and not job.stateless:  # a stateless chat brought its own conversation
                     self.history += [{"role": "user", "content": job.user_message}, {"role": "assistant", "content": job.answer}]
                 self.stream = Stream(None, lock=self.stream.lock)
             return chunk

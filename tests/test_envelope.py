@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import subprocess
 
 import pytest
 import trio
@@ -93,7 +95,9 @@ def test_bad_envelopes_are_einval_and_say_why(envelope, says):
 
 def test_tools_and_tool_choice_forms():
     flat = {"name": "f", "description": "d"}
-    request = parse_request(json.dumps({"prompt": "a", "tools": [WEATHER, flat], "tool_choice": {"type": "function", "function": {"name": "f"}}}), BASE)
+    request = parse_request(
+        json.dumps({"prompt": "a", "tools": [WEATHER, flat], "tool_choice": {"type": "function", "function": {"name": "f"}}}), BASE
+    )
     assert [f.name for f in request.config.functions] == ["demo_author/weather", "f"]
     assert request.config.functions[1].schema == {"type": "object", "properties": {}}
     assert request.config.tool_choice == "f" and request.config.tools == ()
@@ -150,7 +154,9 @@ def test_declared_tools_return_the_call_and_run_nothing(kernel):
     async def body():
         async with running(kernel):
             agent = await mkdir(kernel, "a")
-            called = await ask(kernel, agent, json.dumps({"prompt": 'call demo_author/weather {"city": "Oslo"}', "tools": [WEATHER], "tool_choice": "required"}))
+            called = await ask(
+                kernel, agent, json.dumps({"prompt": 'call demo_author/weather {"city": "Oslo"}', "tools": [WEATHER], "tool_choice": "required"})
+            )
             answered = await ask(kernel, agent, json.dumps({"prompt": "just talk", "tools": [WEATHER]}))
             return called, answered
 
@@ -171,3 +177,31 @@ def test_a_refused_envelope_queues_nothing(kernel):
 
     agent = run(body)
     assert not agent.active and agent.messages == []
+
+
+# -- through a mount -------------------------------------------------------------------------------
+@pytest.mark.mount
+def test_stateless_chats_leave_the_call_session_and_the_context_alone(agent):
+    def read_all(fd: int) -> bytes:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return data
+
+    fd = os.open(agent / "call", os.O_RDWR)
+    try:
+        os.write(fd, b"first")
+        assert read_all(fd) == b"turn 1: FIRST\n"
+        chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+        os.write(fd, json.dumps({"messages": chat}).encode())
+        assert read_all(fd) == b"turn 2: C\n"  # the envelope's two user turns, not the session's
+        os.write(fd, b"second")
+        assert read_all(fd) == b"turn 2: SECOND\n"  # the session goes on from its own first turn
+    finally:
+        os.close(fd)
+    subprocess.run(["bash", "-c", f"echo kept > {agent}/prompt && cat {agent}/output"], check=True, capture_output=True, timeout=60)
+    before = (agent / "context").read_text()
+    out = subprocess.run(
+        ["bash", "-c", f"echo '{json.dumps({'messages': chat})}' > {agent}/prompt && cat {agent}/output"], capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout == "turn 2: C\n" and (agent / "context").read_text() == before

@@ -136,7 +136,9 @@ class Requests(Results):
             specs = self.tool_specs(config)
             names = [spec.name for spec in specs]
             if config.tool_choice not in ("auto", "required", *names):
-                raise KernelError(errno.EINVAL, f"tool_choice {config.tool_choice!r} is not auto, required or one of this request's tools ({' '.join(names)})")
+                raise KernelError(
+                    errno.EINVAL, f"tool_choice {config.tool_choice!r} is not auto, required or one of this request's tools ({' '.join(names)})"
+                )
             config = dataclasses.replace(config, system=with_tools(config.system, specs))
         return config, recalled
 
