@@ -63,22 +63,22 @@ for path in "$input"/*; do
     name=${path##*/}
     log "$name: asking for a summary"
 
-    # The request. bash does not report errors from close() of a redirection, where
-    # aiosfs refuses a request (E2BIG, EINVAL...), so the error file tells: a
-    # successful submit empties it.
+    # The request. A refusal that the write shows (EINVAL, EFBIG...) fails printf; one
+    # that only the commit sees (E2BIG) is not reported by bash, so the error file
+    # tells: a successful submit empties it, and its last line is the newest refusal.
     if ! text=$(cat "$path"); then
         log "$path: cannot read it; skipped"
         index+=("- $name: failed (unreadable)")
         failed=$((failed + 1))
         continue
     fi
-    if ! printf 'Summarize the following text in one sentence.\n\n%s\n' "$text" >"$agent/prompt"; then
-        log "$name: write to $agent/prompt failed; skipped"
-        index+=("- $name: failed (the prompt could not be written)")
-        failed=$((failed + 1))
-        continue
-    fi
+    written=yes
+    printf 'Summarize the following text in one sentence.\n\n%s\n' "$text" >"$agent/prompt" || written=no
     refused=$(read_file "$agent/error") || refused="(error unreadable)"
+    refused=${refused##*$'\n'}
+    if [ -z "$refused" ] && [ "$written" = no ]; then
+        refused="(the prompt could not be written)"
+    fi
     if [ -n "$refused" ]; then
         log "$name: refused: $refused"
         index+=("- $name: failed (${refused%% *})")
@@ -89,6 +89,7 @@ for path in "$input"/*; do
     # The answer. A failed or cancelled job prints its partial answer and exits non-zero.
     if ! summary=$(cat "$agent/output"); then
         why=$(read_file "$agent/error")
+        why=${why##*$'\n'}
         log "$name: the job failed: ${why:-no error recorded}; status: $(read_file "$agent/status")"
         index+=("- $name: failed (${why%% *})")
         failed=$((failed + 1))

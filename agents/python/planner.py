@@ -110,7 +110,8 @@ class Session:
 
     def last_error(self) -> str:
         try:
-            return read_small(self.agent / "error").strip() or "(empty)"
+            lines = read_small(self.agent / "error").strip().splitlines()  # the newest refusal is last
+            return lines[-1] if lines else "(empty)"
         except AgentError as exc:
             return str(exc)
 
