@@ -302,6 +302,20 @@ def test_memories_are_files_found_by_retrieval_with_their_ids(api: Gateway, fs: 
     assert api.query(memory("notes", "remove_memory", memory_id=memory_id))["response"]["success"] is False
 
 
+def test_an_agentic_memory_is_annotated_by_the_model_and_found_by_its_tags(api: Gateway, fs: Mount):
+    note = "Maria prefers window seats on long flights and always books the early train to Porto."
+    added = api.query(memory("travel", "add_agentic_memory", content=note, metadata={"tags": ["itinerary"]}))["response"]
+    assert added["success"] is True, added
+    got = api.query(memory("travel", "get_memory", memory_id=added["memory_id"]))["response"]
+    metadata = got["metadata"]
+    assert got["content"] == note and metadata["tags"] == ["itinerary"]  # what the caller gave wins
+    assert isinstance(metadata["keywords"], list) and len(metadata["keywords"]) <= 5 and isinstance(metadata["context"], str)
+    found = api.query(memory("travel", "retrieve_memory", content="itinerary", k=1))["response"]["search_results"]
+    assert [hit["memory_id"] for hit in found] == [added["memory_id"]]
+    bad = api.query(memory("travel", "add_memory", content="x", metadata="tags=a"))["response"]
+    assert bad["success"] is False and "metadata must be an object" in bad["error"]
+
+
 # -- storage -----------------------------------------------------------------------------------
 def test_a_file_written_is_read_back_retrieved_and_rolled_back(api: Gateway, fs: Mount):
     say = lambda op, **params: api.query(storage("writer", op, **params))["response"]["response_message"]  # noqa: E731
@@ -326,6 +340,8 @@ def test_a_file_written_is_read_back_retrieved_and_rolled_back(api: Gateway, fs:
 
     escape = api.query(storage("writer", "read", file_path="../../../../etc/passwd"))["response"]
     assert escape["status_code"] == 403 and "leaves the agent's storage" in escape["response_message"]
+    directory = api.query(storage("writer", "read", file_path="docs"))["response"]
+    assert directory["status_code"] == 400 and "EISDIR" in directory["error"]
     missing = api.query(storage("writer", "read", file_path="nothing.txt"))["response"]
     assert missing["status_code"] == 404 and missing["response_message"].startswith("Error in read: ENOENT")
 

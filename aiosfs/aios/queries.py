@@ -34,18 +34,25 @@ STORAGE_OPS = ("mount", "create_file", "create_dir", "write", "read", "retrieve"
 MEMORY_DIR = "aios/memories"  # under the agent's memory/
 MAX_TOKENS = 8192  # the kernel's largest max_tokens
 RECALL_K = 20  # the kernel's largest recall k: hits are filtered here, then cut to the k asked for
+ANNOTATE_CHARS = 4000  # of a note shown to the model to annotate it (add_agentic_memory)
 SUMMARY_CHARS = 2000  # a retrieved document's summary, as the AIOS kernel cuts it
 STATUS = {
     errno.EINVAL: 400,
     errno.E2BIG: 400,
     errno.ENAMETOOLONG: 400,
+    errno.EISDIR: 400,
+    errno.ENOTDIR: 400,
+    errno.ELOOP: 400,
+    errno.EXDEV: 400,
     errno.EPERM: 403,
     errno.EACCES: 403,
     errno.ENOENT: 404,
     errno.EEXIST: 409,
+    errno.ENOTEMPTY: 409,
     errno.EFBIG: 413,
     errno.EAGAIN: 429,
     errno.EDQUOT: 429,
+    errno.ENOSPC: 507,
     errno.ETIMEDOUT: 504,
 }
 
@@ -103,6 +110,24 @@ def storage_response(message: str, exc: FileError | None = None) -> dict[str, An
         "error": None if exc is None else str(exc),
         "status_code": 200 if exc is None else status_code(exc),
     }
+
+
+ANNOTATIONS = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "annotations",
+        "schema": {
+            "type": "object",
+            "properties": {
+                "keywords": {"type": "array", "items": {"type": "string", "maxLength": 32}, "maxItems": 5},
+                "tags": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3},
+                "context": {"type": "string", "maxLength": 160},
+            },
+            "required": ["keywords", "tags", "context"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def _function(name: str, description: str, **properties: str) -> dict[str, Any]:
@@ -233,7 +258,7 @@ class Queries:
             agent = await self.client.agent(agent_name)
             base = agent / "memory" / MEMORY_DIR
             if op in ("add_memory", "add_agentic_memory"):
-                return await self._add_memory(base, params)
+                return await self._add_memory(agent, params, agentic=op == "add_agentic_memory")
             if op in ("retrieve_memory", "retrieve_memory_raw"):
                 return await self._search_memories(agent, params)
             memory_id = params.get("memory_id")
@@ -251,19 +276,30 @@ class Queries:
             missing = exc.errno == errno.ENOENT and op in ("get_memory", "update_memory", "remove_memory")
             return memory_response(False, "Memory not found" if missing else str(exc))
 
-    async def _add_memory(self, base: Path, params: dict[str, Any]) -> dict[str, Any]:
-        content = params.get("content")
+    async def _add_memory(self, agent: Path, params: dict[str, Any], agentic: bool) -> dict[str, Any]:
+        content, metadata = params.get("content"), params.get("metadata") or {}
         if not isinstance(content, str):
             return memory_response(False, "params.content must be text")
-        metadata = dict(params.get("metadata") or {})
+        if not isinstance(metadata, dict):
+            return memory_response(False, "params.metadata must be an object")
+        metadata = dict(metadata)
         for key in ("tags", "keywords", "category", "context"):  # top-level fields are accepted too
             if key in params and key not in metadata:
                 metadata[key] = params[key]
+        if agentic:  # the model reads the note for its keywords, tags and context; what the caller gave wins
+            metadata = await self._annotations(agent, content) | metadata
+        base = agent / "memory" / MEMORY_DIR
         memory_id = str(uuid.uuid4())
         await self.client.mkdir(base)
         await self.client.write(base / f"{memory_id}.json", json.dumps(_stamped(metadata), ensure_ascii=False))
         await self.client.write(base / f"{memory_id}.md", content, exclusive=True)
         return memory_response(memory_id=memory_id)
+
+    async def _annotations(self, agent: Path, content: str) -> dict[str, Any]:
+        """Keywords, tags and a line of context for a note, as JSON under a schema."""
+        ask = f"Read this note and give its keywords, a few tags and one line of context.\n\nNote: {content[:ANNOTATE_CHARS]}"
+        envelope = {"messages": [{"role": "user", "content": ask}], "response_format": ANNOTATIONS, "temperature": 0.0, "max_tokens": 200}
+        return dict(json.loads(await self._answer(agent, envelope)))
 
     async def _update_memory(self, base: Path, memory_id: str, params: dict[str, Any]) -> dict[str, Any]:
         _, metadata = await self._note(base, memory_id)
@@ -288,10 +324,10 @@ class Queries:
             return memory_response(False, "params.content (the query) must be text")
         k, base = _count(params, 5), agent / "memory" / MEMORY_DIR
         results: list[dict[str, Any]] = []
-        for hit in await self.client.recall(agent, query, RECALL_K):
+        for hit in await self.client.recall(agent, query, RECALL_K):  # a hit in a note's text or in its metadata
             directory, name = posixpath.split(hit["path"])
-            memory_id = name.removesuffix(".md")
-            if directory != MEMORY_DIR or not name.endswith(".md") or any(r["memory_id"] == memory_id for r in results):
+            memory_id = name.removesuffix(".md").removesuffix(".json")
+            if directory != MEMORY_DIR or not _is_id(memory_id) or any(r["memory_id"] == memory_id for r in results):
                 continue
             try:
                 content, metadata = await self._note(base, memory_id)
