@@ -401,6 +401,28 @@ def test_eight_agents_at_once_are_all_answered_in_shared_batches(api: Gateway, f
     assert seqs / steps > 2, f"{seqs:.0f} sequences in {steps:.0f} steps: the agents were not batched together"
 
 
+def test_a_client_that_goes_away_cancels_its_turn(api: Gateway, fs: Mount):
+    agent = fs.agents / "impatient"
+    agent.mkdir()
+    (agent / "config").write_text("ignore_eos=on\n")  # the answer runs to the window: far longer than the client waits
+    events = os.open(agent / "events", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            api.post(llm("impatient", [{"role": "user", "content": "Count to a thousand."}], max_new_tokens=900), timeout=1.5)
+        seen: list[str] = []
+        wait_for(lambda: seen.extend(json.loads(line)["event"] for line in _ready(events)) or "cancelled" in seen, 60, "the turn to be cancelled")
+    finally:
+        os.close(events)
+    assert "done" not in seen and (agent / "context").read_text() == ""
+
+
+def _ready(fd: int) -> list[str]:
+    try:
+        return os.read(fd, 1 << 16).decode().splitlines()
+    except BlockingIOError:
+        return []
+
+
 # -- access --------------------------------------------------------------------------------------
 def test_two_users_gateways_cannot_reach_each_others_agents(fs: Mount, tmp_path: Path):
     alice, bob = Gateway(fs.root, tmp_path / "alice.log", OWNER), Gateway(fs.root, tmp_path / "bob.log", OTHER)

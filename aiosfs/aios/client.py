@@ -9,9 +9,12 @@ agent's `error` file that says why.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
+import select
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +23,7 @@ import trio
 
 T = TypeVar("T")
 READ_CHUNK = 1 << 16
+WAKE_SECONDS = 0.25  # a turn's reader looks this often whether its query was cancelled
 NAME_LIMIT = 255  # bytes of a directory name
 
 
@@ -68,6 +72,17 @@ class MountClient:
         except OSError as exc:
             raise FileError(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
 
+    async def run_cancellable(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args, stop)` in a thread that a cancel lets go of: `stop` is set,
+        and the function closes what it has open (a `call` file: the turn is cancelled)."""
+        stop = threading.Event()
+        try:
+            return await trio.to_thread.run_sync(functools.partial(function, *args, stop), limiter=self.limiter, abandon_on_cancel=True)
+        except OSError as exc:
+            raise FileError(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+        finally:
+            stop.set()
+
     def check(self) -> str:
         """The kernel's status line; raises when `root` is not a live aiosfs mount."""
         return (self.root / "kernel" / "status").read_text().strip()
@@ -83,7 +98,7 @@ class MountClient:
         """One stateless turn through the agent's `call` file: its answer, or FileError."""
         data = json.dumps(envelope, ensure_ascii=False).encode()
         try:
-            return await self.run(_call, agent / "call", data)
+            return await self.run_cancellable(_call, agent / "call", data, False)
         except FileError as exc:
             raise FileError(exc.errno, await self.why(agent, exc)) from None
 
@@ -154,17 +169,28 @@ def _write(path: Path, data: bytes, flags: int) -> None:
         os.close(fd)  # commits: its errors are the kernel's verdict
 
 
-def _call(path: Path, data: bytes, one_line: bool = False) -> str:
+def _call(path: Path, data: bytes, one_line: bool = False, stop: threading.Event | None = None) -> str:
     """Write a request to an rpc file (`call`, `recall`, tools/NAME) and read its answer
     to EOF (or its first line: a tool's error line is followed by a read that fails with
-    its errno): the kernel commits the request at the first read."""
-    fd = os.open(path, os.O_RDWR)
+    its errno): the kernel commits the request at the first read. With `stop`, reads
+    do not block: once `stop` is set the file is closed, which cancels the turn."""
+    fd = os.open(path, os.O_RDWR | (os.O_NONBLOCK if stop is not None else 0))
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         out = bytearray()
-        while chunk := os.read(fd, READ_CHUNK):
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                assert stop is not None
+                if stop.is_set():
+                    raise FileError(errno.ECANCELED, "the query was cancelled") from None
+                select.select([fd], [], [], WAKE_SECONDS)
+                continue
+            if not chunk:
+                break
             out += chunk
             if one_line and b"\n" in out:
                 break

@@ -65,6 +65,8 @@ class Gateway:
             status = 200
         except HTTPError as exc:
             status, body = exc.status, {"detail": exc.detail}
+        except ClientGone:
+            return
         except Exception as exc:  # a bug answers 500 and the server goes on
             log.exception("internal error serving %s %s", scope.get("method"), scope.get("path"))
             status, body = 500, {"detail": f"internal error in the gateway: {type(exc).__name__}: {exc}"}
@@ -103,11 +105,41 @@ class Gateway:
         return {"status": "success", "llms": [{"name": name, "backend": backend} for name, backend in await self.client.models()]}
 
     async def _query(self, receive: Receive, scope: Scope) -> Any:
+        """Answer a query; a client that goes away cancels it (its model turn included)."""
         query = _parse(await _body(receive, scope))
+        answer: list[Any] = []
         try:
-            return await self.queries.handle(query["query_type"], query["agent_name"], query["query_data"])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                answer.append(await self.queries.handle(query["query_type"], query["agent_name"], query["query_data"]))
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _only(group) from None
         except BadQuery as exc:
             raise HTTPError(422, str(exc)) from None
+        if not answer:
+            raise ClientGone()
+        return answer[0]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer: there is nobody to send it to."""
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """After the body, an ASGI `receive` waits for the client to go away."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    log.info("the client went away: its query is cancelled")
+    scope.cancel()
+
+
+def _only(group: BaseExceptionGroup) -> BaseException:
+    """The one exception a nursery wrapped (a BadQuery becomes HTTP 422)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return HTTPError(422, str(exc)) if isinstance(exc, BadQuery) else exc
 
 
 def _parse(body: bytes) -> dict[str, Any]:
