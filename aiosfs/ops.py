@@ -463,8 +463,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def poll(self, inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None, ctx: pyfuse3.RequestContext) -> int:
-        mask, waiter = self._handle(fh).poll()
-        if not mask and waiter is not None and poll_handle is not None and self.nursery is not None:
+        mask, waiter = self._handle(fh).poll()  # a waiter: not readable yet (`call` is always writable)
+        if waiter is not None and poll_handle is not None and self.nursery is not None:
             self.nursery.start_soon(self._notify_when_ready, waiter, poll_handle)
         return mask
 

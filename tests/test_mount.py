@@ -252,6 +252,28 @@ def test_poll_wakes_on_output(agent: Path) -> None:
         os.close(fd)
 
 
+def test_poll_wakes_a_call_reader_when_its_answer_comes(agent: Path) -> None:
+    """`call` is always writable: a reader waiting for POLLIN must still be woken."""
+    fd = os.open(agent / "call", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(fd, b"ping")
+        answer = b""
+        for _ in range(100):
+            try:
+                chunk = os.read(fd, 100)  # the first read commits the turn
+            except BlockingIOError:
+                waited = time.monotonic()
+                select.select([fd], [], [], 60)  # without a wake-up it returns at its timeout
+                assert time.monotonic() - waited < 60, "no wake-up for the answer: select ran to its timeout"
+                continue
+            if not chunk:
+                break
+            answer += chunk
+        assert answer == b"turn 1: PING\n"
+    finally:
+        os.close(fd)
+
+
 def test_other_user_owns_its_agent(fs: Mount) -> None:
     script = f"cd {fs.agents} && mkdir mine && echo hi > mine/prompt && cat mine/output && stat -c '%u %a' mine"
     result = sh(f'setpriv --reuid 65534 --regid 65534 --clear-groups bash -c "{script}"')
