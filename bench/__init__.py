@@ -12,6 +12,8 @@ measured one after another, interleaved per repetition (A B C A B C):
   aiosfs-inproc     the aiosfs kernel in-process (a fresh worker process), through its syscall table
   aiosfs-noreuse    the same with KV reuse turned off (by default only in multi-turn: what reuse gains)
   aiosfs-mount      aiosfs mounted, N processes doing `echo > prompt; cat output` (the headline)
+  aiosfs-aios-api   aiosfs mounted with `aiosfs aios-api` on it, N threads posting AIOS /query chats
+                    (stateless: each request carries its conversation); no streaming, so no TTFT
 
 Workloads (seeded, fixed lengths, greedy, end-of-generation suppressed):
 

@@ -69,8 +69,9 @@ def skip_unavailable(args: argparse.Namespace) -> tuple[list[str], Path | None]:
         llama_server, why = find_llama_server(args)
         if llama_server is None:
             _skip(args, skipped, "llama-server", why)
-    if "aiosfs-mount" in args.peers and not os.path.exists("/dev/fuse"):
-        _skip(args, skipped, "aiosfs-mount", "aiosfs-mount: /dev/fuse is missing on this machine")
+    for peer in ("aiosfs-mount", "aiosfs-aios-api"):
+        if peer in args.peers and not os.path.exists("/dev/fuse"):
+            _skip(args, skipped, peer, f"{peer}: /dev/fuse is missing on this machine")
     for module, peer in (("httpx", "llama-server"), ("uvicorn", "llama_cpp.server"), ("httpx", "llama_cpp.server")):
         if peer in args.peers:
             try:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-PEERS = ["raw-batched", "naive", "llama_cpp.server", "llama-server", "aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount"]
-AIOSFS_PEERS = ("aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount")  # --scheduler and --slots apply to these
+PEERS = ["raw-batched", "naive", "llama_cpp.server", "llama-server", "aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount", "aiosfs-aios-api"]
+AIOSFS_PEERS = ("aiosfs-inproc", "aiosfs-noreuse", "aiosfs-mount", "aiosfs-aios-api")  # --scheduler and --slots apply to these
 KERNEL_SLOTS = 0  # --slots default: the kernel's own number of KV slots (each run records what it was)
 BASELINES = ("raw-batched", "naive", "llama-server")  # the tables show every peer's tok/s as a multiple of these
 SHORT_SYSTEM = "You are a helpful assistant."

@@ -353,6 +353,8 @@ def test_tool_queries_run_served_tools(api: Gateway):
     assert body["response"]["response_class"] == "tool" and json.loads(body["response"]["response_message"]) == {"result": 42}
     bad = api.query(tool("calc", {"name": "calculator", "parameters": {"expression": "6*"}}))["response"]
     assert bad["finished"] is False and bad["response_message"].startswith("Tool calling error: EINVAL")
+    nameless = api.query(tool("calc", {"parameters": {"expression": "1"}}))["response"]
+    assert nameless["status_code"] == 400 and "needs a name" in nameless["error"]
     unknown = api.query(tool("calc", {"name": "demo_author/arxiv", "parameters": {"query": "AIOS"}}))["response"]
     assert unknown["status_code"] == 404 and "no tool 'demo_author/arxiv'" in unknown["error"]
 

@@ -231,6 +231,18 @@ def test_bench_runs_the_mount_peer_on_the_fake_backend(tmp_path: Path) -> None:
         assert troubles(log.read_text(), []) == []
 
 
+@pytest.mark.mount
+@needs_fuse
+def test_bench_runs_the_aios_api_peer_on_the_fake_backend(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    data = bench(out, "--workloads", "multi-turn", "--agents", "2", "--requests", "2", "--peers", "aiosfs-aios-api")
+    check_rows(data, {("multi-turn", 2, "aiosfs-aios-api")}, {"multi-turn": 64})
+    [run] = data["runs"]
+    assert run["extra"]["kernel"]["generated"] >= run["summary"]["tokens"] > 0  # every answer went through the gateway to the kernel
+    [log] = (out / "logs").glob("*-aiosfs-aios-api.log")
+    assert "serving" in log.read_text() and "Traceback" not in log.read_text()
+
+
 def test_bench_runs_the_shared_prefix_workload_on_the_fake_backend_with_the_kernels_slots(tmp_path: Path) -> None:
     """Every agent sends the same ~1600-token system prompt and its own question, each
     request alone; `--slots default` leaves the slots to the kernel and records them."""

@@ -222,7 +222,7 @@ class Queries:
         results: list[str] = []
         for call in calls:
             try:
-                result = await self.client.tool(agent, await self._served(call["name"]), call.get("parameters") or {})
+                result = await self.client.tool(agent, await self._served(call.get("name")), call.get("parameters") or {})
             except FileError as exc:
                 return tool_response(f"Tool calling error: {exc}", exc)
             results.append(result if isinstance(result, str) else json.dumps(result, ensure_ascii=False))

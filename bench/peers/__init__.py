@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ..load import Cell
 from ..stats import Record
+from .aios import run_aios_api
 from .http import run_llama_cpp_server, run_llama_server
 from .inproc import run_aiosfs_inproc, run_aiosfs_noreuse
 from .mount import run_aiosfs_mount
@@ -20,5 +21,6 @@ RUNNERS: dict[str, Callable[[Cell], tuple[list[Record], float]]] = {
     "aiosfs-inproc": run_aiosfs_inproc,
     "aiosfs-noreuse": run_aiosfs_noreuse,
     "aiosfs-mount": run_aiosfs_mount,
+    "aiosfs-aios-api": run_aios_api,
 }
 IN_WORKER = {"raw-batched", "naive", "aiosfs-inproc", "aiosfs-noreuse"}  # run in a fresh process each (bench.worker)
