@@ -159,12 +159,16 @@ def _make_agent(path: Path) -> None:
         pass
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _write(path: Path, data: bytes, flags: int) -> None:
     fd = os.open(path, flags, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
     finally:
         os.close(fd)  # commits: its errors are the kernel's verdict
 
@@ -176,9 +180,7 @@ def _call(path: Path, data: bytes, one_line: bool = False, stop: threading.Event
     do not block: once `stop` is set the file is closed, which cancels the turn."""
     fd = os.open(path, os.O_RDWR | (os.O_NONBLOCK if stop is not None else 0))
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         out = bytearray()
         while True:
             try:

@@ -242,11 +242,10 @@ class Queries:
     async def _operate_file(self, agent: Path, envelope: dict[str, Any]) -> str:
         """The model picks storage operations; they run on the agent's files; then it
         sums them up. The AIOS kernel answers with the summary alone, a bare string."""
-        reply = json.loads(await self._answer(agent, envelope | {"tools": STORAGE_FUNCTIONS, "tool_choice": "required"}))
         done = []
-        for call in reply["tool_calls"]:
-            result = await self.storage_op(agent, call["name"], call["arguments"])
-            done.append(f"{call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}: {result['response_message']}")
+        for call in await self._tool_calls(agent, envelope, STORAGE_FUNCTIONS):
+            result = await self.storage_op(agent, call["name"], call["parameters"])
+            done.append(f"{call['name']} {json.dumps(call['parameters'], ensure_ascii=False)}: {result['response_message']}")
         report = "The file operations ran:\n" + "\n".join(done) + "\nSay in one or two sentences what was done."
         messages = [*envelope["messages"], {"role": "user", "content": report}]
         return await self._answer(agent, envelope | {"messages": messages})

@@ -19,8 +19,7 @@ from ..cores.backends import Vocabulary
 from ..errors import KernelError
 from ..types import Message
 from .config import AgentConfig
-
-ROLES = ("system", "user", "assistant", "tool")
+from .request import ROLES
 
 
 def build_prompt(backend: Vocabulary, config: AgentConfig, history: Sequence[Message], user_message: str) -> tuple[list[Message], list[int]]:
