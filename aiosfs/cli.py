@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kernel import params
 
+from .metrics import address_argument
 from .model import default_model_path
 
 READY = b"\0aiosfs-ready\n"
@@ -30,6 +31,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.5 and 3600 seconds, not {value:g}")
     return value
 
 
@@ -67,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--config", type=Path, default=None, help="a TOML file with remote OpenAI-compatible cores and the route (docs/scale-out.md)")
     m.add_argument("--tools", type=Path, default=None, help="a directory of external tools (NAME.json manifests) served in tools/ (docs/tools.md)")
+    m.add_argument(
+        "--engine-deadline",
+        type=_seconds,
+        default=params.ENGINE_DEADLINE_SECONDS,
+        metavar="SECONDS",
+        help=f"an engine that answers no step or call for this long, or {params.ENGINE_DEADLINE_FACTOR}x its slowest recent step "
+        "when that is longer, is hung: it is killed and restarted, and the jobs in it fail with EIO (default: %(default)s)",
+    )
+    m.add_argument(
+        "--metrics",
+        type=address_argument,
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve kernel/metrics (Prometheus text format) over HTTP at http://HOST:PORT/metrics, e.g. 127.0.0.1:9464; "
+        "any address is allowed: whoever reaches it reads the metrics (docs/metrics.md)",
+    )
     m.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     m.add_argument("--backend", default="llama", choices=["llama", "fake"], help=argparse.SUPPRESS)
     m.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -131,10 +158,12 @@ def _options(args: argparse.Namespace) -> object:
         kv_budget=args.kv_budget,
         ctx=args.ctx,
         fake_delay=args.fake_delay,
+        engine_deadline=args.engine_deadline,
         memory_quota=args.memory_quota,
         agents_dir=args.agents_dir.absolute() if args.agents_dir is not None else None,
         tools=args.tools.absolute() if args.tools is not None else None,
         config=args.config.absolute() if args.config is not None else None,
+        metrics=args.metrics,
     )
 
 

@@ -33,6 +33,7 @@ class Kind(enum.IntEnum):
     TOOLS = 14
     TOOL = 15  # tools/NAME: the tool's index + 1 in the "agent id" bits
     TOOL_SCHEMA = 16  # tools/NAME.schema: likewise
+    K_METRICS = 17
     AGENT = 32
     PROMPT = 33
     OUTPUT = 34
@@ -84,6 +85,7 @@ TABLES: dict[Kind, list[Entry]] = {
     Kind.KERNEL: [
         Entry("status", Kind.K_STATUS, Cls.SNAPSHOT, 0o444),
         Entry("stats", Kind.K_STATS, Cls.SNAPSHOT, 0o444),
+        Entry("metrics", Kind.K_METRICS, Cls.SNAPSHOT, 0o444),
         Entry("ps", Kind.K_PS, Cls.SNAPSHOT, 0o444),
         Entry("models", Kind.K_MODELS, Cls.SNAPSHOT, 0o444),
         Entry("scheduler", Kind.K_SCHEDULER, Cls.STORED, 0o644),

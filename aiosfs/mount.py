@@ -21,9 +21,10 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernel import EngineDied, EngineSpec, Kernel, MemoryStore, ProcessCore, Storage, load_api_key, params
+from kernel import EngineDied, EngineSpec, Kernel, MemoryStore, ProcessCore, Storage, end_leftover_engines, load_api_key, params
 from services.manifests import ManifestManager
 
+from .metrics import MetricsServer, check_address
 from .model import data_dir
 from .mountconfig import ConfigError, LocalModel, MountConfig, load_mount_config
 from .ops import Operations
@@ -47,10 +48,12 @@ class MountOptions:
     kv_budget: int = params.KV_BUDGET_BYTES // 2**20  # MiB (the --kv-budget flag)
     ctx: int = params.DEFAULT_CTX_PER_SLOT
     fake_delay: float = 0.0
+    engine_deadline: float = params.ENGINE_DEADLINE_SECONDS  # the watchdog's floor (kernel/cores/enginehost.py)
     memory_quota: int = params.MEMORY_QUOTA_BYTES
     agents_dir: Path | None = None  # agent manifests to keep (services/manifests.py)
     tools: Path | None = None  # external tools' manifests (kernel/tools/)
     config: Path | None = None  # remote cores and the route (aiosfs/mountconfig.py)
+    metrics: str | None = None  # HOST:PORT to serve kernel/metrics at over HTTP (aiosfs/metrics.py)
 
 
 def slug(mountpoint: Path) -> str:
@@ -156,6 +159,29 @@ def preflight(options: MountOptions, out: Any) -> None:
     check_agents_dir(options)
     check_tools_dir(options)
     check_config(options)
+    check_metrics(options)
+
+
+def check_metrics(options: MountOptions) -> None:
+    if options.metrics is None:
+        return
+    try:
+        check_address(options.metrics)
+    except OSError as exc:
+        raise MountError(_metrics_advice(options.metrics, exc)) from None
+
+
+def start_metrics(options: MountOptions, ops: Operations) -> MetricsServer | None:
+    if options.metrics is None:
+        return None
+    try:
+        return MetricsServer(ops.metrics, options.metrics)
+    except OSError as exc:
+        raise MountError(_metrics_advice(options.metrics, exc)) from None
+
+
+def _metrics_advice(address: str, exc: OSError) -> str:
+    return f"cannot serve metrics on {address}: {exc.strerror or exc}; give --metrics another HOST:PORT, or leave it out"
 
 
 def lock_state(state: Path) -> int:
@@ -171,9 +197,11 @@ def lock_state(state: Path) -> int:
     return fd
 
 
-def start_engine(spec: EngineSpec, progress: Callable[[float], None] | None = None) -> ProcessCore:
+def start_engine(spec: EngineSpec, options: MountOptions, progress: Callable[[float], None] | None = None) -> ProcessCore:
     """An engine process that has loaded its model and decoded once; EngineDied otherwise."""
-    core = ProcessCore(spec)
+    engines = options.state / "engines"  # each engine's pid, for the next daemon if this one dies
+    engines.mkdir(exist_ok=True)
+    core = ProcessCore(spec, options.engine_deadline, engines / f"{slug(Path(spec.name or 'default'))}.pid")
     try:
         core.start(progress)
     except BaseException:
@@ -200,7 +228,7 @@ def load_engine(options: MountOptions, out: Any) -> ProcessCore:
         out.flush()
         progress = ProgressBar(out)
     try:
-        core = start_engine(spec, progress)
+        core = start_engine(spec, options, progress)
     except EngineDied as exc:
         raise MountError(f"the engine process could not load and run the model: {exc.reason}.\n{_engine_advice(exc.reason, options)}") from None
     out.write(f"aiosfs: engine ready (pid {core.pid}): model loaded and warmed up\n")
@@ -232,7 +260,7 @@ def load_local(options: MountOptions, model: LocalModel) -> ProcessCore:
         n_ctx_seq=model.ctx or options.ctx,
         kv_budget=options.kv_budget * 2**20,
     )
-    return start_engine(spec)
+    return start_engine(spec, options)
 
 
 class ProgressBar:
@@ -278,6 +306,8 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     """Mount and serve until unmounted or signalled (blocks)."""
     preflight(options, out)
     lock = lock_state(options.state)
+    for pid in end_leftover_engines(options.state / "engines"):
+        log.warning("killed engine process %d, left running by a daemon of this state directory that died", pid)
     try:
         backend = load_engine(options, out)
     except BaseException:
@@ -294,7 +324,9 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     pids = pid_file(options.mountpoint)  # before init: resolving the path stats the mountpoint
     os.chdir("/")  # never hold a directory busy, nor look things up in our own mount
     pyfuse3.init(ops, str(options.mountpoint), opts)
+    metrics = None
     try:
+        metrics = start_metrics(options, ops)
         pids.parent.mkdir(parents=True, exist_ok=True)
         pids.write_text(f"{os.getpid()}\n")
         info = backend.info
@@ -302,9 +334,12 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
             f"aiosfs: mounted {options.mountpoint}: model {info.name} ({info.backend}), device {info.device}, "
             f"threads {info.threads}, {info.n_slots} slots x {info.n_ctx_seq} tokens; state {options.state}"
             + ("" if "allow_other" in opts else "; only this user can use it (no allow_other)")
+            + (f"; metrics at {metrics.url}" if metrics is not None else "")
         )
-        trio.run(_main, kernel, ops, manifests)
+        trio.run(_main, kernel, ops, manifests, metrics)
     finally:
+        if metrics is not None:
+            metrics.close()
         pyfuse3.close(unmount=True)
         kernel.stop()
         kernel.close()
@@ -314,7 +349,9 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
         os.close(lock)
 
 
-async def _main(kernel: Kernel, ops: Operations, manifests: ManifestManager | None) -> None:
+async def _main(kernel: Kernel, ops: Operations, manifests: ManifestManager | None, metrics: MetricsServer | None = None) -> None:
+    if metrics is not None:
+        metrics.token = trio.lowlevel.current_trio_token()  # scrapes are rendered on this thread from now on
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         await nursery.start(kernel.run)

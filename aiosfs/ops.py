@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from kernel import Agent, Caller, Kernel, params, render_context
+from kernel import Agent, Caller, Kernel, metrics_registry, params, render_context
 from kernel.errors import KernelError
 from kernel.syscall import Sys, syscall
 
@@ -83,6 +83,7 @@ class Operations(pyfuse3.Operations):
         self.waiting = Waiting()
         self.nursery: trio.Nursery | None = None  # set by the mount, for poll notifications
         self.mounted_at = time.time()
+        self.metrics = metrics_registry(kernel)  # kernel/metrics, and mount --metrics
 
     # -- names and attributes ---------------------------------------------------
     def _resolve(self, ino: int) -> tuple[Entry, Agent | None]:
@@ -426,6 +427,7 @@ class Operations(pyfuse3.Operations):
             Kind.README: lambda: render.README,
             Kind.K_STATUS: lambda: k.status_line() + "\n",
             Kind.K_STATS: lambda: render.kernel_stats(k),
+            Kind.K_METRICS: lambda: render.kernel_metrics(self.metrics),
             Kind.K_PS: lambda: render.kernel_ps(k, caller),
             Kind.K_MODELS: lambda: render.kernel_models(k),
             Kind.K_LOG: lambda: render.kernel_log(k),

@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
 from kernel import Agent, Caller, Kernel, params
 
 README = """\
@@ -30,6 +33,7 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   rmdir agents/NAME                      moves the agent to kernel/trash; undo with
   echo "restore NAME" > kernel/ctl       (the owner or root, for 7 days)
   cat kernel/status                      the kernel at a glance; kernel/stats, kernel/ps for more
+  cat kernel/metrics                     the counters for Prometheus (mount --metrics HOST:PORT serves them)
   echo "rr quantum=32" > kernel/scheduler   (root) fifo | rr [quantum=N] | priority
 
 A request is plain text, or a JSON envelope {"prompt": ..., "temperature": ...,
@@ -52,6 +56,11 @@ def agent_error(agent: Agent, caller: Caller) -> str:
 
 def kernel_stats(kernel: Kernel) -> str:
     return "".join(f"{key} {value}\n" for key, value in kernel.statistics().items())
+
+
+def kernel_metrics(registry: CollectorRegistry) -> str:
+    """The Prometheus text exposition format (kernel/metrics.py), on the trio thread."""
+    return generate_latest(registry).decode()
 
 
 def kernel_ps(kernel: Kernel, caller: Caller) -> str:

@@ -31,6 +31,7 @@ EXPORTS = {
     "EngineDied": "kernel.cores.enginehost",
     "EngineSpec": "kernel.cores.enginehost",
     "ProcessCore": "kernel.cores.enginehost",
+    "end_leftover_engines": "kernel.cores.enginehost",
     "RemoteConfig": "kernel.cores.remote",
     "load_api_key": "kernel.cores.remote",
     "render_context": "kernel.agents.context",
@@ -39,6 +40,7 @@ EXPORTS = {
     "VALIDATORS": "kernel.agents.config",
     "parse_policy": "kernel.access.policy",
     "make_scheduler": "kernel.cores.scheduler",
+    "metrics_registry": "kernel.metrics",
 }
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from kernel.cores.enginehost import EngineDied as EngineDied
     from kernel.cores.enginehost import EngineSpec as EngineSpec
     from kernel.cores.enginehost import ProcessCore as ProcessCore
+    from kernel.cores.enginehost import end_leftover_engines as end_leftover_engines
     from kernel.cores.remote import RemoteConfig as RemoteConfig
     from kernel.cores.remote import load_api_key as load_api_key
     from kernel.cores.scheduler import make_scheduler as make_scheduler
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     from kernel.memory.store import Attr as Attr
     from kernel.memory.store import MemoryStore as MemoryStore
     from kernel.memory.store import Passage as Passage
+    from kernel.metrics import metrics_registry as metrics_registry
     from kernel.storage.database import Storage as Storage
     from kernel.tools.spec import ToolSpec as ToolSpec
     from kernel.types import Agent as Agent

@@ -46,8 +46,17 @@ ENGINE_CRASH_LOOP = 3  # crashes within the window that mark a core failed inste
 ENGINE_CRASH_WINDOW_SECONDS = 60.0  # the crash-loop window
 ENGINE_BACKOFF_SECONDS = 0.5  # wait before the first restart; it doubles at each further crash in the window
 ENGINE_BACKOFF_MAX_SECONDS = 10.0  # the longest wait before a restart
-ENGINE_CALL_WAIT_SECONDS = 120.0  # a tokenize call waits this long for a restarting engine, then EIO
-ENGINE_STOP_SECONDS = 10.0  # an engine asked to stop is killed after this long
+ENGINE_STOP_SECONDS = 5.0  # an engine asked to stop is killed after this long (a stopped one at once)
+ENGINE_STOP_GRACE_SECONDS = 2.0  # at unmount, a step still running after this long is ended by killing the engine
+ENGINE_KILL_WAIT_SECONDS = 5.0  # an engine that outlives SIGKILL this long (stuck in a driver) is left behind, logged
+# the watchdog: an engine that answers no step, call or ping within its deadline is hung: killed and restarted
+ENGINE_DEADLINE_SECONDS = 15.0  # the deadline's floor (aiosfs mount --engine-deadline)
+ENGINE_DEADLINE_FACTOR = 50  # ... or this many times the slowest recent step, when that is longer
+ENGINE_DEADLINE_WINDOW = 256  # steps per window of step times; the slowest of the last few windows counts as recent
+ENGINE_DEADLINE_WINDOWS = 8  # ... this many windows
+ENGINE_START_DEADLINE_FACTOR = 4  # loading and warming up may go this many deadlines without a sign of progress
+ENGINE_CALL_THREADS = 32  # threads that may wait on engines' tokenize and chat-template calls at once; more wait their turn
+ENGINE_PING_FRACTION = 0.25  # an idle engine is pinged every this fraction of the deadline, so a hang shows while idle
 
 # -- remote LLM cores (kernel/cores/remote.py: OpenAI-compatible servers) ----------------
 REMOTE_MAX_IN_FLIGHT = 8  # requests one remote core runs at once unless configured: the server batches them

@@ -61,6 +61,23 @@ def gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def engine_pids(daemon: int) -> list[int]:
+    """The daemon's engine processes: its children that run kernel.cores.enginehost."""
+    pids: list[int] = []
+    for children in Path(f"/proc/{daemon}/task").glob("*/children"):
+        try:
+            candidates = children.read_text().split()
+        except OSError:
+            continue
+        for pid in candidates:
+            try:
+                if b"kernel.cores.enginehost" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:
+                pass
+    return pids
+
+
 def listed(root: Path) -> bool:
     """Is something mounted at `root`, alive or dead? (`os.path.ismount` is False for a dead FUSE mount.)"""
     target = str(root)
@@ -75,7 +92,9 @@ def listed(root: Path) -> bool:
 # A record of the daemon's log (format of `aiosfs mount --foreground`): its first line, then
 # every line up to the next record (a traceback, or output that is not a log record).
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[A-Z]+) ", re.M)
-TROUBLE = re.compile(r"Traceback \(most recent call last\)|^Exception in thread|^Exception ignored in|^Fatal Python error", re.M)
+# Unanchored: the engine's stderr is relayed into the log behind a record's prefix
+# (`... WARNING kernel.cores.enginehost: engine NAME (pid N): Fatal Python error: ...`).
+TROUBLE = re.compile(r"Traceback \(most recent call last\)|Exception in thread|Exception ignored in|Fatal Python error")
 
 
 def log_records(text: str) -> list[tuple[str | None, str]]:
@@ -173,6 +192,7 @@ class Mount:
                 problems.append(f"the daemon (pid {current.pid}) stopped during the test")
             if self.is_dead():
                 problems.append(f"the mount at {self.root} was dead (ENOTCONN), not unmounted")
+        engines = engine_pids(current.pid) if current is not None and alive(current.pid) else []
         if listed(self.root) and not self.is_dead():
             result = self.command("unmount", str(self.root), timeout=90)
             if result.returncode != 0:
@@ -181,6 +201,10 @@ class Mount:
             if not gone(daemon.pid, timeout=15):
                 problems.append(f"the daemon (pid {daemon.pid}) was still running after the unmount: killed")
                 os.kill(daemon.pid, signal.SIGKILL)
+        for pid in engines:
+            if not gone(pid, timeout=5):
+                problems.append(f"the engine process (pid {pid}) was still running after the unmount: killed")
+                os.kill(pid, signal.SIGKILL)
         if listed(self.root):
             subprocess.run(["fusermount3", "-uz", str(self.root)], check=False, capture_output=True)
         text = self.log_text()

@@ -206,6 +206,7 @@ GLOBAL_FILES = [
     ("README", "snapshot", 0o444),
     ("kernel/status", "snapshot", 0o444),
     ("kernel/stats", "snapshot", 0o444),
+    ("kernel/metrics", "snapshot", 0o444),
     ("kernel/ps", "snapshot", 0o444),
     ("kernel/models", "snapshot", 0o444),
     ("kernel/scheduler", "stored", 0o644),

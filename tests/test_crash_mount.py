@@ -16,7 +16,8 @@ from kernel.cores.enginehost import CRASH_ENV
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
-CRASHED = r"engine of \S+ crashed|engine \S+ \(pid \d+\)"  # the supervisor's report, and the dead engine's stderr
+CRASHED = r"engine of \S+ crashed: "  # the supervisor's report of a crash
+SEGFAULT = r"engine \S+ \(pid \d+\): Fatal Python error: Segmentation fault"  # faulthandler's first line, relayed from the engine
 
 
 def engine_pid(root: Path) -> int:
@@ -45,6 +46,7 @@ LONG = '{"prompt": "Tell a long story about a lighthouse keeper.", "max_tokens":
 def test_sigsegv_in_a_batch_of_four_fails_those_four_and_the_mount_goes_on(tmp_path: Path, model: Path) -> None:
     with mounted(tmp_path, "--slots", "4", "--threads", "2") as mount:
         mount.allow_log(CRASHED)
+        mount.allow_log(SEGFAULT)
         daemon = mount.daemon_pid()
         first = engine_pid(mount.root)
         agents = [mount.agent(f"a{i}") for i in range(4)]
@@ -96,6 +98,7 @@ def test_a_crash_loop_marks_the_core_failed_and_retry_brings_it_back(tmp_path: P
     monkeypatch.setenv(CRASH_ENV, f"load@{flag}")  # inherited by the daemon, then by every engine it starts
     with mounted(tmp_path, "--backend", "fake", "--fake-delay", "0.01") as mount:
         mount.allow_log(CRASHED)
+        mount.allow_log(SEGFAULT)
         mount.allow_log(r"engine of fake crashed: .*marked failed")
         agent = mount.agent("a")
         daemon = mount.daemon_pid()

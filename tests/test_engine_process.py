@@ -16,7 +16,7 @@ import trio
 from kernel_helpers import ROOT, answer, finished, mkdir, producing, refused, run, running, submit
 
 from kernel import params
-from kernel.cores.enginehost import CRASH_ENV, EngineDied, EngineSpec, ProcessCore
+from kernel.cores.enginehost import CRASH_ENV, EngineDied, EngineSpec, ProcessCore, StepTimes
 from kernel.kernel import Kernel
 from kernel.llm.jobs import JobState
 from kernel.storage.database import Storage
@@ -151,7 +151,9 @@ def test_a_bad_model_file_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\0" * 60)
     with pytest.raises(EngineDied) as info:
         started(EngineSpec("llama", model=str(bad), n_slots=1, n_ctx_seq=256))
-    assert "GGUF" in info.value.reason or "load" in info.value.reason
+    reason = info.value.reason
+    assert "killed by" not in reason and "exited with" not in reason, f"the engine died instead of refusing the file: {reason}"
+    assert "GGUF" in reason or "load" in reason, reason
 
 
 def test_a_crash_while_warming_up_is_reported_with_the_signal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,5 +175,45 @@ def test_tokenize_waits_for_a_restarting_engine(process_kernel) -> None:
             with trio.fail_after(30):
                 job = await finished(await submit(kernel, agent, "hello"))
             assert bytes(job.data).decode() == answer("hello") + "\n"
+
+    run(body, timeout=60)
+
+
+def test_the_deadline_follows_the_slowest_recent_step() -> None:
+    times = StepTimes(window=4, windows=2)
+    for seconds in (0.1, 0.3, 0.2, 0.1):  # one window, whose slowest is 0.3
+        times.add(seconds)
+    assert times.slowest() == 0.3
+    for _ in range(8):  # two more windows of 0.1: the slow one is no longer recent
+        times.add(0.1)
+    assert times.slowest() == 0.1
+    core = ProcessCore(EngineSpec("fake"), deadline=2.0)
+    assert core.deadline() == 2.0  # the floor, before any step
+    for _ in range(3):
+        core._times.add(0.5)
+    assert core.deadline() == params.ENGINE_DEADLINE_FACTOR * 0.5
+
+
+def test_a_stopped_engine_is_declared_hung_killed_and_replaced(process_kernel) -> None:
+    """An in-process kernel on a real engine process, stopped with SIGSTOP while a job generates."""
+    kernel = process_kernel(n_slots=2)
+    core = kernel.engine.core
+    core.floor = 1.0  # the watchdog's deadline, short for the test
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            job = await producing(await submit(kernel, agent, '{"prompt": "x", "max_tokens": 2000, "ignore_eos": true}'))
+            stopped = core.pid
+            assert stopped is not None
+            os.kill(stopped, signal.SIGSTOP)
+            await finished(job)
+            assert job.state is JobState.ERROR and job.errno == errno.EIO
+            assert job.message.startswith("the engine hung: no progress for 1 s (a step)"), job.message
+            again = await finished(await submit(kernel, agent, "again"))
+            assert bytes(again.data).decode() == answer("again") + "\n"  # a failed turn does not extend the context
+            assert core.pid != stopped and core.hangs == 1
+            assert kernel.engine.statistics()["engine_hangs"] == 1
+            assert [e["what"] for e in engine_log(kernel)] == ["hung", "restarted"]
 
     run(body, timeout=60)

@@ -228,9 +228,16 @@ def test_cancel_running_job_fails_the_reader(slow_fs: Mount) -> None:
     agent.rmdir()
 
 
+def interruptible() -> None:
+    """In the child before exec: SIGINT as a terminal gives it. A run started in the
+    background of a shell (`cmd &`, CI) ignores SIGINT, and an ignored signal is inherited:
+    such a `cat` would never see Ctrl-C, whatever the filesystem does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_and_kill_release_a_blocked_reader(agent: Path) -> None:
     for sig in (signal.SIGINT, signal.SIGKILL):
-        reader = subprocess.Popen(["cat", str(agent / "output")])
+        reader = subprocess.Popen(["cat", str(agent / "output")], preexec_fn=interruptible)
         wait_for(lambda reader=reader: blocked_reading(reader.pid, agent / "output"), what="cat to block in its read")
         started = time.monotonic()
         reader.send_signal(sig)

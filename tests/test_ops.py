@@ -265,7 +265,7 @@ def test_readdir(fs, monkeypatch):
         assert [ino for _, ino, _ in listed] == [2, 3, 10, 14]
         assert await listing(ops, "", start=1) == [b"kernel", b"agents", b"tools"]
         assert await listing(ops, "", space=2) == [b"README", b"kernel"]
-        assert await listing(ops, "kernel") == [b"status", b"stats", b"ps", b"models", b"scheduler", b"log", b"events", b"trash", b"ctl"]
+        assert await listing(ops, "kernel") == [b"status", b"stats", b"metrics", b"ps", b"models", b"scheduler", b"log", b"events", b"trash", b"ctl"]
 
         zeta, alpha = await mkdir(ops, "zeta"), await mkdir(ops, "alpha")
         assert await listing(ops, "agents") == [b"zeta", b"alpha"]  # creation order, resumable by id

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from .. import params
 from ..agents.config import AgentConfig
 from ..errors import KernelError
 from ..llm.jobs import Job
@@ -47,6 +48,10 @@ class CoreSet(Mapping[str, Core]):
         by name, loaded and unloaded at run time."""
         self.backend = backend
         self._audit = audit
+        # threads that wait on an engine's vocabulary (tokenize, chat template): a hung
+        # engine holds them up to its deadline, and must not hold trio's shared threads
+        # that memory/ and the rest need
+        self.call_threads = trio.CapacityLimiter(params.ENGINE_CALL_THREADS)
         self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
         self.default = self._engine(backend, scheduler, **engine_options)
         self._cores: dict[str, Core] = {backend.info.name: self.default}

@@ -38,6 +38,7 @@ from .backends import Backend
 from .enginehost import Core, EngineDied, InlineCore, ProcessCore
 from .runner import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
 from .scheduler import Running, Scheduler, park
+from .stepmetrics import StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,11 @@ class Engine:
         self.last_crash = ""
         self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
         self.on_event: Callable[[dict[str, Any]], None] = lambda fields: None  # crashes, restarts: to the audit log
-        self.stats: dict[str, float] = dict.fromkeys(["step_s", "preemptions", "held_seq_steps", "engine_crashes"], 0)
+        self.stats: dict[str, float] = dict.fromkeys(["step_s", "preemptions", "held_seq_steps", "engine_crashes", "engine_hangs"], 0)
         self._core_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # the running core's counters
         self._dead_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # those of cores that died
         self._last: StepResult | None = None
+        self.step_metrics = StepMetrics()  # each step's histograms, for kernel/metrics
 
     @property
     def info(self) -> Any:
@@ -184,9 +186,13 @@ class Engine:
         return self.core.failure if self.core.state == "failed" else ""
 
     def describe(self) -> str:
-        """`engine=STATE pid=N restarts=N` for kernel/status and kernel/models."""
+        """`engine=STATE pid=N restarts=N hangs=N deadline=S` for kernel/status and kernel/models."""
         pid = self.core.pid if self.core.state in ("ready", "loading") else None
-        return f"engine={self.core.state} pid={pid or '-'} restarts={self.restarts}"
+        deadline = self.core.deadline()
+        return (
+            f"engine={self.core.state} pid={pid or '-'} restarts={self.restarts} hangs={self.core.hangs} "
+            f"deadline={'-' if deadline is None else f'{deadline:.1f}s'}"
+        )
 
     def statistics(self) -> dict[str, Any]:
         core = self._core_stats
@@ -209,27 +215,37 @@ class Engine:
         out["cached_sequences"] = self._last.cached_sequences if self._last else 0
         out["swapped_bytes"] = self._last.swapped_bytes if self._last else 0
         out["engine_restarts"] = self.restarts
+        out["engine_hangs"] = int(self.stats["engine_hangs"])
         return out
 
     # -- engine thread ------------------------------------------------------
     def _loop(self) -> None:
-        while self._ensure_started() and self._wait_for_work():
-            if not self.core.alive():  # died while idle
+        while self._ensure_started():
+            work = self._wait_for_work()
+            if work is None:
+                return
+            if self.core.hung or not self.core.alive():  # died while idle, or a call found it hung
                 if not self._stopping:
-                    self._crashed(self.core.death_reason())
+                    self._crashed(self.core.death_reason(), self.core.hung)
                 continue
             started = time.perf_counter()
-            plan, early = self._plan()
-            if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
-                self._hand_over(early)
             try:
+                if not work:  # idle a while: is it still there? (a hang shows in kernel/status before anyone waits on it)
+                    self.core.ping()
+                    continue
+                plan, early = self._plan()
+                if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
+                    self._hand_over(early)
                 result = self.core.step(plan)
             except EngineDied as exc:
                 if not self._stopping:  # one that dies while the mount stops is no crash
-                    self._crashed(exc.reason)
+                    self._crashed(exc.reason, exc.hung)
                 continue
+            before = self._core_stats
             self._apply(result)
-            self.stats["step_s"] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.stats["step_s"] += elapsed
+            self.step_metrics.observe(elapsed, before, result.stats)
 
     def _ensure_started(self) -> bool:
         """Start (or restart, after a backoff) the core; False once stopping."""
@@ -247,7 +263,9 @@ class Engine:
                     self._cond.wait_for(lambda: self._stopping, timeout=delay)
                     if self._stopping:
                         return False
-            restart = self.core.state == "restarting"
+                restart = self.core.state in ("restarting", "hung")
+                if restart:
+                    self._set_state("restarting")  # a hung engine shows `hung` until its successor starts
             try:
                 self.core.start()
             except EngineDied as exc:
@@ -261,14 +279,15 @@ class Engine:
                 self._event(what="restarted", pid=self.core.pid, restarts=self.restarts)
             return True
 
-    def _crashed(self, reason: str) -> None:
-        """The core died: fail what was in it, count the crash, and restart or give up."""
+    def _crashed(self, reason: str, hung: bool = False) -> None:
+        """The core died, or the watchdog killed it (`hung`): fail what was in it, count
+        it, and restart or give up."""
         with self._cond:
-            self.stats["engine_crashes"] += 1
+            self.stats["engine_hangs" if hung else "engine_crashes"] += 1
             self.last_crash = reason
             now = time.monotonic()
             self._crashes = [t for t in self._crashes if now - t < params.ENGINE_CRASH_WINDOW_SECONDS] + [now]
-            message = f"the engine crashed ({reason})"
+            message = reason if hung else f"the engine crashed ({reason})"
             lost = [seat.job for seat in self._slots.values()]
             self._slots.clear()
             for job in self.scheduler.queued() + self._parked:
@@ -284,15 +303,16 @@ class Engine:
             failed = len(self._crashes) >= params.ENGINE_CRASH_LOOP
         self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, message)) for job in lost])
         log.error(
-            "engine of %s crashed: %s; %d jobs in it failed; %s",
+            "engine of %s %s: %s; %d jobs in it failed; %s",
             self.info.name,
+            "hung" if hung else "crashed",
             reason,
             len(lost),
             f"marked failed after {len(self._crashes)} crashes" if failed else "restarting",
         )
-        self._event(what="failed" if failed else "crashed", reason=reason, jobs=[job.id for job in lost], restarts=self.restarts)
+        self._event(what="failed" if failed else "hung" if hung else "crashed", reason=reason, jobs=[job.id for job in lost], restarts=self.restarts)
         with self._cond:  # after the event: whoever sees the new state finds the audit line before theirs
-            self._set_state("failed" if failed else "restarting")
+            self._set_state("failed" if failed else "hung" if hung else "restarting")
 
     def _set_state(self, state: str) -> None:
         failure = ""
@@ -317,12 +337,16 @@ class Engine:
             self._parked.remove(job)
         job.saved = None
 
-    def _wait_for_work(self) -> bool:
+    def _wait_for_work(self) -> bool | None:
+        """True: there is work (or news); False: idle for a ping interval; None: stopping."""
+        deadline = self.core.deadline()
+        interval = None if deadline is None else deadline * params.ENGINE_PING_FRACTION
         with self._cond:
             while not (self._stopping or self._wake or self._has_work() or self.core.state != "ready"):
-                self._cond.wait()
+                if not self._cond.wait(interval):
+                    return None if self._stopping else False
             self._wake = False
-            return not self._stopping
+            return None if self._stopping else True
 
     def _has_work(self) -> bool:
         """Caller holds _cond."""

@@ -51,7 +51,7 @@ from .runner import Plan, Runner, RunnerOptions, StepResult
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "AIOSFS_TEST_ENGINE_CRASH"  # tests only: `load` or `warmup`, optionally `@PATH` (only while PATH exists)
+CRASH_ENV = "AIOSFS_TEST_ENGINE_CRASH"  # tests only: [hang:]`load`|`warmup`|`step`|`tokenize`, optionally `@PATH` (only while PATH exists)
 STDERR_LINES = 40  # lines of the engine's stderr kept for a crash report
 _STACK_LINE = re.compile(r"^\s+File |^(Current thread|Thread) 0x|^Extension modules:|^\s*$")  # faulthandler's dump: in the log, not the reason
 
@@ -59,10 +59,11 @@ _STACK_LINE = re.compile(r"^\s+File |^(Current thread|Thread) 0x|^Extension modu
 class EngineDied(Exception):
     """The engine process is gone; `reason` says how (signal or status, last stderr lines)."""
 
-    def __init__(self, reason: str, errno_: int = errno.EIO) -> None:
+    def __init__(self, reason: str, errno_: int = errno.EIO, hung: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.errno = errno_
+        self.hung = hung  # the watchdog killed it: no progress within the deadline
 
 
 @dataclass(frozen=True)
@@ -82,27 +83,49 @@ class EngineSpec:
 
 # -- framing ---------------------------------------------------------------------------------
 class Channel:
-    """Length-prefixed pickles over a stream socket. Both ends are this project's code."""
+    """Length-prefixed pickles over a stream socket. Both ends are this project's code.
+
+    The daemon's end never waits without a bound: `send` and `recv` take a deadline
+    (`until`, in `time.monotonic()` seconds) and raise TimeoutError past it, and `recv`
+    calls `check` every `WAKE_SECONDS` while it waits, which may end the wait by raising.
+    A timed-out channel is never used again: the engine behind it is killed."""
+
+    WAKE_SECONDS = 0.25
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._buffer = bytearray()  # bytes received past the message being read
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, until: float | None = None) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sock.settimeout(None if until is None else max(until - time.monotonic(), 1e-3))
         self.sock.sendall(struct.pack("<Q", len(data)) + data)
 
-    def recv(self) -> Any:
-        (size,) = struct.unpack("<Q", self._exactly(8))
-        return pickle.loads(self._exactly(size))
+    def recv(self, until: float | None = None, check: Callable[[], None] | None = None) -> Any:
+        (size,) = struct.unpack("<Q", self._exactly(8, until, check))
+        return pickle.loads(self._exactly(size, until, check))
 
-    def _exactly(self, n: int) -> bytes:
-        parts = bytearray()
-        while len(parts) < n:
-            chunk = self.sock.recv(min(n - len(parts), 1 << 20))
+    def _exactly(self, n: int, until: float | None, check: Callable[[], None] | None) -> bytes:
+        while len(self._buffer) < n:
+            if until is None:
+                self.sock.settimeout(None)
+            else:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(min(left, self.WAKE_SECONDS))
+            try:
+                chunk = self.sock.recv(max(n - len(self._buffer), 1 << 16))
+            except TimeoutError:
+                if check is not None:
+                    check()
+                continue
             if not chunk:
                 raise EOFError("the other end closed the channel")
-            parts += chunk
-        return bytes(parts)
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
 
     def close(self) -> None:
         self.sock.close()
@@ -110,12 +133,16 @@ class Channel:
 
 # -- the child -------------------------------------------------------------------------------
 def _crash_here(point: str) -> None:
-    """Tests: die with SIGSEGV at `point` when AIOSFS_TEST_ENGINE_CRASH asks for it."""
+    """Tests: die with SIGSEGV at `point` when AIOSFS_TEST_ENGINE_CRASH asks for it, or
+    stop with SIGSTOP (a hang) when it asks for `hang:POINT`."""
     wanted, _, path = os.environ.get(CRASH_ENV, "").partition("@")
-    if wanted == point and (not path or os.path.exists(path)):
-        sys.stderr.write(f"engine: crashing at {point} on purpose ({CRASH_ENV})\n")
+    hang = wanted.startswith("hang:")
+    if wanted.removeprefix("hang:") == point and (not path or os.path.exists(path)):
+        sys.stderr.write(f"engine: {'hanging' if hang else 'crashing'} at {point} on purpose ({CRASH_ENV})\n")
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGSEGV)
+        # at this thread: os.kill would let the kernel stop the process from another thread,
+        # and this one could still answer before the stop reaches it
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP if hang else signal.SIGSEGV)
 
 
 def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
@@ -145,6 +172,7 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
             return
         try:
             if request[0] == "tokenize":
+                _crash_here("tokenize")
                 reply: tuple[Any, ...] = ("ok", backend.tokenize(request[1]))
             elif request[0] == "chat_prompt":
                 reply = ("ok", backend.chat_prompt(request[1]))
@@ -199,9 +227,12 @@ def child_main(step_fd: int, call_fd: int) -> int:
                     runner.close()
                 runner = Runner(backend, message[1])
             elif message[0] == "step":
+                _crash_here("step")
                 if runner is None:
                     runner = Runner(backend)
                 steps.send(("step", runner.step(message[1])))
+            elif message[0] == "ping":  # the watchdog's look at an idle engine
+                steps.send(("pong",))
             elif message[0] == "stop":
                 return 0
     finally:
@@ -212,7 +243,11 @@ def child_main(step_fd: int, call_fd: int) -> int:
 
 # -- the daemon's side -----------------------------------------------------------------------
 class InlineCore:
-    """The runner in this process, on the engine thread (tests, in-process benchmarks)."""
+    """The runner in this process, on the engine thread (tests, in-process benchmarks).
+    Nothing watches it: a hang in this process could not be killed anyway."""
+
+    hung = False
+    hangs = 0
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -231,6 +266,9 @@ class InlineCore:
     def death_reason(self) -> str:
         return ""
 
+    def deadline(self) -> float | None:
+        return None
+
     def configure(self, options: RunnerOptions) -> None:
         self._runner = Runner(self.backend, options)
 
@@ -242,6 +280,9 @@ class InlineCore:
     def step(self, plan: Plan) -> StepResult:
         return self._runner.step(plan)
 
+    def ping(self) -> None:
+        return None
+
     def interrupt(self) -> None:
         return None
 
@@ -250,16 +291,53 @@ class InlineCore:
         self.backend.close()
 
 
+class StepTimes:
+    """The slowest engine step of the last few windows of steps: what "recent" means for
+    the watchdog's deadline. O(1) a step: the engine loop runs thousands a second on a GPU."""
+
+    def __init__(self, window: int = params.ENGINE_DEADLINE_WINDOW, windows: int = params.ENGINE_DEADLINE_WINDOWS) -> None:
+        self.window = window
+        self._maxima: collections.deque[float] = collections.deque(maxlen=windows)
+        self._current = 0.0
+        self._count = 0
+
+    def add(self, seconds: float) -> None:
+        if seconds > self._current:
+            self._current = seconds
+        self._count += 1
+        if self._count >= self.window:
+            self._maxima.append(self._current)
+            self._current, self._count = 0.0, 0
+
+    def slowest(self) -> float:
+        return max(self._current, *self._maxima) if self._maxima else self._current
+
+
 class ProcessCore:
     """A supervised engine process. `start` (re)spawns it and returns once it is warm;
-    `step` is called by one thread, the engine loop; `tokenize` and `chat_prompt` by any."""
+    `step` and `ping` are called by one thread, the engine loop; `tokenize` and
+    `chat_prompt` by any.
 
-    def __init__(self, spec: EngineSpec) -> None:
+    Every wait on the process has a deadline (`deadline()`): max(the floor, FACTOR x the
+    slowest recent step); loading and warming up get START_FACTOR deadlines between two
+    signs of progress. An engine that misses one is hung: the watchdog kills it with
+    SIGKILL and the waiter gets `EngineDied` (hung=True) or EIO, whose reason says so.
+    The engine loop then handles it as a crash (kernel/cores/engine.py)."""
+
+    def __init__(self, spec: EngineSpec, deadline: float = params.ENGINE_DEADLINE_SECONDS, pid_file: Path | None = None) -> None:
+        """`pid_file` keeps the running engine's pid, so that the next daemon can end an
+        engine that outlived a daemon that died (a stopped one never reads the EOF)."""
         self.spec = spec
+        self.floor = deadline
+        self.pid_file = pid_file
         self.info = BackendInfo(spec.name or Path(spec.model).name, spec.kind, spec.model, "cpu", 0, 0, spec.n_slots or 0, spec.n_ctx_seq, 0)
-        self.state = "loading"  # loading, ready, restarting, failed (the engine loop sets the last two)
+        self.state = "loading"  # loading, ready, hung, restarting, failed, stopped (the engine loop sets hung's successors)
         self.pid: int | None = None
         self.options = RunnerOptions()
+        self.hangs = 0  # processes the watchdog killed
+        self._hung = ""  # why this process was declared hung ('' while it is not)
+        self._abort_at: float | None = None  # the mount stops: a wait still going at this time kills the engine
+        self._times = StepTimes()
         self._proc: subprocess.Popen[bytes] | None = None
         self._steps: Channel | None = None
         self._calls: Channel | None = None
@@ -270,6 +348,15 @@ class ProcessCore:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self.failure = ""  # why the engine is `failed`, for callers
         self.on_exit: Callable[[], None] = lambda: None  # called from the stderr relay when the process ends
+        self._left_behind: list[subprocess.Popen[bytes]] = []  # engines that outlived SIGKILL (reaped when they go)
+
+    @property
+    def hung(self) -> bool:
+        return bool(self._hung)
+
+    def deadline(self) -> float:
+        """Seconds an engine may take to answer a step, a call or a ping before it is hung."""
+        return max(self.floor, params.ENGINE_DEADLINE_FACTOR * self._times.slowest())
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self, progress: Callable[[float], None] | None = None) -> None:
@@ -281,6 +368,7 @@ class ProcessCore:
         source_root = str(Path(__file__).resolve().parents[2])  # the directory that holds the kernel package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
         self.stderr_tail.clear()
+        self._hung, self._abort_at = "", None
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -292,18 +380,22 @@ class ProcessCore:
         step_child.close()
         call_child.close()
         self.pid = self._proc.pid
+        self._record_pid()
         self._steps, self._calls = Channel(step_parent), Channel(call_parent)
         self._relay = threading.Thread(target=self._relay_stderr, args=(self._proc,), name=f"engine-{self.pid}-stderr", daemon=True)
         self._relay.start()
         self._configured = False
+        patience = params.ENGINE_START_DEADLINE_FACTOR * self.floor
+        phase = "loading the model"
         try:
-            self._steps.send(self.spec)
+            self._steps.send(self.spec, time.monotonic() + patience)
             while True:
-                message = self._steps.recv()
+                message = self._wait(self._steps, patience, phase)
                 if message[0] == "progress" and progress is not None:
                     progress(message[1])
                 elif message[0] == "loaded":
                     self.info = message[1]
+                    phase = "warming up"
                 elif message[0] == "error":
                     self._reap()
                     raise EngineDied(message[2], message[1])
@@ -313,6 +405,9 @@ class ProcessCore:
             reason = self._death_reason()
             self._reap()
             raise EngineDied(reason) from None
+        except EngineDied:
+            self._reap()
+            raise
         with self._ready:
             self.state = "ready"
             self._ready.notify_all()
@@ -328,48 +423,118 @@ class ProcessCore:
 
     def step(self, plan: Plan) -> StepResult:
         assert self._steps is not None
+        started = time.monotonic()
         try:
             if not self._configured:
-                self._steps.send(("configure", self.options))
+                self._steps.send(("configure", self.options), started + self.deadline())
                 self._configured = True
-            self._steps.send(("step", plan))
-            return self._steps.recv()[1]
+            self._steps.send(("step", plan), started + self.deadline())
+            result: StepResult = self._wait(self._steps, self.deadline(), "a step", started)[1]
         except (EOFError, OSError):
-            raise EngineDied(self._death_reason()) from None
+            raise EngineDied(self._death_reason(), hung=self.hung) from None
+        self._times.add(time.monotonic() - started)
+        return result
+
+    def ping(self) -> None:
+        """Ask an idle engine for a sign of life; EngineDied (hung) when none comes in time."""
+        assert self._steps is not None
+        started = time.monotonic()
+        try:
+            self._steps.send(("ping",), started + self.deadline())
+            self._wait(self._steps, self.deadline(), "an idle look", started)
+        except (EOFError, OSError):
+            raise EngineDied(self._death_reason(), hung=self.hung) from None
+
+    def _wait(self, channel: Channel, seconds: float, what: str, since: float | None = None) -> Any:
+        """The next message, or EngineDied (hung=True) once `seconds` passed without one:
+        the engine is killed first. A stopping mount's wait ends sooner (`interrupt`)."""
+        since = time.monotonic() if since is None else since
+        try:
+            return channel.recv(since + seconds, self._check_abort)
+        except TimeoutError:
+            self.declare_hung(what, time.monotonic() - since)
+            raise EngineDied(self._hung, hung=True) from None
+
+    def _check_abort(self) -> None:
+        if self._abort_at is not None and time.monotonic() >= self._abort_at:
+            self._kill()
+            raise EngineDied("stopped with the mount: it did not finish its step in time")
+
+    def declare_hung(self, what: str, seconds: float) -> None:
+        """The watchdog's verdict: no progress for `seconds` while waiting for `what`. The
+        engine is killed now (SIGKILL: a stopped or stuck process ignores anything else)."""
+        with self._ready:
+            if self._hung or self._proc is None:
+                return
+            self._hung = f"the engine hung: no progress for {seconds:.0f} s ({what}); killed"
+            self.hangs += 1
+            self.state, self.failure = "hung", ""
+            self._ready.notify_all()
+            pid = self._proc.pid
+        log.error("engine %s (pid %d) hung: no progress for %.1f s (%s); killing it", self.info.name, pid, seconds, what)
+        self._kill()
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def interrupt(self) -> None:
-        """End a start-up in progress (unmount while the model loads)."""
-        if self.state != "ready" and self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        """The mount stops: end a start-up now, and a step still running after a grace."""
+        if self.state != "ready":
+            self._kill()
+        else:
+            self._abort_at = time.monotonic() + params.ENGINE_STOP_GRACE_SECONDS
 
     def close(self) -> None:
-        """Stop the engine: ask, then wait, then kill."""
+        """Stop the engine: ask, then wait, then kill (a stopped one at once)."""
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None and self._steps is not None:
+        if proc.poll() is None and self._steps is not None and not _stopped(proc.pid):
             try:
-                self._steps.send(("stop",))
+                self._steps.send(("stop",), time.monotonic() + params.ENGINE_STOP_SECONDS)
                 proc.wait(timeout=params.ENGINE_STOP_SECONDS)
             except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
+                pass
         self._reap()
+        if self.pid_file is not None and not self._left_behind:
+            self.pid_file.unlink(missing_ok=True)
         self.set_state("stopped")
+
+    def _record_pid(self) -> None:
+        if self.pid_file is None:
+            return
+        try:
+            temporary = self.pid_file.with_suffix(".tmp")
+            temporary.write_text(f"{self.pid}\n")
+            temporary.replace(self.pid_file)
+        except OSError as exc:
+            log.warning("cannot record the engine's pid in %s: %s", self.pid_file, exc)
 
     def _reap(self) -> None:
         for channel in (self._steps, self._calls):
             if channel is not None:
                 channel.close()
         self._steps = self._calls = None
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait()
-            if self._relay is not None:
-                self._relay.join(timeout=5)  # it reads the last lines before the pipe is closed under it
-            if self._proc.stderr is not None:
-                self._proc.stderr.close()
-            self._proc = None
+        self._left_behind = [p for p in self._left_behind if p.poll() is None]
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=params.ENGINE_KILL_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:  # in the kernel (a driver): it goes when it can; we do not wait for it
+            log.error(
+                "engine %s (pid %d) is still there %.0f s after SIGKILL; left behind", self.info.name, proc.pid, params.ENGINE_KILL_WAIT_SECONDS
+            )
+            self._left_behind.append(proc)
+            return
+        if self._relay is not None:
+            self._relay.join(timeout=5)  # it reads the last lines before the pipe is closed under it
+        if proc.stderr is not None:
+            proc.stderr.close()
 
     # -- the vocabulary (any thread) ------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -379,29 +544,39 @@ class ProcessCore:
         return self._call("chat_prompt", [dict(m) for m in messages])
 
     def _call(self, name: str, argument: Any) -> Any:
-        """A call on the call channel. A restarting engine is waited for, and a call that
-        the engine died in is made again on the next one; a failed engine is EIO now."""
-        deadline = time.monotonic() + params.ENGINE_CALL_WAIT_SECONDS
+        """A call on the call channel, within one deadline in all: a restarting engine is
+        waited for, and a call that the engine died in is made again on the next one; a
+        failed engine is EIO now, and so is one that does not answer in time (it is hung)."""
+        deadline = self.deadline()
+        until = time.monotonic() + deadline
         dead: int | None = None  # the pid of an engine that died under this call
         while True:
             with self._ready:
                 while self.state != "ready" or self.pid == dead:
                     if self.state in ("failed", "stopped"):
                         raise KernelError(errno.EIO, self.failure or f"the engine of model {self.info.name!r} is {self.state}")
-                    left = deadline - time.monotonic()
+                    left = until - time.monotonic()
                     if left <= 0:
-                        raise KernelError(errno.EIO, f"the engine of model {self.info.name!r} is {self.state}; try again shortly")
+                        raise KernelError(
+                            errno.EIO, f"the engine of model {self.info.name!r} is {self.state} (waited {deadline:.0f} s); try again shortly"
+                        )
                     self._ready.wait(left)
                 calls, pid = self._calls, self.pid
+            if not self._call_lock.acquire(timeout=max(until - time.monotonic(), 0)):
+                raise KernelError(errno.EIO, f"the engine of model {self.info.name!r} answered no call for {deadline:.0f} s; try again shortly")
+            started = time.monotonic()
             try:
-                with self._call_lock:
-                    if calls is None:
-                        raise EOFError
-                    calls.send((name, argument))
-                    reply = calls.recv()
+                if calls is None:
+                    raise EOFError
+                calls.send((name, argument), until)
+                reply = self._wait(calls, max(until - started, 0.0), f"a {name} call", started)
+            except EngineDied as exc:
+                raise KernelError(errno.EIO, exc.reason) from None
             except (EOFError, OSError):
                 dead = pid
                 continue
+            finally:
+                self._call_lock.release()
             if reply[0] == "error":
                 raise KernelError(reply[1], reply[2])
             return reply[1]
@@ -425,20 +600,51 @@ class ProcessCore:
             self.on_exit()
 
     def _death_reason(self) -> str:
-        """How the engine ended: its signal or exit status, and its last stderr lines."""
+        """How the engine ended: hung (the watchdog killed it), or its signal or exit
+        status, and its last stderr lines."""
+        if self._hung:
+            return self._hung
         proc = self._proc
         if proc is None:
             return "the engine process is gone"
         try:
-            code = proc.wait(timeout=10)
+            code = proc.wait(timeout=params.ENGINE_KILL_WAIT_SECONDS)
         except subprocess.TimeoutExpired:  # the channel broke but it lives: end it
             proc.kill()
-            code = proc.wait()
+            try:
+                code = proc.wait(timeout=params.ENGINE_KILL_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                return "the engine's channel broke and it outlived SIGKILL"
         if self._relay is not None:
             self._relay.join(timeout=2)  # what it wrote last is in the tail
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         tail = " | ".join([line for line in self.stderr_tail if not _STACK_LINE.match(line)][-3:])
         return how + (f"; its last words: {tail}" if tail else "")
+
+
+def end_leftover_engines(directory: Path) -> list[int]:
+    """Kill the engines recorded in `directory` (`*.pid`) that still run: a daemon that
+    died left them (a stopped engine never sees its daemon go). Returns their pids."""
+    ended = []
+    for record in directory.glob("*.pid"):
+        try:
+            pid = int(record.read_text())
+            if b"kernel.cores.enginehost" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                ended.append(pid)
+        except (OSError, ValueError):
+            pass
+        record.unlink(missing_ok=True)
+    return ended
+
+
+def _stopped(pid: int) -> bool:
+    """Is the process stopped (SIGSTOP, or a debugger)? It would never read a request to stop."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 Core = InlineCore | ProcessCore

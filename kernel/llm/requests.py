@@ -87,7 +87,9 @@ class Requests(Results):
         config, recalled = await self.prepare(caller, agent, config, message)
         conversation = stateless if stateless is not None else agent.messages if history is None else history
         config = self.cores.routed(config)  # the route chooses once: the prompt is tokenized by the model that runs it
-        messages, tokens = await trio.to_thread.run_sync(build_prompt, self.cores.vocabulary(config), config, list(conversation), message)
+        messages, tokens = await trio.to_thread.run_sync(
+            build_prompt, self.cores.vocabulary(config), config, list(conversation), message, limiter=self.cores.call_threads
+        )
         self.agents.require_live(agent)
         self.admit(agent)
         source = "prompt" if history is None else "call"
@@ -168,7 +170,7 @@ class Requests(Results):
             try:
                 conversation = list(agent.messages) if job.history is None else job.history
                 job.messages, job.prompt_tokens = await trio.to_thread.run_sync(
-                    build_prompt, self.cores.vocabulary(job.config), job.config, conversation, job.user_message
+                    build_prompt, self.cores.vocabulary(job.config), job.config, conversation, job.user_message, limiter=self.cores.call_threads
                 )
                 job.grammar = job.config.grammar or None
             except KernelError as exc:

@@ -24,6 +24,7 @@ from ..agents.table import AgentTable
 from ..storage.database import JobEnd, Storage
 from ..storage.writer import Writer
 from ..types import Agent, AuditSink, Caller, Delivery
+from .jobmetrics import JobMetrics
 from .jobs import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Results(abc.ABC):
         self.audit = audit
         self.nursery: trio.Nursery | None = None  # tool loops, turns and the commits of turns
         self.deliver_s = 0.0  # trio thread time spent handing steps' results to their jobs
+        self.metrics = JobMetrics()  # every job's end, for kernel/metrics
 
     @abc.abstractmethod
     def emit(self, job: Job, event: str, **extra: Any) -> None: ...
@@ -154,6 +156,7 @@ class Results(abc.ABC):
 
     def finished(self, job: Job, journaled: bool = False, spent: int | None = None) -> None:
         """After `job.finish`: journal the end (unless done), free the agent's turn, tell its readers."""
+        self.metrics.ended(job)
         agent = self.agents.get(job.agent)
         if spent is None:
             spent = self._spend(agent, job) if agent is not None else 0

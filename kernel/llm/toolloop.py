@@ -141,7 +141,7 @@ async def _steps(host: Host, agent: Agent, job: Job) -> None:
         if last:
             raise KernelError(errno.EIO, "the model called a tool at the last step, where only an answer is allowed")
         messages = messages + await _call(host, agent, job, step.text, *value)
-        tokens = await trio.to_thread.run_sync(prompt_tokens, host, config, messages)
+        tokens = await trio.to_thread.run_sync(prompt_tokens, host, config, messages, limiter=host.cores.call_threads)
 
 
 async def _declared(host: Host, agent: Agent, job: Job) -> None:
