@@ -44,6 +44,7 @@ SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a sw
 # -- the engine process (kernel/cores/enginehost.py) and its supervision (kernel/cores/engine.py) --
 ENGINE_CRASH_LOOP = 3  # crashes within the window that mark a core failed instead of restarting it again
 ENGINE_CRASH_WINDOW_SECONDS = 60.0  # the crash-loop window
+ENGINE_STABLE_SECONDS = 10.0  # an engine that served this long ends a crash loop: the crashes before it no longer count
 ENGINE_BACKOFF_SECONDS = 0.5  # wait before the first restart; it doubles at each further crash in the window
 ENGINE_BACKOFF_MAX_SECONDS = 10.0  # the longest wait before a restart
 ENGINE_STOP_SECONDS = 5.0  # an engine asked to stop is killed after this long (a stopped one at once)

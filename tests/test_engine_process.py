@@ -135,6 +135,29 @@ def test_a_crash_loop_marks_the_core_failed_until_retry(process_kernel, tmp_path
     assert whats == ["crashed", "crashed", "failed", "retry", "restarted"], whats
 
 
+def test_crashes_apart_with_a_stable_engine_between_are_no_loop(process_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = process_kernel(n_slots=1)
+    monkeypatch.setattr(params, "ENGINE_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(params, "ENGINE_STABLE_SECONDS", 0.3)  # 10 s in a mount
+
+    async def body() -> None:
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            for crash in range(params.ENGINE_CRASH_LOOP + 1):  # one more than a loop
+                job = await producing(await submit(kernel, agent, '{"prompt": "x", "max_tokens": 2000, "ignore_eos": true}'))
+                await trio.sleep(0.4)  # the engine serves long enough to count as stable
+                assert kernel.engine.core.pid is not None
+                os.kill(kernel.engine.core.pid, signal.SIGKILL)
+                await finished(job)
+                assert job.errno == errno.EIO, job.message
+                served = await finished(await submit(kernel, agent, f"after {crash}"))
+                assert served.state is JobState.DONE, served.message
+            assert kernel.engine.restarts == params.ENGINE_CRASH_LOOP + 1
+
+    run(body, timeout=60)
+    assert "failed" not in [e["what"] for e in engine_log(kernel)]
+
+
 def test_retry_is_refused_for_a_core_that_serves(process_kernel) -> None:
     kernel = process_kernel()
 

@@ -9,8 +9,8 @@ the trio thread through `TrioToken.run_sync_soon`, which never blocks.
 When the engine process dies, whatever the cause, the jobs that were in it (running,
 or switched out with their state inside it) end with EIO and the crash's reason;
 queued jobs stay queued. The loop starts a new process after a backoff, and the
-queue runs on it. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`
-mark the core `failed`: its queued jobs and new requests get EIO naming the reason,
+queue runs on it. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`,
+with no engine between them that served `ENGINE_STABLE_SECONDS`, mark the core `failed`: its queued jobs and new requests get EIO naming the reason,
 until `retry()` (kernel/ctl `retry MODEL`).
 
 Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the
@@ -83,7 +83,8 @@ class Engine:
         self._stopping = False
         self._wake = False
         self._token: trio.lowlevel.TrioToken | None = None
-        self._crashes: list[float] = []  # times of recent crashes, for the crash-loop limit
+        self._crashes: list[float] = []  # times of recent crashes, for the crash-loop limit (cleared by a stable engine)
+        self._started_at = time.monotonic()  # when the running engine became ready
         self.restarts = 0
         self.last_crash = ""
         self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
@@ -232,6 +233,7 @@ class Engine:
             try:
                 if not work:  # idle a while: is it still there? (a hang shows in kernel/status before anyone waits on it)
                     self.core.ping()
+                    self._settled()
                     continue
                 plan, early = self._plan()
                 if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
@@ -243,9 +245,18 @@ class Engine:
                 continue
             before = self._core_stats
             self._apply(result)
+            if self._crashes:
+                self._settled()
             elapsed = time.perf_counter() - started
             self.stats["step_s"] += elapsed
             self.step_metrics.observe(elapsed, before, result.stats)
+
+    def _settled(self) -> None:
+        """An engine that has served ENGINE_STABLE_SECONDS is healthy: the crashes before it
+        were no loop (faults weeks apart must not add up), and the backoff starts over."""
+        if self._crashes and time.monotonic() - self._started_at >= params.ENGINE_STABLE_SECONDS:
+            with self._cond:
+                self._crashes.clear()
 
     def _ensure_started(self) -> bool:
         """Start (or restart, after a backoff) the core; False once stopping."""
@@ -273,6 +284,7 @@ class Engine:
                     return False
                 self._crashed(exc.reason)
                 continue
+            self._started_at = time.monotonic()
             if restart:
                 self.restarts += 1
                 log.warning("engine of %s restarted (pid %s, restart %d)", self.info.name, self.core.pid, self.restarts)
