@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 from kernel_helpers import ROOT, answer, finished, mkdir, producing, refused, run, running, submit
+from mounting import gone
 
 from kernel import params
 from kernel.cores.enginehost import CRASH_ENV, EngineDied, EngineSpec, ProcessCore, StepTimes
+from kernel.errors import KernelError
 from kernel.kernel import Kernel
 from kernel.llm.jobs import JobState
 from kernel.storage.database import Storage
@@ -240,3 +242,18 @@ def test_a_stopped_engine_is_declared_hung_killed_and_replaced(process_kernel) -
             assert [e["what"] for e in engine_log(kernel)] == ["hung", "restarted"]
 
     run(body, timeout=60)
+
+
+def test_a_call_too_large_for_the_socket_to_a_stopped_engine_is_a_hang_in_bounded_time() -> None:
+    core = ProcessCore(EngineSpec("fake", n_slots=1), deadline=1.0)
+    core.start()
+    try:
+        assert core.pid is not None
+        os.kill(core.pid, signal.SIGSTOP)
+        with pytest.raises(KernelError) as info:
+            core.tokenize("x" * 4_000_000)  # more than the socket buffers: the send itself blocks
+        assert info.value.errno == errno.EIO and "the engine hung: no progress for 1 s (a tokenize call)" in info.value.message
+        assert core.state == "hung" and core.hangs == 1
+        assert gone(core.pid, timeout=5), "the hung engine was not killed"
+    finally:
+        core.close()

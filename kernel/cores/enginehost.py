@@ -389,7 +389,7 @@ class ProcessCore:
         phase = "loading the model"
         warming = time.monotonic()
         try:
-            self._steps.send(self.spec, time.monotonic() + patience)
+            self._send(self._steps, self.spec, patience, phase, time.monotonic())
             while True:
                 message = self._wait(self._steps, patience, phase)
                 if message[0] == "progress" and progress is not None:
@@ -431,9 +431,9 @@ class ProcessCore:
         started = time.monotonic()
         try:
             if not self._configured:
-                self._steps.send(("configure", self.options), started + self.deadline())
+                self._send(self._steps, ("configure", self.options), self.deadline(), "a step", started)
                 self._configured = True
-            self._steps.send(("step", plan), started + self.deadline())
+            self._send(self._steps, ("step", plan), self.deadline(), "a step", started)
             result: StepResult = self._wait(self._steps, self.deadline(), "a step", started)[1]
         except (EOFError, OSError):
             raise EngineDied(self._death_reason(), hung=self.hung) from None
@@ -445,10 +445,19 @@ class ProcessCore:
         assert self._steps is not None
         started = time.monotonic()
         try:
-            self._steps.send(("ping",), started + self.deadline())
+            self._send(self._steps, ("ping",), self.deadline(), "an idle look", started)
             self._wait(self._steps, self.deadline(), "an idle look", started)
         except (EOFError, OSError):
             raise EngineDied(self._death_reason(), hung=self.hung) from None
+
+    def _send(self, channel: Channel, message: Any, seconds: float, what: str, since: float) -> None:
+        """Send within the deadline (a stopped engine stops reading, and a large plan fills
+        the socket's buffer); EngineDied (hung=True) past it."""
+        try:
+            channel.send(message, since + seconds)
+        except TimeoutError:
+            self.declare_hung(what, time.monotonic() - since)
+            raise EngineDied(self._hung, hung=True) from None
 
     def _wait(self, channel: Channel, seconds: float, what: str, since: float | None = None) -> Any:
         """The next message, or EngineDied (hung=True) once `seconds` passed without one:
@@ -573,7 +582,7 @@ class ProcessCore:
             try:
                 if calls is None:
                     raise EOFError
-                calls.send((name, argument), until)
+                self._send(calls, (name, argument), max(until - started, 0.0), f"a {name} call", started)
                 reply = self._wait(calls, max(until - started, 0.0), f"a {name} call", started)
             except EngineDied as exc:
                 raise KernelError(errno.EIO, exc.reason) from None
