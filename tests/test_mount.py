@@ -235,8 +235,8 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_and_kill_release_a_blocked_reader(agent: Path) -> None:
-    for sig in (signal.SIGINT, signal.SIGKILL):
+def test_ctrl_c_term_and_kill_release_a_blocked_reader(agent: Path) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         reader = subprocess.Popen(["cat", str(agent / "output")], preexec_fn=interruptible)
         wait_for(lambda reader=reader: blocked_reading(reader.pid, agent / "output"), what="cat to block in its read")
         started = time.monotonic()
