@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=params.ENGINE_DEADLINE_SECONDS,
         metavar="SECONDS",
         help=f"an engine that answers no step or call for this long, or {params.ENGINE_DEADLINE_FACTOR}x its slowest recent step "
-        "when that is longer, is hung: it is killed and restarted, and the jobs in it fail with EIO (default: %(default)s)",
+        f"when that is longer (up to {params.ENGINE_DEADLINE_CAP_FACTOR}x this), is hung: it is killed and restarted, and the jobs "
+        "in it fail with EIO (default: %(default)s)",
     )
     m.add_argument(
         "--metrics",

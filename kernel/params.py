@@ -53,6 +53,7 @@ ENGINE_KILL_WAIT_SECONDS = 5.0  # an engine that outlives SIGKILL this long (stu
 # the watchdog: an engine that answers no step, call or ping within its deadline is hung: killed and restarted
 ENGINE_DEADLINE_SECONDS = 15.0  # the deadline's floor (aiosfs mount --engine-deadline)
 ENGINE_DEADLINE_FACTOR = 50  # ... or this many times the slowest recent step, when that is longer
+ENGINE_DEADLINE_CAP_FACTOR = 4  # ... but at most this many floors: one step slowed by a busy machine must not make a stop go unseen for minutes
 ENGINE_DEADLINE_WINDOW = 256  # steps per window of step times; the slowest of the last few windows counts as recent
 ENGINE_DEADLINE_WINDOWS = 8  # ... this many windows
 ENGINE_START_DEADLINE_FACTOR = 4  # loading and warming up may go this many deadlines without a sign of progress

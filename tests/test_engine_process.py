@@ -215,8 +215,10 @@ def test_the_deadline_follows_the_slowest_recent_step() -> None:
     core = ProcessCore(EngineSpec("fake"), deadline=2.0)
     assert core.deadline() == 2.0  # the floor, before any step
     for _ in range(3):
-        core._times.add(0.5)
-    assert core.deadline() == params.ENGINE_DEADLINE_FACTOR * 0.5
+        core._times.add(0.1)
+    assert core.deadline() == params.ENGINE_DEADLINE_FACTOR * 0.1  # 5 s: a slower step, a longer deadline
+    core._times.add(60.0)  # a step slowed down by a busy machine
+    assert core.deadline() == params.ENGINE_DEADLINE_CAP_FACTOR * 2.0
 
 
 def test_a_stopped_engine_is_declared_hung_killed_and_replaced(process_kernel) -> None:

@@ -318,8 +318,8 @@ class ProcessCore:
     `step` and `ping` are called by one thread, the engine loop; `tokenize` and
     `chat_prompt` by any.
 
-    Every wait on the process has a deadline (`deadline()`): max(the floor, FACTOR x the
-    slowest recent step); loading and warming up get START_FACTOR deadlines between two
+    Every wait on the process has a deadline (`deadline()`): FACTOR x the slowest recent
+    step, no less than the floor and no more than CAP_FACTOR floors; loading and warming up get START_FACTOR deadlines between two
     signs of progress. An engine that misses one is hung: the watchdog kills it with
     SIGKILL and the waiter gets `EngineDied` (hung=True) or EIO, whose reason says so.
     The engine loop then handles it as a crash (kernel/cores/engine.py)."""
@@ -355,8 +355,10 @@ class ProcessCore:
         return bool(self._hung)
 
     def deadline(self) -> float:
-        """Seconds an engine may take to answer a step, a call or a ping before it is hung."""
-        return max(self.floor, params.ENGINE_DEADLINE_FACTOR * self._times.slowest())
+        """Seconds an engine may take to answer a step, a call or a ping before it is hung:
+        FACTOR x the slowest recent step, within [floor, CAP_FACTOR x floor]."""
+        measured = params.ENGINE_DEADLINE_FACTOR * self._times.slowest()
+        return min(max(self.floor, measured), params.ENGINE_DEADLINE_CAP_FACTOR * self.floor)
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self, progress: Callable[[float], None] | None = None) -> None:
