@@ -9,4 +9,8 @@ from .run import main, worker_entry
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         sys.exit(worker_entry())
+    if sys.argv[1:2] == ["host-ceiling"]:
+        from .hostceiling import main as host_ceiling
+
+        sys.exit(host_ceiling(sys.argv[2:]))
     sys.exit(main())

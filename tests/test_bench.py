@@ -322,3 +322,21 @@ def test_raw_batched_decodes_every_sequence_in_every_step(model: Path, tmp_path:
     extra = cell.extra["raw"]
     assert (extra["rounds"], extra["decode_steps"], extra["decode_tokens"], extra["slots"]) == (2, 12, 24, 2)
     assert cell.extra["tok_s"] == pytest.approx(24 / extra["decode_s"], rel=0.01)
+
+
+@needs_fuse
+def test_host_ceiling_quick_runs_every_part_and_its_counts_add_up(tmp_path: Path) -> None:
+    out = tmp_path / "host-ceiling.json"
+    run = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "host-ceiling", "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    results = {r["kind"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {"long-mount", "long-inproc", "short-mount"}
+    for kind in ("long-mount", "long-inproc"):
+        long = results[kind]
+        assert long["jobs"] == 4 and long["tokens"] >= 4 * 200, long  # the fake model echoes each 200-character prompt
+        assert long["steps"] >= 200 and long["steps_per_s"] > 0, long
+        assert 0 <= long["host_ms_per_step"]["plan_ipc_s"] <= long["step_ms"], long
+    assert results["short-mount"]["jobs"] == 50 and results["short-mount"]["jobs_per_s"] > 0
+    assert "| long-mount | 4 |" in run.stdout
