@@ -29,7 +29,7 @@ EXPORTS = {
     "Passage": "kernel.memory.store",
     "ToolSpec": "kernel.tools.spec",
     "EngineDied": "kernel.cores.enginehost",
-    "EngineSpec": "kernel.cores.enginehost",
+    "EngineSpec": "kernel.cores.wire",
     "ProcessCore": "kernel.cores.enginehost",
     "end_leftover_engines": "kernel.cores.enginehost",
     "RemoteConfig": "kernel.cores.remote",
@@ -51,12 +51,12 @@ if TYPE_CHECKING:
     from kernel.agents.context import render_context as render_context
     from kernel.cores.coreset import ROUTES as ROUTES
     from kernel.cores.enginehost import EngineDied as EngineDied
-    from kernel.cores.enginehost import EngineSpec as EngineSpec
     from kernel.cores.enginehost import ProcessCore as ProcessCore
     from kernel.cores.enginehost import end_leftover_engines as end_leftover_engines
     from kernel.cores.remote import RemoteConfig as RemoteConfig
     from kernel.cores.remote import load_api_key as load_api_key
     from kernel.cores.scheduler import make_scheduler as make_scheduler
+    from kernel.cores.wire import EngineSpec as EngineSpec
     from kernel.errors import KernelError as KernelError
     from kernel.errors import errno_name as errno_name
     from kernel.kernel import Kernel as Kernel

@@ -1,4 +1,4 @@
-"""KV prefixes shared across one user's agents (kernel/cores/runner.py, docs/scheduling.md):
+"""KV prefixes shared across one user's agents (kernel/cores/placement.py, docs/scheduling.md):
 the logic on the deterministic FakeBackend, and token identity, access and eviction on
 the real model."""
 
@@ -13,7 +13,9 @@ from kernel_helpers import OTHER, OWNER, answer, ask, ctl, finished, mkdir, run,
 from kernel import params
 from kernel.agents.config import AgentConfig
 from kernel.cores.backends.fake import FakeBackend
-from kernel.cores.runner import Admit, Plan, Runner, RunnerOptions, StepCost, _common
+from kernel.cores.placement import common_prefix
+from kernel.cores.runner import Runner, StepCost
+from kernel.cores.wire import Admit, Plan, RunnerOptions
 from kernel.kernel import Caller, Kernel
 from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
@@ -45,13 +47,13 @@ def _close(kernel: Kernel) -> None:
 
 
 def test_common_prefix_length():
-    assert _common([], [1, 2]) == 0
-    assert _common([1, 2, 3], [1, 2, 3]) == 3
-    assert _common([1, 2, 3], [1, 2]) == 2
-    assert _common([5], [6]) == 0
+    assert common_prefix([], [1, 2]) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix([1, 2, 3], [1, 2]) == 2
+    assert common_prefix([5], [6]) == 0
     long = list(range(1000))
     for cut in (0, 1, 499, 500, 998, 999):
-        assert _common(long, long[:cut] + [-1] + long[cut + 1 :]) == cut
+        assert common_prefix(long, long[:cut] + [-1] + long[cut + 1 :]) == cut
 
 
 def test_prefill_chunks_are_sized_from_measured_step_times():
@@ -85,7 +87,7 @@ def _drain(runner: Runner, plan: Plan, steps: int = 200) -> dict[int, bytes]:
             out[key] = out.get(key, b"") + chunk
             if end is not None:
                 ended.add(key)
-        if ended >= set(out) and not runner._slots:
+        if ended >= set(out) and not runner.placement.slots:
             return out
     raise AssertionError("jobs did not end")
 
@@ -142,8 +144,8 @@ def test_a_follower_whose_donor_leaves_prefills_for_itself():
     runner = Runner(FakeBackend(n_slots=2, n_batch=64))
     prompt = f"{SYSTEM}<|user|>\nq\n<|end|>\n"
     runner.step(Plan(start=[_admit(1, prompt, "1000"), _admit(2, prompt, "1000")]))
-    follower = runner._keys[2]
-    assert follower.donor is runner._keys[1]  # waiting for the donor's prefill
+    follower = runner.placement.keys[2]
+    assert follower.donor is runner.placement.keys[1]  # waiting for the donor's prefill
     out = _drain(runner, Plan(release=[1]))  # the donor is cancelled mid-prefill
     assert out[2].decode() == answer("q")
     assert runner.stats["shared_prefix_tokens"] < len(prompt)
@@ -153,15 +155,15 @@ def test_a_paused_donor_does_not_hold_its_followers_back():
     runner = Runner(FakeBackend(n_slots=2, n_batch=64))
     prompt = f"{SYSTEM}<|user|>\nq\n<|end|>\n"
     runner.step(Plan(start=[_admit(1, prompt, "1000"), _admit(2, prompt, "1000")]))
-    follower = runner._keys[2]
+    follower = runner.placement.keys[2]
     out: dict[int, bytes] = {}
     for _ in range(100):  # the donor sits out every step: the follower must finish alone
         for key, chunk, _n, _end in runner.step(Plan(paused={1})).outputs:
             out[key] = out.get(key, b"") + chunk
-        if 2 not in runner._keys:
+        if 2 not in runner.placement.keys:
             break
     assert out[2].decode() == answer("q") and follower.donor is None
-    assert 1 in runner._keys  # the paused one is still there, untouched
+    assert 1 in runner.placement.keys  # the paused one is still there, untouched
 
 
 def test_the_batch_keeps_its_sequence_ids_contiguous():
@@ -175,10 +177,10 @@ def test_the_batch_keeps_its_sequence_ids_contiguous():
         for key, chunk, _n, _end in runner.step(plan).outputs:
             out[key] = out.get(key, b"") + chunk
         if plan.paused:  # the job on sequence 1 sat out: the one on 3 moved into its place
-            assert runner._keys[4].seq == 1 and runner._keys[2].seq == 3 and runner.stats["seq_moves"] == 1
+            assert runner.placement.keys[4].seq == 1 and runner.placement.keys[2].seq == 3 and runner.stats["seq_moves"] == 1
             assert sorted({e.seq for e in backend.decode_calls[-1]}) == [0, 1, 2]
         else:
-            assert [runner._keys[k].seq for k in prompts] == [0, 1, 2, 3]
+            assert [runner.placement.keys[k].seq for k in prompts] == [0, 1, 2, 3]
     for key, chunk in _drain(runner, Plan()).items():
         out[key] = out.get(key, b"") + chunk
     assert {k: v.decode() for k, v in out.items()} == {k: answer(f"q{k}") for k in prompts}

@@ -34,6 +34,7 @@ RANKS: dict[str, int] = {
     "kernel.llm.events": 1,
     "kernel.cores.backends": 1,
     "kernel.cores.scheduler": 1,
+    "kernel.cores.wire": 1,
     "kernel.types": 1,
     # 2: the subsystems (their allowed dependencies on each other: SUBSYSTEM_DEPENDS)
     "kernel.access": 2,

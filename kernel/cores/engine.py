@@ -36,9 +36,9 @@ from ..llm.jobs import Job, JobState
 from ..types import Delivery
 from .backends import Backend
 from .enginehost import Core, EngineDied, InlineCore, ProcessCore
-from .runner import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
 from .scheduler import Running, Scheduler, park
 from .stepmetrics import StepMetrics
+from .wire import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Engine:
         """`backend`: an engine process (`ProcessCore`), or a backend to run in this
         process. `slots` uses fewer of the backend's sequences than it has; `kv_reuse` and
         `kv_share` keep an agent's cells for its next job and share prefixes within a
-        user's jobs (kernel/cores/runner.py)."""
+        user's jobs (kernel/cores/placement.py)."""
         self.backend = backend
         self.core: Core = backend if isinstance(backend, ProcessCore) else InlineCore(backend)
         self.core.configure(RunnerOptions(swap_budget, kv_reuse, slots, kv_share))

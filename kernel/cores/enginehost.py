@@ -5,16 +5,16 @@ in a grammar, a bad GGUF, the OOM killer); when it does, it takes only this proc
 with it. The daemon (kernel/cores/engine.py) keeps scheduling, storage and the mount, and
 starts a new engine process.
 
-`python -m kernel.enginehost STEP_FD CALL_FD` is the child. Two socket pairs join it
-to the daemon, each carrying length-prefixed pickles:
+`python -m kernel.cores.enginehost STEP_FD CALL_FD` is the child. Two socket pairs join
+it to the daemon, each carrying length-prefixed pickles of the message types of
+kernel/cores/wire.py (which has the table):
 - the step channel, strictly one request one answer: the `EngineSpec` first; the
-  child answers `("progress", f)`…, `("loaded", BackendInfo)` and `("ready", pid)`
-  once a warm-up decode ran (or `("error", errno, message)` and exits 1). Then
-  `("configure", RunnerOptions)` and `("step", Plan)` → `("step", StepResult)`, one
-  message each way per engine step, never per token; `("stop",)` ends it.
+  child answers `Progress`…, `Loaded` and `Ready` once a warm-up decode ran (or
+  `Error`, and exits 1). Then `RunnerOptions` (configure), and a `Plan` → a
+  `StepResult`, one message each way per engine step, never per token; `Ping` →
+  `Pong`; `Stop` ends it.
 - the call channel, served by a second thread so that it never waits for a step:
-  `("tokenize", text)` and `("chat_prompt", messages)` → `("ok", value)` or
-  `("error", errno, message)`.
+  `Tokenize` and `ChatPrompt` → `Ok` or `Error`.
 The KV cache, saved states and samplers never leave the child.
 
 `ProcessCore` is the daemon's side: it starts the child, relays its stderr to the
@@ -40,14 +40,35 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import params
 from ..errors import KernelError
 from .backends import Backend, BackendInfo
-from .runner import Plan, Runner, RunnerOptions, StepResult
+from .runner import Runner
+from .wire import (
+    PING,
+    PONG,
+    STOP,
+    Call,
+    CallReply,
+    ChatPrompt,
+    EngineSpec,
+    Error,
+    Loaded,
+    Ok,
+    Ping,
+    Plan,
+    Progress,
+    Ready,
+    Reply,
+    Request,
+    RunnerOptions,
+    StepResult,
+    Stop,
+    Tokenize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +85,6 @@ class EngineDied(Exception):
         self.reason = reason
         self.errno = errno_
         self.hung = hung  # the watchdog killed it: no progress within the deadline
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """What the child loads: a GGUF file through llama.cpp, or the fake model (tests)."""
-
-    kind: str  # "llama" or "fake"
-    model: str = ""
-    name: str = ""
-    threads: int | None = None
-    gpu_layers: int | None = None
-    n_slots: int | None = None  # None: as many as kv_budget holds (the fake model: DEFAULT_SLOTS)
-    n_ctx_seq: int = params.DEFAULT_CTX_PER_SLOT
-    kv_budget: int = params.KV_BUDGET_BYTES
-    fake_delay: float = 0.0
 
 
 # -- framing ---------------------------------------------------------------------------------
@@ -165,25 +171,70 @@ def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
 
 
 def _serve_calls(channel: Channel, backend: Backend) -> None:
+    def tokenize(call: Tokenize) -> list[int]:
+        _crash_here("tokenize")
+        return backend.tokenize(call.text)
+
+    def chat_prompt(call: ChatPrompt) -> str:
+        return backend.chat_prompt(call.messages)
+
+    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt}
     while True:
         try:
-            request = channel.recv()
+            request: Call = channel.recv()
         except (EOFError, OSError):
             return
+        handler = handlers.get(type(request))
         try:
-            if request[0] == "tokenize":
-                _crash_here("tokenize")
-                reply: tuple[Any, ...] = ("ok", backend.tokenize(request[1]))
-            elif request[0] == "chat_prompt":
-                reply = ("ok", backend.chat_prompt(request[1]))
-            else:
-                reply = ("error", errno.ENOSYS, f"unknown call {request[0]!r}")
+            reply: CallReply = Ok(handler(request)) if handler is not None else Error(errno.ENOSYS, f"unknown call {request!r}")
         except KernelError as exc:
-            reply = ("error", exc.errno, exc.message)
+            reply = Error(exc.errno, exc.message)
         except Exception as exc:
-            log.exception("engine call %s failed", request[0])
-            reply = ("error", errno.EIO, f"{type(exc).__name__}: {exc}")
+            log.exception("engine call %s failed", type(request).__name__)
+            reply = Error(errno.EIO, f"{type(exc).__name__}: {exc}")
         channel.send(reply)
+
+
+class _Serving:
+    """The child's step channel once it is ready: one handler per message type."""
+
+    def __init__(self, backend: Backend, steps: Channel) -> None:
+        self.backend = backend
+        self.steps = steps
+        self.runner: Runner | None = None
+        self.handlers: dict[type, Callable[[Any], None]] = {RunnerOptions: self.configure, Plan: self.step, Ping: self.ping}
+
+    def serve(self) -> int:
+        """Until the daemon says `Stop` or goes; the exit status."""
+        while True:
+            try:
+                message: Request = self.steps.recv()
+            except EOFError:
+                return 0  # the daemon is gone
+            if type(message) is Stop:
+                return 0
+            handler = self.handlers.get(type(message))
+            if handler is not None:
+                handler(message)
+
+    def configure(self, options: RunnerOptions) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = Runner(self.backend, options)
+
+    def step(self, plan: Plan) -> None:
+        _crash_here("step")
+        if self.runner is None:
+            self.runner = Runner(self.backend)
+        self.steps.send(self.runner.step(plan))
+
+    def ping(self, _: Ping) -> None:  # the watchdog's look at an idle engine
+        self.steps.send(PONG)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.backend.close()
 
 
 def child_main(step_fd: int, call_fd: int) -> int:
@@ -198,47 +249,28 @@ def child_main(step_fd: int, call_fd: int) -> int:
     def progress(fraction: float) -> None:
         if fraction - last[0] >= 0.05 or fraction >= 1:
             last[0] = fraction
-            steps.send(("progress", fraction))
+            steps.send(Progress(fraction))
 
     _crash_here("load")
     try:
         backend = _load(spec, progress)
     except KernelError as exc:
-        steps.send(("error", exc.errno, exc.message))
+        steps.send(Error(exc.errno, exc.message))
         return 1
     except Exception as exc:
         log.exception("loading the model failed")
-        steps.send(("error", errno.EIO, f"{type(exc).__name__}: {exc}"))
+        steps.send(Error(errno.EIO, f"{type(exc).__name__}: {exc}"))
         return 1
-    steps.send(("loaded", backend.info))
+    steps.send(Loaded(backend.info))
     _crash_here("warmup")
     backend.warm_up()  # on this thread: the one that decodes from now on
     threading.Thread(target=_serve_calls, args=(calls, backend), name="engine-calls", daemon=True).start()
-    steps.send(("ready", os.getpid()))
-    runner: Runner | None = None
+    steps.send(Ready(os.getpid()))
+    serving = _Serving(backend, steps)
     try:
-        while True:
-            try:
-                message = steps.recv()
-            except EOFError:
-                return 0  # the daemon is gone
-            if message[0] == "configure":
-                if runner is not None:
-                    runner.close()
-                runner = Runner(backend, message[1])
-            elif message[0] == "step":
-                _crash_here("step")
-                if runner is None:
-                    runner = Runner(backend)
-                steps.send(("step", runner.step(message[1])))
-            elif message[0] == "ping":  # the watchdog's look at an idle engine
-                steps.send(("pong",))
-            elif message[0] == "stop":
-                return 0
+        return serving.serve()
     finally:
-        if runner is not None:
-            runner.close()
-        backend.close()
+        serving.close()
 
 
 # -- the daemon's side -----------------------------------------------------------------------
@@ -393,21 +425,22 @@ class ProcessCore:
         try:
             self._send(self._steps, self.spec, patience, phase, time.monotonic())
             while True:
-                message = self._wait(self._steps, patience, phase)
-                if message[0] == "progress" and progress is not None:
-                    progress(message[1])
-                elif message[0] == "loaded":
-                    self.info = message[1]
-                    phase = "warming up"
-                    warming = time.monotonic()
-                elif message[0] == "error":
-                    self._reap()
-                    raise EngineDied(message[2], message[1])
-                elif message[0] == "ready":
-                    # the warm-up decode, first-run costs and all, is the first measure of a
-                    # step: a large model on a CPU gets a deadline to match before any step
-                    self._times.add(time.monotonic() - warming)
-                    break
+                message: Reply = self._wait(self._steps, patience, phase)
+                match message:
+                    case Progress(fraction) if progress is not None:
+                        progress(fraction)
+                    case Loaded(info):
+                        self.info = info
+                        phase = "warming up"
+                        warming = time.monotonic()
+                    case Error(code, text):
+                        self._reap()
+                        raise EngineDied(text, code)
+                    case Ready():
+                        # the warm-up decode, first-run costs and all, is the first measure of a
+                        # step: a large model on a CPU gets a deadline to match before any step
+                        self._times.add(time.monotonic() - warming)
+                        break
         except (EOFError, OSError):
             reason = self._death_reason()
             self._reap()
@@ -433,10 +466,10 @@ class ProcessCore:
         started = time.monotonic()
         try:
             if not self._configured:
-                self._send(self._steps, ("configure", self.options), self.deadline(), "a step", started)
+                self._send(self._steps, self.options, self.deadline(), "a step", started)
                 self._configured = True
-            self._send(self._steps, ("step", plan), self.deadline(), "a step", started)
-            result: StepResult = self._wait(self._steps, self.deadline(), "a step", started)[1]
+            self._send(self._steps, plan, self.deadline(), "a step", started)
+            result: StepResult = self._wait(self._steps, self.deadline(), "a step", started)
         except (EOFError, OSError):
             raise EngineDied(self._death_reason(), hung=self.hung) from None
         self._times.add(time.monotonic() - started)
@@ -447,7 +480,7 @@ class ProcessCore:
         assert self._steps is not None
         started = time.monotonic()
         try:
-            self._send(self._steps, ("ping",), self.deadline(), "an idle look", started)
+            self._send(self._steps, PING, self.deadline(), "an idle look", started)
             self._wait(self._steps, self.deadline(), "an idle look", started)
         except (EOFError, OSError):
             raise EngineDied(self._death_reason(), hung=self.hung) from None
@@ -509,7 +542,7 @@ class ProcessCore:
             return
         if proc.poll() is None and self._steps is not None and not _stopped(proc.pid):
             try:
-                self._steps.send(("stop",), time.monotonic() + params.ENGINE_STOP_SECONDS)
+                self._steps.send(STOP, time.monotonic() + params.ENGINE_STOP_SECONDS)
                 proc.wait(timeout=params.ENGINE_STOP_SECONDS)
             except (OSError, subprocess.TimeoutExpired):
                 pass
@@ -554,12 +587,12 @@ class ProcessCore:
 
     # -- the vocabulary (any thread) ------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        return self._call("tokenize", text)
+        return self._call(Tokenize(text))
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
-        return self._call("chat_prompt", [dict(m) for m in messages])
+        return self._call(ChatPrompt([dict(m) for m in messages]))
 
-    def _call(self, name: str, argument: Any) -> Any:
+    def _call(self, call: Call) -> Any:
         """A call on the call channel, within one deadline in all: a restarting engine is
         waited for, and a call that the engine died in is made again on the next one; a
         failed engine is EIO now, and so is one that does not answer in time (it is hung)."""
@@ -584,8 +617,8 @@ class ProcessCore:
             try:
                 if calls is None:
                     raise EOFError
-                self._send(calls, (name, argument), max(until - started, 0.0), f"a {name} call", started)
-                reply = self._wait(calls, max(until - started, 0.0), f"a {name} call", started)
+                self._send(calls, call, max(until - started, 0.0), f"a {call.name} call", started)
+                reply: CallReply = self._wait(calls, max(until - started, 0.0), f"a {call.name} call", started)
             except EngineDied as exc:
                 raise KernelError(errno.EIO, exc.reason) from None
             except (EOFError, OSError):
@@ -593,9 +626,9 @@ class ProcessCore:
                 continue
             finally:
                 self._call_lock.release()
-            if reply[0] == "error":
-                raise KernelError(reply[1], reply[2])
-            return reply[1]
+            if isinstance(reply, Error):
+                raise KernelError(reply.errno, reply.message)
+            return reply.value
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -36,7 +36,7 @@ class StepMetrics:
 
     def observe(self, step_s: float, before: Mapping[str, float], after: Mapping[str, float]) -> None:
         """One step of `step_s` seconds; `before` and `after` are the core's counters
-        (kernel/cores/runner.py STAT_KEYS) around it. Engine thread only."""
+        (kernel/cores/wire.py STAT_KEYS) around it. Engine thread only."""
         tokens = after["batch_tokens"] - before["batch_tokens"]
         if tokens <= 0:  # cancels or switches only: no batch to describe
             return
