@@ -11,6 +11,7 @@ from kernel_helpers import OWNER, ROOT, answer, ask, ctl, finished, mkdir, produ
 from kernel import params
 from kernel.agents.config import AgentConfig
 from kernel.cores.backends.fake import FakeBackend
+from kernel.cores.enginehost import EngineSpec, ProcessCore
 from kernel.cores.scheduler import PriorityScheduler, RoundRobinScheduler, Running, Scheduler, make_scheduler
 from kernel.kernel import Kernel
 from kernel.llm.jobs import Job
@@ -18,15 +19,37 @@ from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 
-@pytest.fixture
-def make_kernel(tmp_path):
+def _kernels(tmp_path, mode: str):
     made: list[Kernel] = []
 
     def make(scheduler: str = "fifo", *, n_slots: int = 1, step_delay: float = 0.002, **options) -> Kernel:
-        kernel = Kernel(Storage(tmp_path / "db"), FakeBackend(n_slots=n_slots, step_delay=step_delay), scheduler, **options)
+        if mode == "process":
+            core = ProcessCore(EngineSpec("fake", n_slots=n_slots, fake_delay=step_delay))
+            core.start()
+            kernel = Kernel(Storage(tmp_path / "db"), core, scheduler, **options)
+        else:
+            kernel = Kernel(Storage(tmp_path / "db"), FakeBackend(n_slots=n_slots, step_delay=step_delay), scheduler, **options)
         made.append(kernel)
         return kernel
 
+    return make, made
+
+
+@pytest.fixture(params=["inline", "process"])
+def make_kernel(tmp_path, request):
+    """Kernels on the fake model in this process (lock-step), and in an engine process,
+    which runs with two plans in flight (docs/engine.md): every policy must hold on both."""
+    make, made = _kernels(tmp_path, request.param)
+    yield make
+    for kernel in made:
+        kernel.engine.core.close()
+        kernel.storage.close()
+
+
+@pytest.fixture
+def make_inline_kernel(tmp_path):
+    """In this process only: for tests that look inside the fake model (its decode calls, its KV)."""
+    make, made = _kernels(tmp_path, "inline")
     yield make
     for kernel in made:
         kernel.storage.close()
@@ -222,9 +245,9 @@ def test_priority_job_overtakes_and_the_preempted_one_still_finishes(make_kernel
     assert kernel.engine.statistics()["preemptions"] == 1
 
 
-def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_kernel, monkeypatch):
+def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_inline_kernel, monkeypatch):
     monkeypatch.setattr(params, "PRIORITY_AGING_SECONDS", 1e6)  # no aging back in, however slow this machine is
-    kernel = make_kernel("priority", n_slots=2)
+    kernel = make_inline_kernel("priority", n_slots=2)
 
     async def body():
         async with running(kernel):
@@ -374,8 +397,8 @@ def test_cached_sequences_give_way_to_new_agents(make_kernel):
     assert stats["cache_evictions"] >= 2 and stats["prefix_hit_tokens"] > 0
 
 
-def test_cancel_frees_the_slot_for_the_next_job(make_kernel):
-    kernel = make_kernel("fifo", n_slots=1, kv_reuse=False)
+def test_cancel_frees_the_slot_for_the_next_job(make_inline_kernel):
+    kernel = make_inline_kernel("fifo", n_slots=1, kv_reuse=False)
 
     async def body():
         async with running(kernel):
@@ -411,8 +434,8 @@ def test_scheduler_switch_at_run_time_is_root_only_and_kept(make_kernel):
     assert restarted.engine.scheduler.describe() == "rr quantum=8"
 
 
-def test_a_bug_in_a_step_fails_those_jobs_and_the_engine_goes_on(make_kernel, monkeypatch):
-    kernel = make_kernel("fifo", n_slots=2)
+def test_a_bug_in_a_step_fails_those_jobs_and_the_engine_goes_on(make_inline_kernel, monkeypatch):
+    kernel = make_inline_kernel("fifo", n_slots=2)
     real_decode = kernel.backend.decode
     calls = {"n": 0}
 

@@ -79,6 +79,7 @@ class Engine:
         self._slots: dict[int, Seat] = {}  # by key
         self._keys = itertools.count(1)
         self._parked: list[Job] = []  # paused and switched out: back to the queue on resume
+        self._away: dict[int, Job] = {}  # switched-out jobs by key (the engine thread's, under _cond)
         self._forget: list[int] = []  # keys of switched-out jobs cancelled since the last step
         self._stopping = False
         self._wake = False
@@ -143,6 +144,7 @@ class Engine:
             if waiting:
                 if job.saved is not None:  # its state is in the core: drop it at the next step
                     self._forget.append(job.saved)
+                    self._away.pop(job.saved, None)
                     job.saved = None
                     self._poke()
                 job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
@@ -221,25 +223,40 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------
     def _loop(self) -> None:
+        """Plan, submit, collect, apply. The core takes `depth` plans at a time: an engine
+        process gets the next step's plan while it carries out this one, so it never
+        waits for the daemon between steps while there is work."""
+        inflight = 0  # plans submitted whose results have not come
         while self._ensure_started():
-            work = self._wait_for_work()
-            if work is None:
-                return
-            if self.core.hung or not self.core.alive():  # died while idle, or a call found it hung
-                if not self._stopping:
-                    self._crashed(self.core.death_reason(), self.core.hung)
-                continue
-            started = time.perf_counter()
-            try:
+            if not inflight:
+                work = self._wait_for_work()
+                if work is None:
+                    return
+                if self.core.hung or not self.core.alive():  # died while idle, or a call found it hung
+                    if not self._stopping:
+                        self._crashed(self.core.death_reason(), self.core.hung)
+                    continue
                 if not work:  # idle a while: is it still there? (a hang shows in kernel/status before anyone waits on it)
-                    self.core.ping()
+                    try:
+                        self.core.ping()
+                    except EngineDied as exc:
+                        if not self._stopping:
+                            self._crashed(exc.reason, exc.hung)
+                        continue
                     self._settled()
                     continue
-                plan, early = self._plan()
-                if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
-                    self._hand_over(early)
-                result = self.core.step(plan)
+            started = time.perf_counter()
+            try:
+                while inflight < self.core.depth and (not inflight or self._more_work()):
+                    plan, early = self._plan()
+                    if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
+                        self._hand_over(early)
+                    self.core.submit(plan)
+                    inflight += 1
+                result = self.core.collect()
+                inflight -= 1
             except EngineDied as exc:
+                inflight = 0
                 if not self._stopping:  # one that dies while the mount stops is no crash
                     self._crashed(exc.reason, exc.hung)
                 continue
@@ -307,6 +324,7 @@ class Engine:
                     self._unqueue(job)
                     lost.append(job)
             self._forget.clear()
+            self._away.clear()
             for key in self._core_stats:
                 self._dead_stats[key] += self._core_stats[key] if key not in ("max_seqs", "prefill_chunk") else 0
             self._dead_stats["max_seqs"] = max(self._dead_stats["max_seqs"], self._core_stats["max_seqs"])
@@ -347,6 +365,8 @@ class Engine:
         """Caller holds _cond."""
         if not self.scheduler.remove(job) and job in self._parked:
             self._parked.remove(job)
+        if job.saved is not None:
+            self._away.pop(job.saved, None)
         job.saved = None
 
     def _wait_for_work(self) -> bool | None:
@@ -359,6 +379,11 @@ class Engine:
                     return None if self._stopping else False
             self._wake = False
             return None if self._stopping else True
+
+    def _more_work(self) -> bool:
+        """Is there work for one more step behind the one in flight?"""
+        with self._cond:
+            return not self._stopping and self._has_work()
 
     def _has_work(self) -> bool:
         """Caller holds _cond."""
@@ -408,12 +433,14 @@ class Engine:
         del self._slots[seat.key]
         plan.switch_out.append(seat.key)
         seat.job.saved = seat.key
+        self._away[seat.key] = seat.job  # a step in flight may still bring its tokens, or its end
 
     def _seat(self, job: Job, plan: Plan) -> list[Delivery]:
         """Give a job a sequence: resume it where it was, or start it. Caller holds _cond."""
         if job.saved is not None:
             key = job.saved
             job.saved = None
+            self._away.pop(key, None)
             plan.start.append(key)
             self._slots[key] = Seat(key, job, paused=job.pause_requested)
             return []
@@ -429,7 +456,12 @@ class Engine:
         for key, chunk, n_tokens, end in result.outputs:
             seat = self._slots.get(key)
             if seat is None:
-                continue
+                away = self._away.get(key)
+                if away is not None:  # switched out by a plan made before this step's results
+                    deliveries.append((away, chunk, n_tokens, end))
+                    if end is not None:
+                        self._ended_away(key, away)
+                continue  # else cancelled meanwhile: its output is nobody's
             seat.quantum_used += n_tokens
             if end is not None:
                 del self._slots[key]
@@ -438,6 +470,14 @@ class Engine:
         self._last = result
         if deliveries:
             self._hand_over(deliveries)
+
+    def _ended_away(self, key: int, job: Job) -> None:
+        """A job ended in the step before the one that was to switch it out: it is done,
+        not waiting to resume."""
+        with self._cond:
+            del self._away[key]
+            if job.saved == key:
+                self._unqueue(job)
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:
         self._to_trio(self.on_update, deliveries)

@@ -54,6 +54,7 @@ from .wire import (
     Call,
     CallReply,
     ChatPrompt,
+    ChatTokens,
     EngineSpec,
     Error,
     Loaded,
@@ -178,7 +179,11 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
     def chat_prompt(call: ChatPrompt) -> str:
         return backend.chat_prompt(call.messages)
 
-    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt}
+    def chat_tokens(call: ChatTokens) -> list[int]:
+        _crash_here("tokenize")
+        return backend.chat_tokens(call.messages)
+
+    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt, ChatTokens: chat_tokens}
     while True:
         try:
             request: Call = channel.recv()
@@ -288,6 +293,7 @@ class InlineCore:
         self.failure = ""
         self.pid = os.getpid()
         self._runner = Runner(backend)
+        self._plans: collections.deque[Plan] = collections.deque()
 
     def set_state(self, state: str, failure: str = "") -> None:
         self.state, self.failure = state, failure
@@ -308,6 +314,14 @@ class InlineCore:
         if self.state != "ready":
             self.backend.warm_up()
             self.state = "ready"
+
+    depth = 1  # plans in flight: one, carried out when collected (on the caller's thread)
+
+    def submit(self, plan: Plan) -> None:
+        self._plans.append(plan)
+
+    def collect(self) -> StepResult:
+        return self._runner.step(self._plans.popleft())
 
     def step(self, plan: Plan) -> StepResult:
         return self._runner.step(plan)
@@ -370,6 +384,8 @@ class ProcessCore:
         self._hung = ""  # why this process was declared hung ('' while it is not)
         self._abort_at: float | None = None  # the mount stops: a wait still going at this time kills the engine
         self._times = StepTimes()
+        self._submitted: collections.deque[float] = collections.deque()  # when each step in flight was sent
+        self._collected = 0.0  # when the last step's result came
         self._proc: subprocess.Popen[bytes] | None = None
         self._steps: Channel | None = None
         self._calls: Channel | None = None
@@ -419,6 +435,8 @@ class ProcessCore:
         self._relay = threading.Thread(target=self._relay_stderr, args=(self._proc,), name=f"engine-{self.pid}-stderr", daemon=True)
         self._relay.start()
         self._configured = False
+        self._submitted.clear()
+        self._collected = 0.0
         patience = params.ENGINE_START_DEADLINE_FACTOR * self.floor
         phase = "loading the model"
         warming = time.monotonic()
@@ -461,19 +479,43 @@ class ProcessCore:
         self.options = options
         self._configured = False
 
-    def step(self, plan: Plan) -> StepResult:
+    # Two plans in flight: the engine finds the next plan waiting when it ends a step, so
+    # it steps back to back while the daemon applies one step's results and plans the
+    # step after next. The daemon's decisions thus reach the engine one step late, which
+    # the runner allows for (a key that ended meanwhile is skipped) and so does the
+    # engine loop (output of a job it has switched out meanwhile still reaches it).
+    depth = 2
+
+    def submit(self, plan: Plan) -> None:
+        """Queue a step behind those in flight (within the deadline: a stopped engine
+        stops reading)."""
         assert self._steps is not None
-        started = time.monotonic()
+        now = time.monotonic()
         try:
             if not self._configured:
-                self._send(self._steps, self.options, self.deadline(), "a step", started)
+                self._send(self._steps, self.options, self.deadline(), "a step", now)
                 self._configured = True
-            self._send(self._steps, plan, self.deadline(), "a step", started)
-            result: StepResult = self._wait(self._steps, self.deadline(), "a step", started)
+            self._send(self._steps, plan, self.deadline(), "a step", now)
         except (EOFError, OSError):
             raise EngineDied(self._death_reason(), hung=self.hung) from None
-        self._times.add(time.monotonic() - started)
+        self._submitted.append(now)
+
+    def collect(self) -> StepResult:
+        """The result of the oldest step in flight. Its deadline runs from when the engine
+        could start it: its submission, or the end of the step before it."""
+        assert self._steps is not None
+        since = max(self._submitted.popleft(), self._collected)
+        try:
+            result: StepResult = self._wait(self._steps, self.deadline(), "a step", since)
+        except (EOFError, OSError):
+            raise EngineDied(self._death_reason(), hung=self.hung) from None
+        self._collected = time.monotonic()
+        self._times.add(self._collected - since)
         return result
+
+    def step(self, plan: Plan) -> StepResult:
+        self.submit(plan)
+        return self.collect()
 
     def ping(self) -> None:
         """Ask an idle engine for a sign of life; EngineDied (hung) when none comes in time."""
@@ -591,6 +633,9 @@ class ProcessCore:
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         return self._call(ChatPrompt([dict(m) for m in messages]))
+
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self._call(ChatTokens([dict(m) for m in messages]))
 
     def _call(self, call: Call) -> Any:
         """A call on the call channel, within one deadline in all: a restarting engine is

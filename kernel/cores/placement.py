@@ -39,7 +39,9 @@ run of consecutive ids as a ubatch of its own.
 from __future__ import annotations
 
 import codecs
+import errno
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,8 @@ from ..errors import KernelError
 from ..llm.jobs import JobState
 from .backends import Backend
 from .wire import Admit, Output, Plan, RunnerOptions
+
+log = logging.getLogger(__name__)
 
 
 def utf8_decoder() -> codecs.IncrementalDecoder:
@@ -132,15 +136,19 @@ class Placement:
         for key in plan.forget:
             self._forget(key)
         for key in plan.switch_out:
-            self._switch_out(self.keys[key])
+            if key in self.keys:  # not when it ended in the step before: the plan was made before that step's results
+                self._switch_out(self.keys[key])
         for item in plan.start:
             if isinstance(item, Admit):
                 try:
                     self._admit(item)
                 except KernelError as exc:  # e.g. a grammar llama.cpp cannot parse: this job fails, not the step
                     outputs.append((item.key, b"", 0, (JobState.ERROR, exc.errno, exc.message)))
-            else:
+            elif item in self._switched:
                 self._switch_in(self._switched.pop(item), self._take_seq(None))
+            else:  # the scheduling side resumes only what it switched out: a bug, which costs this job only
+                log.error("resume of job key %d, which is not switched out", item)
+                outputs.append((item, b"", 0, (JobState.ERROR, errno.EIO, "internal error: resumed a job the engine does not hold")))
         for slot in self.slots.values():
             slot.idle = slot.key in plan.paused or slot.key in plan.held
         self._take_shared()
