@@ -58,7 +58,7 @@ class Kernel:
         (`CoreSet`); `scheduler` overrides the policy kept in `storage`; `memory` is the
         memory/ store (beside the database by default); `tools_dir` holds external tools."""
         self.storage = storage
-        self.writer = Writer()
+        self.writer = Writer(conn=storage.db.conn)  # group commits: one fsync for a burst of writes
         self.audit = AuditLog(Path(storage.path).with_name("audit.jsonl"))
         self.log_event = self.audit.write
         self.memory = MemoryManager(memory or MemoryStore(Path(storage.path).with_name("memory.db")))

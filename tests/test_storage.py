@@ -200,3 +200,35 @@ def test_data_survives_reopen(db_path):
         assert (latest["id"], latest["state"], latest["output"]) == (job, "done", b"a")
     finally:
         store.close()
+
+
+def test_the_writer_commits_a_burst_of_writes_together_and_a_failed_one_alone(storage):
+    import threading
+
+    import trio
+
+    from kernel.storage.writer import Writer
+
+    commits: list[str] = []
+    storage.db.conn.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    agent = storage.create_agent("a", 1, 1, 0o755)
+    commits.clear()
+    gate = threading.Event()
+    writer = Writer(conn=storage.db.conn)
+    try:
+        writer.post(gate.wait, 10)  # holds the writer while the burst queues up
+        for i in range(50):
+            writer.post(storage.journal_job, agent.id, 1000, "prompt", f"q{i}", float(i), f"q{i}")
+        writer.post(storage.journal_job, -1, 1000, "prompt", "no such agent", 0.0, "x")  # a foreign key fails: this write only
+        gate.set()
+
+        async def barrier() -> None:
+            await writer.call(lambda: None)
+
+        trio.run(barrier)
+    finally:
+        writer.close()
+        storage.db.conn.set_trace_callback(None)
+    rows = list(storage.reader.table("jobs").rows_where("agent_id = ?", [agent.id]))
+    assert [row["user_message"] for row in rows] == [f"q{i}" for i in range(50)]
+    assert len(commits) <= 3, f"{len(commits)} commits for 52 writes: not grouped"
