@@ -30,7 +30,7 @@ def build_prompt(backend: Vocabulary, config: AgentConfig, history: Sequence[Mes
     turns = list(history)
     while True:
         messages = head + turns + [{"role": "user", "content": user_message}]
-        tokens = backend.tokenize(backend.chat_prompt(messages))
+        tokens = backend.chat_tokens(messages)
         if len(tokens) + room <= window:
             return messages, tokens
         if not turns:

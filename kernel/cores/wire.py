@@ -211,5 +211,14 @@ class Ok:
     value: Any
 
 
-Call = Tokenize | ChatPrompt
+@dataclass(frozen=True)
+class ChatTokens:
+    """The tokens of the chat template applied to `messages`: a prompt in one round trip."""
+
+    name: ClassVar[str] = "chat_tokens"
+
+    messages: list[dict[str, str]]
+
+
+Call = Tokenize | ChatPrompt | ChatTokens
 CallReply = Ok | Error

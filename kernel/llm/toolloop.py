@@ -100,7 +100,7 @@ def parse_step(text: str) -> tuple[str, Any]:
 
 def prompt_tokens(host: Host, config: AgentConfig, messages: list[dict[str, str]]) -> list[int]:
     vocabulary = host.cores.vocabulary(config)
-    tokens: list[int] = vocabulary.tokenize(vocabulary.chat_prompt(messages))
+    tokens: list[int] = vocabulary.chat_tokens(messages)
     window = vocabulary.info.n_ctx_seq
     if len(tokens) + params.MIN_PROMPT_ROOM > window:
         raise KernelError(errno.E2BIG, f"with the tool results the prompt is {len(tokens)} tokens; the window is {window}")

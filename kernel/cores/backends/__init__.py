@@ -44,6 +44,8 @@ class Vocabulary(Protocol):
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str: ...
 
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]: ...  # tokenize(chat_prompt(messages)), in one call
+
 
 class Backend(Protocol):
     info: BackendInfo
@@ -51,6 +53,8 @@ class Backend(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str: ...
+
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]: ...  # tokenize(chat_prompt(messages)), in one call
 
     def piece(self, token: int) -> bytes: ...
 

@@ -34,6 +34,9 @@ class FakeBackend:
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode())
 
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.tokenize(self.chat_prompt(messages))
+
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         parts = [f"<|{m['role']}|>\n{m['content']}{END_TAG}" for m in messages]
         return "".join(parts) + "<|assistant|>\n"

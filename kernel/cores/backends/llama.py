@@ -159,6 +159,9 @@ class LlamaBackend:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, room, True, True)
         return list(buf[:n])
 
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.tokenize(self.chat_prompt(messages))
+
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
         chat = (llama_cpp.llama_chat_message * len(encoded))(*[llama_cpp.llama_chat_message(r, c) for r, c in encoded])
