@@ -56,6 +56,7 @@ async def recover_jobs(requests: Requests) -> None:
         agent = requests.agents[job.agent]
         agent.active.add(job)
         agent.next_turns.append(job)
+        requests.turn_waiters.add(agent)
         _bind_if_latest(requests, agent, job)
         requests.emit(job, "requeued")
     requests.audit("recovery", requeued=[job.id for job in requeued], failed=[row["id"] for _, row, _ in failed])

@@ -115,6 +115,7 @@ class Requests(Results):
             self.launch(agent, job)
         else:
             agent.next_turns.append(job)  # it must see the answer of the turn before it
+            self.turn_waiters.add(agent)
         return job
 
     def admit(self, agent: Agent) -> None:
@@ -128,7 +129,13 @@ class Requests(Results):
 
     def queued_count(self) -> int:
         """Jobs waiting anywhere: in a core's scheduler, or behind their agent's running turn."""
-        return self.cores.queued() + sum(len(a.next_turns) for a in self.agents.values())
+        return self.cores.queued() + self.waiting_turns()
+
+    def waiting_turns(self) -> int:
+        """Prompt turns waiting behind their agents' running turns. Each admission asks,
+        so this looks only at agents that queued turns, never at every agent."""
+        self.turn_waiters = {a for a in self.turn_waiters if a.next_turns and self.agents.get(a.name) is a}
+        return sum(len(a.next_turns) for a in self.turn_waiters)
 
     async def prepare(self, caller: Caller, agent: Agent, config: AgentConfig, message: str) -> tuple[AgentConfig, list[str] | None]:
         """The config a request runs with: recalled memory and the tools block in its

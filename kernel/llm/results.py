@@ -40,6 +40,7 @@ class Results(abc.ABC):
         self.nursery: trio.Nursery | None = None  # tool loops, turns and the commits of turns
         self.deliver_s = 0.0  # trio thread time spent handing steps' results to their jobs
         self.metrics = JobMetrics()  # every job's end, for kernel/metrics
+        self.turn_waiters: set[Agent] = set()  # agents that may have prompt turns waiting (a superset; see queued_count)
 
     @abc.abstractmethod
     def emit(self, job: Job, event: str, **extra: Any) -> None: ...
