@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -258,5 +259,23 @@ def test_a_call_too_large_for_the_socket_to_a_stopped_engine_is_a_hang_in_bounde
         assert info.value.errno == errno.EIO and "the engine hung: no progress for 1 s (a tokenize call)" in info.value.message
         assert core.state == "hung" and core.hangs == 1
         assert gone(core.pid, timeout=5), "the hung engine was not killed"
+    finally:
+        core.close()
+
+
+def test_a_stopped_engine_is_found_at_the_floor_even_when_slow_steps_raised_the_deadline() -> None:
+    core = ProcessCore(EngineSpec("fake", n_slots=1), deadline=1.0)
+    core.start()
+    try:
+        core._times.add(10.0)  # a slow step, as on a busy machine: the deadline is at its cap
+        assert core.deadline() == params.ENGINE_DEADLINE_CAP_FACTOR * 1.0
+        assert core.pid is not None
+        os.kill(core.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(KernelError) as info:
+            core.tokenize("hello")
+        waited = time.monotonic() - started
+        assert "the engine hung" in info.value.message
+        assert waited < core.deadline(), f"a stopped engine was waited for {waited:.1f} s, its full deadline"
     finally:
         core.close()

@@ -538,20 +538,27 @@ class ProcessCore:
 
     def _wait(self, channel: Channel, seconds: float, what: str, since: float | None = None) -> Any:
         """The next message, or EngineDied (hung=True) once `seconds` passed without one:
-        the engine is killed first. A stopping mount's wait ends sooner (`interrupt`)."""
+        the engine is killed first. A stopping mount's wait ends sooner (`interrupt`), and
+        so does one on a process stopped by a signal, once the floor has passed: a stopped
+        process is not slow, whatever the recent steps say."""
         since = time.monotonic() if since is None else since
+
+        def check() -> None:
+            now = time.monotonic()
+            if self._abort_at is not None and now >= self._abort_at:
+                self._kill()
+                raise EngineDied("stopped with the mount: it did not finish its step in time")
+            if now - since >= self.floor and self.pid is not None and _stopped(self.pid, traced=False):
+                self.declare_hung(what, now - since, "its process is stopped")
+                raise EngineDied(self._hung, hung=True)
+
         try:
-            return channel.recv(since + seconds, self._check_abort)
+            return channel.recv(since + seconds, check)
         except TimeoutError:
             self.declare_hung(what, time.monotonic() - since)
             raise EngineDied(self._hung, hung=True) from None
 
-    def _check_abort(self) -> None:
-        if self._abort_at is not None and time.monotonic() >= self._abort_at:
-            self._kill()
-            raise EngineDied("stopped with the mount: it did not finish its step in time")
-
-    def declare_hung(self, what: str, seconds: float) -> None:
+    def declare_hung(self, what: str, seconds: float, why: str = "") -> None:
         """The watchdog's verdict: no progress for `seconds` while waiting for `what`. The
         engine is killed now (SIGKILL: a stopped or stuck process ignores anything else)."""
         with self._ready:
@@ -562,7 +569,7 @@ class ProcessCore:
             self.state, self.failure = "hung", ""
             self._ready.notify_all()
             pid = self._proc.pid
-        log.error("engine %s (pid %d) hung: no progress for %.1f s (%s); killing it", self.info.name, pid, seconds, what)
+        log.error("engine %s (pid %d) hung: no progress for %.1f s (%s%s); killing it", self.info.name, pid, seconds, what, f"; {why}" if why else "")
         self._kill()
 
     def _kill(self) -> None:
@@ -732,13 +739,14 @@ def end_leftover_engines(directory: Path) -> list[int]:
     return ended
 
 
-def _stopped(pid: int) -> bool:
-    """Is the process stopped (SIGSTOP, or a debugger)? It would never read a request to stop."""
+def _stopped(pid: int, traced: bool = True) -> bool:
+    """Is the process stopped by a signal (or, with `traced`, by a debugger)? It would
+    never read a request to stop."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+    return stat.rsplit(")", 1)[1].split()[0] in (("T", "t") if traced else ("T",))
 
 
 Core = InlineCore | ProcessCore
