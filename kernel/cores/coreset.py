@@ -55,6 +55,7 @@ class CoreSet(Mapping[str, Core]):
         self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
         self.default = self._engine(backend, scheduler, **engine_options)
         self._cores: dict[str, Core] = {backend.info.name: self.default}
+        self._local: dict[str, Engine] = {backend.info.name: self.default}  # the local engines among them
         for remote in remotes:
             if remote.name in self._cores:
                 raise ValueError(f"model name {remote.name!r} is used twice")
@@ -91,8 +92,7 @@ class CoreSet(Mapping[str, Core]):
 
     def local(self, name: str) -> Engine | None:
         """The local engine serving `name`, or None (a remote core, or not loaded)."""
-        core = self._cores.get(name)
-        return core if isinstance(core, Engine) else None
+        return self._local.get(name)
 
     # -- life ------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -152,7 +152,7 @@ class CoreSet(Mapping[str, Core]):
         engine = self._engine(backend, self.default.scheduler.describe())
         assert self._nursery is not None, "models load while the cores run"
         await self._nursery.start(self._serve, engine)
-        self._cores[name] = engine
+        self._cores[name] = self._local[name] = engine
         self._audit("load", model=name, uid=uid)
 
     @staticmethod
@@ -172,6 +172,7 @@ class CoreSet(Mapping[str, Core]):
         if core.queued() or core.running():
             raise KernelError(errno.EBUSY, f"model {name!r} has queued or running jobs; cancel them or wait")
         del self._cores[name]
+        self._local.pop(name, None)
         core.stop()
         self._audit("unload", model=name, uid=uid)
 

@@ -35,7 +35,7 @@ from .. import params
 from ..llm.jobs import Job, JobState
 from ..types import Delivery
 from .backends import Backend
-from .enginehost import Core, EngineDied, InlineCore, ProcessCore
+from .enginehost import Core, EngineDied, ProcessCore, engine_client
 from .scheduler import Running, Scheduler, park
 from .stepmetrics import StepMetrics
 from .wire import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
@@ -69,10 +69,9 @@ class Engine:
         `kv_share` keep an agent's cells for its next job and share prefixes within a
         user's jobs (kernel/cores/placement.py)."""
         self.backend = backend
-        self.core: Core = backend if isinstance(backend, ProcessCore) else InlineCore(backend)
+        self.core: Core = engine_client(backend)
         self.core.configure(RunnerOptions(swap_budget, kv_reuse, slots, kv_share))
-        if isinstance(self.core, ProcessCore):
-            self.core.on_exit = self._core_exited
+        self.core.on_exit = self._core_exited
         self.scheduler = scheduler
         self._slot_limit = slots
         self._cond = threading.Condition()

@@ -288,6 +288,7 @@ class InlineCore:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.on_exit: Callable[[], None] = lambda: None  # never called: this process does not exit under itself
         self.info = backend.info
         self.state = "loading"
         self.failure = ""
@@ -750,6 +751,12 @@ def _stopped(pid: int, traced: bool = True) -> bool:
 
 
 Core = InlineCore | ProcessCore
+
+
+def engine_client(backend: Backend | ProcessCore) -> Core:
+    """The one place where the kind of engine is chosen: an engine process as it is, a
+    backend to run in this process behind the same interface."""
+    return backend if isinstance(backend, ProcessCore) else InlineCore(backend)
 
 
 def main(argv: list[str] | None = None) -> int:
