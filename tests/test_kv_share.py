@@ -279,6 +279,28 @@ def test_shared_prefixes_give_token_identical_answers_on_the_real_model(tmp_path
     assert on["prompt_tokens"] < off["prompt_tokens"] - 3 * 250  # and they were not prefilled
 
 
+def test_shared_prefixes_are_token_identical_through_the_engine_process(tmp_path, model):
+    """The engine process runs two plans in flight (docs/engine.md): followers are admitted
+    a step later than in lock-step, and what they share must still be exact."""
+    from kernel.cores.enginehost import EngineSpec, ProcessCore
+
+    def through_a_process(name: str, **options: Any) -> tuple[list[str], dict[str, Any]]:
+        core = ProcessCore(EngineSpec("llama", model=str(model), threads=2, n_slots=4, n_ctx_seq=1024))
+        core.start()
+        kernel = _kernel(tmp_path, core, name, **options)
+        try:
+            return run(lambda: _together_then_alone(kernel), timeout=600), kernel.engine.statistics()
+        finally:
+            _close(kernel)
+            core.close()
+
+    shared, on = through_a_process("process-on")
+    alone, off = through_a_process("process-off", kv_share=False)
+    assert all(text.strip() for text in alone), alone
+    assert shared == alone
+    assert on["shared_prefix_hits"] >= 3 and off["shared_prefix_hits"] == 0
+
+
 async def _two_users(kernel: Kernel) -> list[str]:
     async with running(kernel):
         (mine,) = await _agents(kernel, ["mine"], REAL_CONFIG)
