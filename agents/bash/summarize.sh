@@ -7,7 +7,7 @@
 # to $SUMMARIZE_INPUT. For each regular file of INPUT_DIR, in name order:
 #
 #   echo "Summarize ... <text>" > prompt     # one job
-#   cat error                                # non-empty: the request was refused
+#   cat error                                # a newest line "ERRNO - …": the request was refused
 #   cat output                               # the answer; non-zero exit: the job failed
 #   echo reset > ctl                         # forget the turn before the next file
 #
@@ -66,6 +66,8 @@ for path in "$input"/*; do
     # The request. A refusal that the write shows (EINVAL, EFBIG...) fails printf; one
     # that only the commit sees (E2BIG) is not reported by bash, so the error file
     # tells: a successful submit empties it, and its last line is the newest refusal.
+    # A refusal made no job: its second field is "-". A line that names a job (a
+    # cancel that came at once, say) is that job's end, which `cat output` reports.
     if ! text=$(cat "$path"); then
         log "$path: cannot read it; skipped"
         index+=("- $name: failed (unreadable)")
@@ -76,6 +78,10 @@ for path in "$input"/*; do
     printf 'Summarize the following text in one sentence.\n\n%s\n' "$text" >"$agent/prompt" || written=no
     refused=$(read_file "$agent/error") || refused="(error unreadable)"
     refused=${refused##*$'\n'}
+    read -r _ job_field _ <<<"$refused"
+    if [[ $job_field =~ ^[0-9]+$ ]] && [ "$written" = yes ]; then
+        refused=""  # a job was made: its end is for `cat output` to tell
+    fi
     if [ -z "$refused" ] && [ "$written" = no ]; then
         refused="(the prompt could not be written)"
     fi
