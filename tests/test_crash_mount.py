@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mounting import aiosfs, listed, mounted, needs_fuse, sh, wait_for
 
-from kernel.cores.enginehost import CRASH_ENV
+from kernel.cores.enginechild import CRASH_ENV
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 

@@ -18,7 +18,8 @@ from kernel_helpers import ROOT, answer, finished, mkdir, producing, refused, ru
 from mounting import gone
 
 from kernel import params
-from kernel.cores.enginehost import CRASH_ENV, EngineDied, ProcessCore, StepTimes
+from kernel.cores.enginechild import CRASH_ENV
+from kernel.cores.enginehost import EngineDied, ProcessCore, StepTimes
 from kernel.cores.wire import EngineSpec
 from kernel.errors import KernelError
 from kernel.kernel import Kernel

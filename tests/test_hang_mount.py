@@ -21,7 +21,7 @@ import pytest
 from mounting import Mount, aiosfs, alive, blocked_reading, engine_pids, gone, listed, mounted, needs_fuse, sh, troubles, wait_for
 
 from aiosfs.cli import CLEAN_EXIT
-from kernel.cores.enginehost import CRASH_ENV
+from kernel.cores.enginechild import CRASH_ENV
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 

@@ -11,8 +11,9 @@ from kernel_helpers import OWNER, ROOT, answer, ask, ctl, finished, mkdir, produ
 from kernel import params
 from kernel.agents.config import AgentConfig
 from kernel.cores.backends.fake import FakeBackend
-from kernel.cores.enginehost import EngineSpec, ProcessCore
+from kernel.cores.enginehost import ProcessCore
 from kernel.cores.scheduler import PriorityScheduler, RoundRobinScheduler, Running, Scheduler, make_scheduler
+from kernel.cores.wire import EngineSpec
 from kernel.kernel import Kernel
 from kernel.llm.jobs import Job
 from kernel.storage.database import Storage

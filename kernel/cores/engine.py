@@ -35,7 +35,8 @@ from .. import params
 from ..llm.jobs import Job, JobState
 from ..types import Delivery
 from .backends import Backend
-from .enginehost import Core, EngineDied, ProcessCore, engine_client
+from .client import Core, engine_client
+from .enginehost import EngineDied, ProcessCore
 from .scheduler import Running, Scheduler, park
 from .stepmetrics import StepMetrics
 from .wire import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult

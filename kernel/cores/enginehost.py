@@ -1,40 +1,32 @@
 """The engine process: llama.cpp in a process of its own, and the daemon's handle on it.
 
 Native code may crash (an illegal instruction in a build for another CPU, an abort
-in a grammar, a bad GGUF, the OOM killer); when it does, it takes only this process
-with it. The daemon (kernel/cores/engine.py) keeps scheduling, storage and the mount, and
-starts a new engine process.
+in a grammar, a bad GGUF, the OOM killer) or hang (a stuck driver); either way it
+takes only this process with it. The daemon (kernel/cores/engine.py) keeps
+scheduling, storage and the mount, and starts a new engine process.
 
-`python -m kernel.cores.enginehost STEP_FD CALL_FD` is the child. Two socket pairs join
-it to the daemon, each carrying length-prefixed pickles of the message types of
-kernel/cores/wire.py (which has the table):
-- the step channel, strictly one request one answer: the `EngineSpec` first; the
-  child answers `Progress`…, `Loaded` and `Ready` once a warm-up decode ran (or
-  `Error`, and exits 1). Then `RunnerOptions` (configure), and a `Plan` → a
-  `StepResult`, one message each way per engine step, never per token; `Ping` →
-  `Pong`; `Stop` ends it.
-- the call channel, served by a second thread so that it never waits for a step:
-  `Tokenize` and `ChatPrompt` → `Ok` or `Error`.
-The KV cache, saved states and samplers never leave the child.
+`python -m kernel.cores.enginehost STEP_FD CALL_FD` is the child
+(kernel/cores/enginechild.py). Two socket pairs join it to the daemon
+(kernel/cores/channel.py), carrying the messages of kernel/cores/wire.py: on the step
+channel the spec, then progress, `Loaded` and `Ready`; then plans and their results,
+pings, and `Stop`; on the call channel, served by a thread of its own, the
+vocabulary's calls. The KV cache, saved states and samplers never leave the child.
 
 `ProcessCore` is the daemon's side: it starts the child, relays its stderr to the
-log (keeping the last lines for the crash report), and turns a dead child into
-`EngineDied` with the signal or exit status. `InlineCore` runs the same runner in
-this process, for tests and the in-process benchmarks.
+log (keeping the last lines for the crash report), keeps two plans in flight, turns
+a dead child into `EngineDied` with the signal or exit status, and is the watchdog:
+no wait on the child is without a deadline (docs/engine.md).
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import faulthandler
 import logging
 import os
-import pickle
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -45,11 +37,10 @@ from typing import Any
 
 from .. import params
 from ..errors import KernelError
-from .backends import Backend, BackendInfo
-from .runner import Runner
+from .backends import BackendInfo
+from .channel import Channel
 from .wire import (
     PING,
-    PONG,
     STOP,
     Call,
     CallReply,
@@ -58,22 +49,17 @@ from .wire import (
     EngineSpec,
     Error,
     Loaded,
-    Ok,
-    Ping,
     Plan,
     Progress,
     Ready,
     Reply,
-    Request,
     RunnerOptions,
     StepResult,
-    Stop,
     Tokenize,
 )
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "AIOSFS_TEST_ENGINE_CRASH"  # tests only: [hang:]`load`|`warmup`|`step`|`tokenize`, optionally `@PATH` (only while PATH exists)
 STDERR_LINES = 40  # lines of the engine's stderr kept for a crash report
 _STACK_LINE = re.compile(r"^\s+File |^(Current thread|Thread) 0x|^Extension modules:|^\s*$")  # faulthandler's dump: in the log, not the reason
 
@@ -88,256 +74,7 @@ class EngineDied(Exception):
         self.hung = hung  # the watchdog killed it: no progress within the deadline
 
 
-# -- framing ---------------------------------------------------------------------------------
-class Channel:
-    """Length-prefixed pickles over a stream socket. Both ends are this project's code.
-
-    The daemon's end never waits without a bound: `send` and `recv` take a deadline
-    (`until`, in `time.monotonic()` seconds) and raise TimeoutError past it, and `recv`
-    calls `check` every `WAKE_SECONDS` while it waits, which may end the wait by raising.
-    A timed-out channel is never used again: the engine behind it is killed."""
-
-    WAKE_SECONDS = 0.25
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buffer = bytearray()  # bytes received past the message being read
-
-    def send(self, message: Any, until: float | None = None) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.sock.settimeout(None if until is None else max(until - time.monotonic(), 1e-3))
-        self.sock.sendall(struct.pack("<Q", len(data)) + data)
-
-    def recv(self, until: float | None = None, check: Callable[[], None] | None = None) -> Any:
-        (size,) = struct.unpack("<Q", self._exactly(8, until, check))
-        return pickle.loads(self._exactly(size, until, check))
-
-    def _exactly(self, n: int, until: float | None, check: Callable[[], None] | None) -> bytes:
-        while len(self._buffer) < n:
-            if until is None:
-                self.sock.settimeout(None)
-            else:
-                left = until - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                self.sock.settimeout(min(left, self.WAKE_SECONDS))
-            try:
-                chunk = self.sock.recv(max(n - len(self._buffer), 1 << 16))
-            except TimeoutError:
-                if check is not None:
-                    check()
-                continue
-            if not chunk:
-                raise EOFError("the other end closed the channel")
-            self._buffer += chunk
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# -- the child -------------------------------------------------------------------------------
-def _crash_here(point: str) -> None:
-    """Tests: die with SIGSEGV at `point` when AIOSFS_TEST_ENGINE_CRASH asks for it, or
-    stop with SIGSTOP (a hang) when it asks for `hang:POINT`."""
-    wanted, _, path = os.environ.get(CRASH_ENV, "").partition("@")
-    hang = wanted.startswith("hang:")
-    if wanted.removeprefix("hang:") == point and (not path or os.path.exists(path)):
-        sys.stderr.write(f"engine: {'hanging' if hang else 'crashing'} at {point} on purpose ({CRASH_ENV})\n")
-        sys.stderr.flush()
-        # at this thread: os.kill would let the kernel stop the process from another thread,
-        # and this one could still answer before the stop reaches it
-        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP if hang else signal.SIGSEGV)
-
-
-def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
-    if spec.kind == "fake":
-        from .backends.fake import FakeBackend
-
-        return FakeBackend(n_slots=spec.n_slots or params.DEFAULT_SLOTS, n_ctx_seq=spec.n_ctx_seq, step_delay=spec.fake_delay)
-    from .backends.llama import LlamaBackend
-
-    return LlamaBackend(
-        Path(spec.model),
-        threads=spec.threads,
-        gpu_layers=spec.gpu_layers,
-        n_slots=spec.n_slots,
-        n_ctx_seq=spec.n_ctx_seq,
-        kv_budget=spec.kv_budget,
-        progress=progress,
-        name=spec.name,
-    )
-
-
-def _serve_calls(channel: Channel, backend: Backend) -> None:
-    def tokenize(call: Tokenize) -> list[int]:
-        _crash_here("tokenize")
-        return backend.tokenize(call.text)
-
-    def chat_prompt(call: ChatPrompt) -> str:
-        return backend.chat_prompt(call.messages)
-
-    def chat_tokens(call: ChatTokens) -> list[int]:
-        _crash_here("tokenize")
-        return backend.chat_tokens(call.messages)
-
-    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt, ChatTokens: chat_tokens}
-    while True:
-        try:
-            request: Call = channel.recv()
-        except (EOFError, OSError):
-            return
-        handler = handlers.get(type(request))
-        try:
-            reply: CallReply = Ok(handler(request)) if handler is not None else Error(errno.ENOSYS, f"unknown call {request!r}")
-        except KernelError as exc:
-            reply = Error(exc.errno, exc.message)
-        except Exception as exc:
-            log.exception("engine call %s failed", type(request).__name__)
-            reply = Error(errno.EIO, f"{type(exc).__name__}: {exc}")
-        channel.send(reply)
-
-
-class _Serving:
-    """The child's step channel once it is ready: one handler per message type."""
-
-    def __init__(self, backend: Backend, steps: Channel) -> None:
-        self.backend = backend
-        self.steps = steps
-        self.runner: Runner | None = None
-        self.handlers: dict[type, Callable[[Any], None]] = {RunnerOptions: self.configure, Plan: self.step, Ping: self.ping}
-
-    def serve(self) -> int:
-        """Until the daemon says `Stop` or goes; the exit status."""
-        while True:
-            try:
-                message: Request = self.steps.recv()
-            except EOFError:
-                return 0  # the daemon is gone
-            if type(message) is Stop:
-                return 0
-            handler = self.handlers.get(type(message))
-            if handler is not None:
-                handler(message)
-
-    def configure(self, options: RunnerOptions) -> None:
-        if self.runner is not None:
-            self.runner.close()
-        self.runner = Runner(self.backend, options)
-
-    def step(self, plan: Plan) -> None:
-        _crash_here("step")
-        if self.runner is None:
-            self.runner = Runner(self.backend)
-        self.steps.send(self.runner.step(plan))
-
-    def ping(self, _: Ping) -> None:  # the watchdog's look at an idle engine
-        self.steps.send(PONG)
-
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-        self.backend.close()
-
-
-def child_main(step_fd: int, call_fd: int) -> int:
-    faulthandler.enable()  # a native crash prints the Python stack to stderr, which the daemon keeps
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at a foreground mount is the daemon's to handle: it stops us
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    steps = Channel(socket.socket(fileno=step_fd))
-    calls = Channel(socket.socket(fileno=call_fd))
-    spec: EngineSpec = steps.recv()
-    last = [-1.0]
-
-    def progress(fraction: float) -> None:
-        if fraction - last[0] >= 0.05 or fraction >= 1:
-            last[0] = fraction
-            steps.send(Progress(fraction))
-
-    _crash_here("load")
-    try:
-        backend = _load(spec, progress)
-    except KernelError as exc:
-        steps.send(Error(exc.errno, exc.message))
-        return 1
-    except Exception as exc:
-        log.exception("loading the model failed")
-        steps.send(Error(errno.EIO, f"{type(exc).__name__}: {exc}"))
-        return 1
-    steps.send(Loaded(backend.info))
-    _crash_here("warmup")
-    backend.warm_up()  # on this thread: the one that decodes from now on
-    threading.Thread(target=_serve_calls, args=(calls, backend), name="engine-calls", daemon=True).start()
-    steps.send(Ready(os.getpid()))
-    serving = _Serving(backend, steps)
-    try:
-        return serving.serve()
-    finally:
-        serving.close()
-
-
 # -- the daemon's side -----------------------------------------------------------------------
-class InlineCore:
-    """The runner in this process, on the engine thread (tests, in-process benchmarks).
-    Nothing watches it: a hang in this process could not be killed anyway."""
-
-    hung = False
-    hangs = 0
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.on_exit: Callable[[], None] = lambda: None  # never called: this process does not exit under itself
-        self.info = backend.info
-        self.state = "loading"
-        self.failure = ""
-        self.pid = os.getpid()
-        self._runner = Runner(backend)
-        self._plans: collections.deque[Plan] = collections.deque()
-
-    def set_state(self, state: str, failure: str = "") -> None:
-        self.state, self.failure = state, failure
-
-    def alive(self) -> bool:
-        return True
-
-    def death_reason(self) -> str:
-        return ""
-
-    def deadline(self) -> float | None:
-        return None
-
-    def configure(self, options: RunnerOptions) -> None:
-        self._runner = Runner(self.backend, options)
-
-    def start(self, progress: Callable[[float], None] | None = None) -> None:
-        if self.state != "ready":
-            self.backend.warm_up()
-            self.state = "ready"
-
-    depth = 1  # plans in flight: one, carried out when collected (on the caller's thread)
-
-    def submit(self, plan: Plan) -> None:
-        self._plans.append(plan)
-
-    def collect(self) -> StepResult:
-        return self._runner.step(self._plans.popleft())
-
-    def step(self, plan: Plan) -> StepResult:
-        return self._runner.step(plan)
-
-    def ping(self) -> None:
-        return None
-
-    def interrupt(self) -> None:
-        return None
-
-    def close(self) -> None:
-        self._runner.close()
-        self.backend.close()
-
-
 class StepTimes:
     """The slowest engine step of the last few windows of steps: what "recent" means for
     the watchdog's deadline. O(1) a step: the engine loop runs thousands a second on a GPU."""
@@ -750,18 +487,11 @@ def _stopped(pid: int, traced: bool = True) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in (("T", "t") if traced else ("T",))
 
 
-Core = InlineCore | ProcessCore
-
-
-def engine_client(backend: Backend | ProcessCore) -> Core:
-    """The one place where the kind of engine is chosen: an engine process as it is, a
-    backend to run in this process behind the same interface."""
-    return backend if isinstance(backend, ProcessCore) else InlineCore(backend)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    return child_main(int(args[0]), int(args[1]))
+    """The engine process (kernel/cores/enginechild.py): its command line names this module."""
+    from .enginechild import main as child
+
+    return child(argv)
 
 
 if __name__ == "__main__":

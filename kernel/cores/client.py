@@ -1,0 +1,89 @@
+"""The engine client: one interface to a local engine, in this process or in a process
+of its own, chosen once (`engine_client`).
+
+`ProcessCore` (kernel/cores/enginehost.py) runs llama.cpp in a supervised child and
+keeps two plans in flight; `InlineCore` runs the same runner on the caller's thread,
+one plan at a time, for tests and in-process benchmarks. The engine loop
+(kernel/cores/engine.py) talks to either through the same methods: `start`,
+`configure`, `submit` and `collect` (or `step`), `ping`, `interrupt`, `close`, and
+the vocabulary's `chat_tokens`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable
+
+from .backends import Backend
+from .enginehost import ProcessCore
+from .runner import Runner
+from .wire import Plan, RunnerOptions, StepResult
+
+
+class InlineCore:
+    """The runner in this process, on the engine thread (tests, in-process benchmarks).
+    Nothing watches it: a hang in this process could not be killed anyway."""
+
+    hung = False
+    hangs = 0
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.on_exit: Callable[[], None] = lambda: None  # never called: this process does not exit under itself
+        self.info = backend.info
+        self.state = "loading"
+        self.failure = ""
+        self.pid = os.getpid()
+        self._runner = Runner(backend)
+        self._plans: collections.deque[Plan] = collections.deque()
+
+    def set_state(self, state: str, failure: str = "") -> None:
+        self.state, self.failure = state, failure
+
+    def alive(self) -> bool:
+        return True
+
+    def death_reason(self) -> str:
+        return ""
+
+    def deadline(self) -> float | None:
+        return None
+
+    def configure(self, options: RunnerOptions) -> None:
+        self._runner = Runner(self.backend, options)
+
+    def start(self, progress: Callable[[float], None] | None = None) -> None:
+        if self.state != "ready":
+            self.backend.warm_up()
+            self.state = "ready"
+
+    depth = 1  # plans in flight: one, carried out when collected (on the caller's thread)
+
+    def submit(self, plan: Plan) -> None:
+        self._plans.append(plan)
+
+    def collect(self) -> StepResult:
+        return self._runner.step(self._plans.popleft())
+
+    def step(self, plan: Plan) -> StepResult:
+        return self._runner.step(plan)
+
+    def ping(self) -> None:
+        return None
+
+    def interrupt(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._runner.close()
+        self.backend.close()
+
+
+Core = InlineCore | ProcessCore
+
+
+def engine_client(backend: Backend | ProcessCore) -> Core:
+    """The one place where the kind of engine is chosen: an engine process as it is, a
+    backend to run in this process behind the same interface."""
+    return backend if isinstance(backend, ProcessCore) else InlineCore(backend)

@@ -1,0 +1,194 @@
+"""The engine process's own side: `python -m kernel.cores.enginehost STEP_FD CALL_FD`.
+
+It loads the model the daemon names, warms it up, then serves the step channel on its
+main thread (the one that decodes) and the call channel on a second one, until the
+daemon says `Stop` or goes away. The daemon's side, and the protocol, are in
+kernel/cores/enginehost.py; the messages in kernel/cores/wire.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import params
+from ..errors import KernelError
+from .backends import Backend
+from .channel import Channel
+from .runner import Runner
+from .wire import (
+    PONG,
+    Call,
+    CallReply,
+    ChatPrompt,
+    ChatTokens,
+    EngineSpec,
+    Error,
+    Loaded,
+    Ok,
+    Ping,
+    Plan,
+    Progress,
+    Ready,
+    Request,
+    RunnerOptions,
+    Stop,
+    Tokenize,
+)
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "AIOSFS_TEST_ENGINE_CRASH"  # tests only: [hang:]`load`|`warmup`|`step`|`tokenize`, optionally `@PATH` (only while PATH exists)
+
+
+def _crash_here(point: str) -> None:
+    """Tests: die with SIGSEGV at `point` when AIOSFS_TEST_ENGINE_CRASH asks for it, or
+    stop with SIGSTOP (a hang) when it asks for `hang:POINT`."""
+    wanted, _, path = os.environ.get(CRASH_ENV, "").partition("@")
+    hang = wanted.startswith("hang:")
+    if wanted.removeprefix("hang:") == point and (not path or os.path.exists(path)):
+        sys.stderr.write(f"engine: {'hanging' if hang else 'crashing'} at {point} on purpose ({CRASH_ENV})\n")
+        sys.stderr.flush()
+        # at this thread: os.kill would let the kernel stop the process from another thread,
+        # and this one could still answer before the stop reaches it
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP if hang else signal.SIGSEGV)
+
+
+def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
+    if spec.kind == "fake":
+        from .backends.fake import FakeBackend
+
+        return FakeBackend(n_slots=spec.n_slots or params.DEFAULT_SLOTS, n_ctx_seq=spec.n_ctx_seq, step_delay=spec.fake_delay)
+    from .backends.llama import LlamaBackend
+
+    return LlamaBackend(
+        Path(spec.model),
+        threads=spec.threads,
+        gpu_layers=spec.gpu_layers,
+        n_slots=spec.n_slots,
+        n_ctx_seq=spec.n_ctx_seq,
+        kv_budget=spec.kv_budget,
+        progress=progress,
+        name=spec.name,
+    )
+
+
+def _serve_calls(channel: Channel, backend: Backend) -> None:
+    def tokenize(call: Tokenize) -> list[int]:
+        _crash_here("tokenize")
+        return backend.tokenize(call.text)
+
+    def chat_prompt(call: ChatPrompt) -> str:
+        return backend.chat_prompt(call.messages)
+
+    def chat_tokens(call: ChatTokens) -> list[int]:
+        _crash_here("tokenize")
+        return backend.chat_tokens(call.messages)
+
+    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt, ChatTokens: chat_tokens}
+    while True:
+        try:
+            request: Call = channel.recv()
+        except (EOFError, OSError):
+            return
+        handler = handlers.get(type(request))
+        try:
+            reply: CallReply = Ok(handler(request)) if handler is not None else Error(errno.ENOSYS, f"unknown call {request!r}")
+        except KernelError as exc:
+            reply = Error(exc.errno, exc.message)
+        except Exception as exc:
+            log.exception("engine call %s failed", type(request).__name__)
+            reply = Error(errno.EIO, f"{type(exc).__name__}: {exc}")
+        channel.send(reply)
+
+
+class _Serving:
+    """The child's step channel once it is ready: one handler per message type."""
+
+    def __init__(self, backend: Backend, steps: Channel) -> None:
+        self.backend = backend
+        self.steps = steps
+        self.runner: Runner | None = None
+        self.handlers: dict[type, Callable[[Any], None]] = {RunnerOptions: self.configure, Plan: self.step, Ping: self.ping}
+
+    def serve(self) -> int:
+        """Until the daemon says `Stop` or goes; the exit status."""
+        while True:
+            try:
+                message: Request = self.steps.recv()
+            except EOFError:
+                return 0  # the daemon is gone
+            if type(message) is Stop:
+                return 0
+            handler = self.handlers.get(type(message))
+            if handler is not None:
+                handler(message)
+
+    def configure(self, options: RunnerOptions) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = Runner(self.backend, options)
+
+    def step(self, plan: Plan) -> None:
+        _crash_here("step")
+        if self.runner is None:
+            self.runner = Runner(self.backend)
+        self.steps.send(self.runner.step(plan))
+
+    def ping(self, _: Ping) -> None:  # the watchdog's look at an idle engine
+        self.steps.send(PONG)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.backend.close()
+
+
+def child_main(step_fd: int, call_fd: int) -> int:
+    faulthandler.enable()  # a native crash prints the Python stack to stderr, which the daemon keeps
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at a foreground mount is the daemon's to handle: it stops us
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    steps = Channel(socket.socket(fileno=step_fd))
+    calls = Channel(socket.socket(fileno=call_fd))
+    spec: EngineSpec = steps.recv()
+    last = [-1.0]
+
+    def progress(fraction: float) -> None:
+        if fraction - last[0] >= 0.05 or fraction >= 1:
+            last[0] = fraction
+            steps.send(Progress(fraction))
+
+    _crash_here("load")
+    try:
+        backend = _load(spec, progress)
+    except KernelError as exc:
+        steps.send(Error(exc.errno, exc.message))
+        return 1
+    except Exception as exc:
+        log.exception("loading the model failed")
+        steps.send(Error(errno.EIO, f"{type(exc).__name__}: {exc}"))
+        return 1
+    steps.send(Loaded(backend.info))
+    _crash_here("warmup")
+    backend.warm_up()  # on this thread: the one that decodes from now on
+    threading.Thread(target=_serve_calls, args=(calls, backend), name="engine-calls", daemon=True).start()
+    steps.send(Ready(os.getpid()))
+    serving = _Serving(backend, steps)
+    try:
+        return serving.serve()
+    finally:
+        serving.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    return child_main(int(args[0]), int(args[1]))
