@@ -383,9 +383,10 @@ class ProcessCore:
         return self._call(ChatTokens([dict(m) for m in messages]))
 
     def _call(self, call: Call) -> Any:
-        """A call on the call channel, within one deadline in all: a restarting engine is
-        waited for, and a call that the engine died in is made again on the next one; a
-        failed engine is EIO now, and so is one that does not answer in time (it is hung)."""
+        """A call on the call channel: a restarting engine is waited for (one deadline at
+        most), and a call that the engine died in is made again on the next one; a failed
+        engine is EIO now, and so is one that does not answer within a deadline (it is
+        hung). So a call takes at most two deadlines, one only when the engine serves."""
         deadline = self.deadline()
         until = time.monotonic() + deadline
         dead: int | None = None  # the pid of an engine that died under this call
@@ -407,8 +408,10 @@ class ProcessCore:
             try:
                 if calls is None:
                     raise EOFError
-                self._send(calls, call, max(until - started, 0.0), f"a {call.name} call", started)
-                reply: CallReply = self._wait(calls, max(until - started, 0.0), f"a {call.name} call", started)
+                # the engine gets a whole deadline to answer, however long this call waited
+                # for it to be ready: the verdict "hung" is about the engine, not the caller
+                self._send(calls, call, deadline, f"a {call.name} call", started)
+                reply: CallReply = self._wait(calls, deadline, f"a {call.name} call", started)
             except EngineDied as exc:
                 raise KernelError(errno.EIO, exc.reason) from None
             except (EOFError, OSError):
