@@ -70,7 +70,7 @@ class KernelCollector(Collector):
 
     def _kernel_wide(self) -> Iterator[Metric]:
         k = self.kernel
-        waiting = sum(len(agent.next_turns) for agent in k.agents.values())
+        waiting = k.requests.waiting_turns()
         yield GaugeMetricFamily(
             "aiosfs_waiting_turns", "Prompt jobs waiting behind their agent's running turn (in no core's queue yet).", value=waiting
         )

@@ -5,7 +5,7 @@ of its own, chosen once (`engine_client`).
 keeps two plans in flight; `InlineCore` runs the same runner on the caller's thread,
 one plan at a time, for tests and in-process benchmarks. The engine loop
 (kernel/cores/engine.py) talks to either through the same methods: `start`,
-`configure`, `submit` and `collect` (or `step`), `ping`, `interrupt`, `close`, and
+`configure`, `submit` and `collect`, `ping`, `interrupt`, `close`, and
 the vocabulary's `chat_tokens`.
 """
 
@@ -65,9 +65,6 @@ class InlineCore:
 
     def collect(self) -> StepResult:
         return self._runner.step(self._plans.popleft())
-
-    def step(self, plan: Plan) -> StepResult:
-        return self._runner.step(plan)
 
     def ping(self) -> None:
         return None

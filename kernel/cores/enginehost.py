@@ -251,10 +251,6 @@ class ProcessCore:
         self._times.add(self._collected - since)
         return result
 
-    def step(self, plan: Plan) -> StepResult:
-        self.submit(plan)
-        return self.collect()
-
     def ping(self) -> None:
         """Ask an idle engine for a sign of life; EngineDied (hung) when none comes in time."""
         assert self._steps is not None
