@@ -72,6 +72,7 @@ REMOTE_ERROR_CHARS = 500  # a server's error message is cut to this many charact
 REMOTE_KEY_MAX_BYTES = 4096  # an API key file larger than this is refused: it is not a key
 
 # -- model-driven tool calls ----------------------------------------------------------
+MAX_TOOL_CALLS = 8  # calls in one reply of the model (parallel_tool_calls=off: 1); they run concurrently
 MAX_TOOL_STEPS = 4  # generations of one request that uses tools; the last may only answer
 
 # -- the tool manager (kernel/tools/, tools/) -----------------------------------------

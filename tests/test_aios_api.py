@@ -229,10 +229,12 @@ def test_tool_call_output_names_a_tool_from_the_list(api: Gateway, fs: Mount):
     query["query_data"]["max_new_tokens"] = 48
     response = api.query(query)["response"]
     assert response["error"] is None and response["response_message"] is None, response
-    [call] = response["tool_calls"]
-    assert call["name"] in ("demo_author/weather", "demo_author/clock") and call["id"].startswith("call_")
-    schema = WEATHER if call["name"] == "demo_author/weather" else CLOCK
-    jsonschema.validate(call["parameters"], schema["function"]["parameters"])  # type: ignore[index]
+    calls = response["tool_calls"]
+    assert calls and len({c["id"] for c in calls}) == len(calls), calls  # every call the model made, each with its own id
+    for call in calls:
+        assert call["name"] in ("demo_author/weather", "demo_author/clock") and call["id"].startswith("call_")
+        schema = WEATHER if call["name"] == "demo_author/weather" else CLOCK
+        jsonschema.validate(call["parameters"], schema["function"]["parameters"])  # type: ignore[index]
     assert "not run" not in (fs.agents / "tool_agent" / "error").read_text()
 
 
@@ -260,8 +262,10 @@ def test_operate_file_runs_the_models_storage_operation_and_sums_it_up(api: Gate
     assert response.status_code == 200
     summary = response.json()
     assert isinstance(summary, str) and summary  # a bare string, as the AIOS kernel answers
-    [call] = [e for e in map(json.loads, lines) if e["event"] == "tool_call"]
-    assert call["tool"] in ("create_file", "create_dir", "write", "read", "retrieve", "rollback", "delete_file", "delete_dir")
+    calls = [e for e in map(json.loads, lines) if e["event"] == "tool_call"]
+    assert calls and all(
+        call["tool"] in ("create_file", "create_dir", "write", "read", "retrieve", "rollback", "delete_file", "delete_dir") for call in calls
+    )
 
 
 def test_an_llm_error_comes_back_in_band(api: Gateway):
@@ -357,6 +361,9 @@ def test_tool_queries_run_served_tools(api: Gateway):
     assert nameless["status_code"] == 400 and "needs a name" in nameless["error"]
     unknown = api.query(tool("calc", {"name": "demo_author/arxiv", "parameters": {"query": "AIOS"}}))["response"]
     assert unknown["status_code"] == 404 and "no tool 'demo_author/arxiv'" in unknown["error"]
+    calls = [{"name": "calculator", "parameters": {"expression": f"{n}*{n}"}} for n in range(1, 6)]
+    several = api.query(tool("calc", *calls))["response"]  # run at once, answered in the order of the calls
+    assert [json.loads(line) for line in several["response_message"].splitlines()] == [{"result": n * n} for n in range(1, 6)]
 
 
 def test_llms_list_and_status(api: Gateway):

@@ -144,6 +144,7 @@ def test_render_lists_every_key_in_order():
         "memory_recall",
         "memory_top_k",
         "tool_choice",
+        "parallel_tool_calls",
         "ignore_eos",
         "on_restart",
     ]

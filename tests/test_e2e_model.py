@@ -165,6 +165,21 @@ def test_the_model_calls_a_tool_under_its_grammar(fs: Mount) -> None:
     assert status.startswith("done")
     assert "7006652" in answer  # the tool's result reached the answer
     messages = [json.loads(line) for line in (agent / "context").read_text().splitlines()]
-    call = json.loads(messages[1]["content"])  # the grammar made it well-formed JSON
+    [call] = json.loads(messages[1]["content"])["calls"]  # the grammar made it well-formed JSON; a named tool: one call
     assert call["tool"] == "calculator" and "1234" in call["arguments"]["expression"]
-    assert json.loads(messages[2]["content"]) == {"ok": True, "result": {"result": 7006652}}
+    assert json.loads(messages[2]["content"]) == {"tool": "calculator", "ok": True, "result": {"result": 7006652}}
+
+
+def test_the_model_makes_two_calls_in_one_reply(fs: Mount) -> None:
+    agent = fs.agent("two_calls")
+    greedy(agent, "tools=calculator clock", "tool_choice=required", "max_tokens=160", "system=Use the tools. Call every tool you need at once.")
+    result = sh(f"echo 'What is 12*7, and what time is it now?' > {agent}/prompt && cat {agent}/output && cat {agent}/status", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().rsplit("\n", 1)[1].startswith("done")
+    messages = [json.loads(line) for line in (agent / "context").read_text().splitlines()]
+    calls = json.loads(messages[1]["content"])["calls"]
+    assert [c["tool"] for c in calls] == ["calculator", "clock"] and calls[0]["arguments"]["expression"].replace(" ", "") == "12*7"
+    results = [json.loads(m["content"]) for m in messages[2:4]]
+    assert [m["role"] for m in messages[2:4]] == ["tool", "tool"]
+    assert results[0] == {"tool": "calculator", "ok": True, "result": {"result": 84}}  # the results in the order of the calls
+    assert results[1]["tool"] == "clock" and results[1]["ok"] is True and "utc" in results[1]["result"]

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from .client import FileError, MountClient, unescape
 
 log = logging.getLogger(__name__)
@@ -218,15 +220,23 @@ class Queries:
         return [{"name": c["name"], "parameters": c["arguments"], "id": c["id"]} for c in reply["tool_calls"]]
 
     async def _run_tools(self, agent: Path, calls: list[dict[str, Any]]) -> dict[str, Any]:
-        """Run every call through tools/NAME; the results, one per line."""
-        results: list[str] = []
-        for call in calls:
+        """Run every call through tools/NAME, all at once; the results one per line, in
+        the order of the calls (or the first call's error, in that order)."""
+        outcomes: list[Any] = [None] * len(calls)
+
+        async def run(index: int, call: dict[str, Any]) -> None:
             try:
-                result = await self.client.tool(agent, await self._served(call.get("name")), call.get("parameters") or {})
+                outcomes[index] = await self.client.tool(agent, await self._served(call.get("name")), call.get("parameters") or {})
             except FileError as exc:
-                return tool_response(f"Tool calling error: {exc}", exc)
-            results.append(result if isinstance(result, str) else json.dumps(result, ensure_ascii=False))
-        return tool_response("\n".join(results))
+                outcomes[index] = exc
+
+        async with trio.open_nursery() as nursery:
+            for index, call in enumerate(calls):
+                nursery.start_soon(run, index, call)
+        for outcome in outcomes:
+            if isinstance(outcome, FileError):
+                return tool_response(f"Tool calling error: {outcome}", outcome)
+        return tool_response("\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in outcomes))
 
     async def _served(self, name: Any) -> str:
         """The served tool an AIOS name means: itself, or the part after its author

@@ -82,8 +82,8 @@ def _names(value: Any) -> tuple[str, ...]:
 
 def _tool_choice(value: Any) -> str:
     text = str(value).strip()
-    if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", text):
-        raise ValueError(f"{value!r} is not auto, none or a tool name")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,64})?", text):
+        raise ValueError(f"{value!r} is not auto, none, required or a tool name")
     return text
 
 
@@ -120,6 +120,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "memory_recall": _switch,
     "memory_top_k": _int_in(1, params.MAX_MEMORY_TOP_K),
     "tool_choice": _tool_choice,
+    "parallel_tool_calls": _switch,
     "ignore_eos": _switch,
     "on_restart": _choice("requeue", "fail"),
 }
@@ -153,7 +154,8 @@ class AgentConfig:
     tools: tuple[str, ...] = ()
     memory_recall: bool = False
     memory_top_k: int = params.DEFAULT_MEMORY_TOP_K  # passages recalled into each prompt
-    tool_choice: str = "auto"  # auto | none | a tool's name (the first step must call it)
+    tool_choice: str = "auto"  # auto | none | required | a tool's name (the first step must call it)
+    parallel_tool_calls: bool = True  # a reply may make several calls (MAX_TOOL_CALLS); off: one
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     on_restart: str = "requeue"  # what a restart does to an unfinished prompt job: requeue | fail
     stop: tuple[str, ...] = field(default=())

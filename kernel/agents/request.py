@@ -14,7 +14,8 @@ SETTINGS are the config keys of ENVELOPE_KEYS, checked by the config's validator
                      declarations {"type": "function", "function": {"name", "description",
                      "parameters"}} (or the inner object alone): the model's calls are
                      returned as JSON, not run; "tool_choice" is then auto, none, required
-                     or a declared name.
+                     or a declared name;
+  "parallel_tool_calls"  true (the default): a reply may make several calls; false: one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ ENVELOPE_KEYS = (
     "model",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "ignore_eos",
     "response_format",
 )

@@ -62,6 +62,7 @@ class Job:
     step: Job | None = None  # the running step of this job's tool loop
     extra_prompt_tokens: int = 0  # prompts of the tool loop's later steps, for the budget
     tool_messages: list[dict[str, str]] = field(default_factory=list)  # the loop's calls and results, for the context
+    calls_made: int = 0  # tool calls of this job so far: the N of their ids call_JOB_N
     history: list[dict[str, str]] | None = None  # a stateless chat's conversation (envelope "messages"): no context is read or kept
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 

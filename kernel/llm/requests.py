@@ -36,7 +36,7 @@ from ..types import Agent, AuditSink, Caller, Message
 from .events import EventStream, job_event
 from .jobs import Job, JobState
 from .results import Results
-from .toolloop import run_tool_loop, uses_tools, with_tools
+from .toolloop import calls_per_reply, run_tool_loop, uses_tools, with_tools
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Requests(Results):
                 raise KernelError(
                     errno.EINVAL, f"tool_choice {config.tool_choice!r} is not auto, required or one of this request's tools ({' '.join(names)})"
                 )
-            config = dataclasses.replace(config, system=with_tools(config.system, specs))
+            config = dataclasses.replace(config, system=with_tools(config.system, specs, calls_per_reply(config)))
         return config, recalled
 
     def tool_specs(self, config: AgentConfig) -> list[ToolSpec] | list[Function]:

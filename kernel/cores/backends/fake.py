@@ -103,16 +103,26 @@ class FakeBackend:
     @staticmethod
     def _tool_reply(prompt: str, grammar: str) -> bytes:
         """Under a grammar (a tool step): a user message `call NAME {JSON}` becomes that
-        tool call, unless the grammar allows only an answer; a tool result gets
-        `{"answer": "tool said: ..."}`; anything else is answered in upper case."""
+        tool call (several, joined by ` ; call `), unless the grammar allows only an
+        answer; the results of a turn's calls get `{"answer": "tool said: ..."}`
+        with each result's content on a line of its own (`again call ...` makes the
+        calls again instead); anything else is answered in upper case."""
         messages = re.findall(r"<\|(\w+)\|>\n(.*?)<\|end\|>\n", prompt, re.S)
-        role, content = messages[-1] if messages else ("user", "")
-        content = content.strip()
-        if role == "tool":
-            return json.dumps({"answer": f"tool said: {content}"}).encode()
+        results: list[str] = []
+        while messages and messages[-1][0] in ("tool", "assistant"):
+            role, text = messages.pop()
+            results[:0] = [text.strip()] if role == "tool" else []
+        content = messages[-1][1].strip() if messages else ""
+        if content.startswith("again "):  # a model that repeats its calls, whatever their results
+            content = content.removeprefix("again ")
+        elif results:
+            return json.dumps({"answer": "tool said: " + "\n".join(results)}).encode()
         if content.startswith("call ") and '"\\"tool\\""' in grammar:
-            name, _, arguments = content[5:].partition(" ")
-            return json.dumps({"tool": name, "arguments": json.loads(arguments or "{}")}).encode()
+            calls = []
+            for part in content[5:].split(" ; call "):
+                name, _, arguments = part.partition(" ")
+                calls.append({"tool": name, "arguments": json.loads(arguments or "{}")})
+            return json.dumps({"calls": calls}).encode()
         return json.dumps({"answer": content.upper()}).encode()
 
     def free_sampler(self, sampler: Any) -> None:
