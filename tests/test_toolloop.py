@@ -51,6 +51,8 @@ def test_parse_step():
         with pytest.raises(KernelError) as info:
             parse_step(bad)
         assert info.value.errno == errno.EIO
+    cut = '{"calls": [{"tool": "clock", "arguments": {}}, {"tool": "clock", "arguments": {}}, {"tool": "calculator", "arguments": {"expr'
+    assert parse_step(cut) == ("calls", [("clock", {})])  # cut by max_tokens: the complete calls, each once
     with pytest.raises(KernelError) as info:  # a core that applies no grammar may make more calls than allowed
         parse_step(two, most=1)
     assert info.value.errno == errno.EIO and "at most 1" in info.value.message
@@ -228,3 +230,18 @@ def test_declared_tools_may_come_back_as_several_calls(kernel):
         {"id": f"call_{called.id}_2", "name": "clock", "arguments": {}},
     ]
     assert one.state.value == "error" and "at most 1" in one.message
+
+
+def test_a_reply_that_repeats_the_calls_before_it_is_not_run_again(kernel):
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "tools=calculator\n")
+            return agent, await ask(kernel, agent, 'again call calculator {"expression": "2+2"}')
+
+    agent, job = run(body)
+    assert job.state.value == "done"
+    assert len(events_of(agent, "tool_call")) == 1  # the repeated reply ran nothing
+    grammars = [g for g in kernel.backend.grammars if g]
+    assert len(grammars) == 3 and "calculator" not in grammars[2]  # then a step that may only answer
+    assert [m["role"] for m in agent.messages] == ["user", "assistant", "tool", "assistant"]
