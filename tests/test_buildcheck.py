@@ -13,6 +13,7 @@ import pytest
 
 from aiosfs import buildcheck
 from aiosfs.buildcheck import CpuInfo, Outcome
+from aiosfs.setupkit import sha256_of
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT = json.dumps({"tokens_decoded": 4, "text": " Paris", "gpu_offload_supported": False, "system_info": "CPU : AVX2 = 1"})
@@ -216,7 +217,7 @@ def test_the_real_check_decodes_on_the_embedded_model_and_records_it(model: Path
     assert data["cpu"]["model"] == buildcheck.cpu_info().model
     assert data["gpu_offload"]["requested"] is False
     assert data["exit"] == {"returncode": 0, "signal": None, "timed_out": False}
-    assert data["fingerprint"]["model_sha256"] == buildcheck._file_sha256(model)
+    assert data["fingerprint"]["model_sha256"] == sha256_of(model)
     assert data["checked_at"]
     assert buildcheck.main(["status", "--record", str(record)]) == buildcheck.EXIT_OK
     assert "verified" in capsys.readouterr().out

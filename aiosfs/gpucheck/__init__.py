@@ -25,13 +25,14 @@ bundle), gguf (the model's layers).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from ..setupkit import Ran as Ran
+from ..setupkit import run_child as run_child
+from ..setupkit import stop_group as stop_group
+from ..setupkit import with_path
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the project: aiosfs, kernel, bench
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -47,51 +48,4 @@ def say(message: str) -> None:
 
 def child_env(site: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the check's children: the private packages (`site`) and this project first on their path."""
-    paths = [str(p) for p in (site, ROOT) if p is not None]
-    env = {**os.environ, **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-@dataclass
-class Ran:
-    """How a child process ended."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-    timed_out: bool
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join((self.stderr or self.stdout).rstrip().splitlines()[-lines:])
-
-
-def run_child(cmd: Sequence[str], *, timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None) -> Ran:
-    """Run `cmd`, capture it, never wait past `timeout` (its process group is killed then)."""
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=cwd, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=max(1.0, timeout))
-        return Ran(proc.returncode, out, err, time.monotonic() - started, False)
-    except subprocess.TimeoutExpired:
-        stop_group(proc)
-        out, err = proc.communicate()
-        return Ran(proc.returncode, out, err, time.monotonic() - started, True)
-
-
-def stop_group(proc: subprocess.Popen[str], grace: float = 15.0) -> None:
-    """SIGTERM to the child's process group (the bench then stops its workers and servers), SIGKILL after `grace`."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return with_path({**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}, site, ROOT)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import shutil
@@ -33,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..setupkit import sha256_of
 from . import BUNDLE_LIMIT, LLAMA_CPP_PYTHON, MIB, ROOT, gguf, say
 
 # paths under the source package's top directory that the build does not read
@@ -96,14 +96,6 @@ exec "$work/project/scripts/gpu-check" --bundle "$here" --work "$work" "$@"
 """
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -165,7 +157,7 @@ def pack_source(src: Path, tmp: Path, dest: Path) -> dict[str, Any]:
     return {
         "file": dest.name,
         "from": str(src),
-        "from_sha256": sha256(src) if src.is_file() else None,
+        "from_sha256": sha256_of(src) if src.is_file() else None,
         "removed": removed,
         "bytes": dest.stat().st_size,
     }
@@ -224,7 +216,7 @@ def pack_model(model: Path, dest: Path, room: int) -> dict[str, Any]:
     return {
         "file": dest.name,
         "source": model.name,
-        "source_sha256": sha256(model),
+        "source_sha256": sha256_of(model),
         "source_bytes": model.stat().st_size,
         "layers": header.block_count,
         "kept": kept.block_count,
