@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", type=int, default=16, help="agents of the long runs, one slot each (default: 16)")
     p.add_argument("--tokens", type=int, default=1000, help="generated tokens per long job (default: 1000)")
     p.add_argument("--delays", default="0,0.003", help="fake decode step times in seconds, comma-separated (default: 0,0.003)")
-    p.add_argument("--short-agents", type=int, default=1000, help="agents of the short-jobs run, one short prompt each (default: 1000)")
+    p.add_argument("--short-agents", type=int, default=1000, help="agents of the short-jobs run, one short prompt each (default: 1000; 0: none)")
     p.add_argument("--short-threads", type=int, default=64, help="client threads of the short-jobs run (default: 64)")
     p.add_argument("--reps", type=int, default=1, help="repetitions of everything, interleaved (default: 1)")
     p.add_argument("--quick", action="store_true", help="4 agents x 200 tokens, no delay, 50 short jobs: a smoke run")
@@ -214,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_inproc(args.agents, requests[0], args.agents, delay)
                 results.append(result.summary())
                 err(f"  {results[-1]['steps_per_s']:.0f} steps/s, {results[-1]['tok_per_s']:.0f} tok/s")
-        err(f"host-ceiling: rep {rep + 1}/{args.reps}, short jobs: {args.short_agents} agents by {args.short_threads} threads")
-        short = ["Say hi."] * args.short_agents
-        results.append(run_mount("short-mount", args.short_agents, short, 16, 0.0, args.short_threads).summary())
-        err(f"  {results[-1]['jobs_per_s']:.1f} jobs/s")
+        if args.short_agents:  # 0: no short jobs
+            err(f"host-ceiling: rep {rep + 1}/{args.reps}, short jobs: {args.short_agents} agents by {args.short_threads} threads")
+            short = ["Say hi."] * args.short_agents
+            results.append(run_mount("short-mount", args.short_agents, short, 16, 0.0, args.short_threads).summary())
+            err(f"  {results[-1]['jobs_per_s']:.1f} jobs/s")
     print(table(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -280,3 +280,45 @@ def test_a_stopped_engine_is_found_at_the_floor_even_when_slow_steps_raised_the_
         assert waited < core.deadline(), f"a stopped engine was waited for {waited:.1f} s, its full deadline"
     finally:
         core.close()
+
+
+def test_a_result_goes_back_while_the_next_step_is_on_the_device() -> None:
+    """The engine's side (kernel/cores/enginechild.py): with the next plan already there,
+    a step's result is sent after that plan's batch is queued, so the send overlaps the
+    device; a step in which a job ends is sent at once; nothing is held when no plan waits."""
+    from socket import socketpair
+
+    from kernel.agents.config import AgentConfig
+    from kernel.cores.backends.fake import FakeBackend
+    from kernel.cores.channel import Channel
+    from kernel.cores.enginechild import _Serving
+    from kernel.cores.wire import Admit, Plan, StepResult
+
+    backend = FakeBackend(n_slots=2, step_delay=0.05)
+    sent: list[bool] = []  # for each result: whether the device was busy when it was sent
+
+    class Watched(Channel):
+        def send(self, message: object, until: float | None = None) -> None:
+            if isinstance(message, StepResult):
+                sent.append(time.perf_counter() < backend._device_until)
+            super().send(message, until)
+
+    near, far = socketpair()
+    engine, daemon = Watched(near), Channel(far)
+    serving = _Serving(backend, engine)
+    config = AgentConfig(max_tokens=4, temperature=0)
+    plans = [Plan(start=[Admit(1, "a", list(b"hello"), config, 0)])] + [Plan() for _ in range(5)]
+    for plan in plans:
+        daemon.send(plan)
+    for _ in plans:
+        serving.step(engine.recv())
+    serving.send_held()
+    results = [daemon.recv() for _ in plans]
+    ended = next(i for i, r in enumerate(results) if any(end is not None for *_, end in r.outputs))
+    assert ended == 3 and sent[:ended] == [True] * ended  # held, then sent during the next step's device time
+    assert sent[ended] is False  # a step that ends a job goes back at once
+    assert len(b"".join(text for r in results for _, text, _, _ in r.outputs)) == 4  # max_tokens tokens, none lost
+    serving.step(Plan())  # no plan waits: sent at once
+    assert sent[-1] is False and serving.held is None
+    near.close()
+    far.close()

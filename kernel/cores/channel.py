@@ -8,6 +8,7 @@ bound: see `Channel`.
 from __future__ import annotations
 
 import pickle
+import select
 import socket
 import struct
 import time
@@ -59,6 +60,10 @@ class Channel:
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         return data
+
+    def waiting(self) -> bool:
+        """Whether a message (or its start) has arrived and not been read."""
+        return bool(self._buffer) or bool(select.select([self.sock], [], [], 0)[0])
 
     def close(self) -> None:
         self.sock.close()

@@ -41,6 +41,7 @@ from .wire import (
     Ready,
     Request,
     RunnerOptions,
+    StepResult,
     Stop,
     Tokenize,
 )
@@ -112,12 +113,22 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
 
 
 class _Serving:
-    """The child's step channel once it is ready: one handler per message type."""
+    """The child's step channel once it is ready: one handler per message type.
+
+    A step's result goes back while the next step runs on the device, when the next
+    plan is already there: `Runner.launch` returns with the last batch queued, the
+    result before is sent, then `finish` samples. A result is held only on a device
+    that decodes while the host goes on (`queues_decodes`: a GPU; on the CPU,
+    llama.cpp decodes before it returns, and holding would delay the daemon's next
+    plan by a whole step); only while a plan waits to be read, so the daemon, which
+    plans two steps ahead, never waits for one the engine sits on; and never when a
+    job ended in it, so a crash in the next step loses no finished job."""
 
     def __init__(self, backend: Backend, steps: Channel) -> None:
         self.backend = backend
         self.steps = steps
         self.runner: Runner | None = None
+        self.held: StepResult | None = None
         self.handlers: dict[type, Callable[[Any], None]] = {RunnerOptions: self.configure, Plan: self.step, Ping: self.ping}
 
     def serve(self) -> int:
@@ -127,6 +138,8 @@ class _Serving:
                 message: Request = self.steps.recv()
             except EOFError:
                 return 0  # the daemon is gone
+            if type(message) is not Plan:
+                self.send_held()
             if type(message) is Stop:
                 return 0
             handler = self.handlers.get(type(message))
@@ -142,7 +155,18 @@ class _Serving:
         _crash_here("step")
         if self.runner is None:
             self.runner = Runner(self.backend)
-        self.steps.send(self.runner.step(plan))
+        self.runner.launch(plan)
+        self.send_held()  # while the device works
+        result = self.runner.finish()
+        if self.backend.queues_decodes and self.steps.waiting() and not any(end is not None for *_, end in result.outputs):
+            self.held = result
+        else:
+            self.steps.send(result)
+
+    def send_held(self) -> None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.steps.send(held)
 
     def ping(self, _: Ping) -> None:  # the watchdog's look at an idle engine
         self.steps.send(PONG)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from dataclasses import dataclass
 
 from .. import params
 from ..llm.jobs import JobState
@@ -54,44 +55,85 @@ class Runner:
         self._slots = self.placement.slots  # the same dict, never rebound: read at every step
         self._tile = self.placement.tile
         self._cost = StepCost()
+        self._outputs: list[Output] = []  # the step's, between launch and finish
+        self._last: _Queued | None = None  # its last batch, on the device
 
     def step(self, plan: Plan) -> StepResult:
+        self.launch(plan)
+        return self.finish()
+
+    def launch(self, plan: Plan) -> None:
+        """Apply the plan and queue the step's decodes. On a device that decodes
+        asynchronously this returns while the last batch runs: the engine sends the step
+        before's results meanwhile, and `finish` samples."""
         started = time.perf_counter()
-        outputs: list[Output] = []
+        self._outputs, self._last = [], None
         try:
-            self.placement.apply(plan, outputs)
-            outputs += self._decode_step()
+            self.placement.apply(plan, self._outputs)
+            self._last = self._decode_step(self._outputs)
         except Exception:
-            log.exception("engine step failed; failing the jobs in the engine and going on")
-            outputs += self._fail_all("internal error in the engine (see the aiosfs log)")
+            self._failed()
         self.stats["runner_s"] += time.perf_counter() - started
-        return StepResult(outputs, dict(self.stats), self.placement.cached_sequences, self.placement.swapped_bytes)
+
+    def finish(self) -> StepResult:
+        """Wait for the device, sample the last batch: the step's result."""
+        started = time.perf_counter()
+        try:
+            if self._last is not None:
+                self._outputs += self._sample_queued(self._last)
+        except Exception:
+            self._failed()
+        self._last = None
+        self.stats["runner_s"] += time.perf_counter() - started
+        return StepResult(self._outputs, dict(self.stats), self.placement.cached_sequences, self.placement.swapped_bytes)
+
+    def _failed(self) -> None:
+        log.exception("engine step failed; failing the jobs in the engine and going on")
+        self._last = None
+        self._outputs += self._fail_all("internal error in the engine (see the aiosfs log)")
 
     def close(self) -> None:
         self.placement.close()
 
     # -- one decode ----------------------------------------------------------------------
-    def _decode_step(self) -> list[Output]:
+    def _decode_step(self, out: list[Output]) -> _Queued | None:
+        """Decode every batch of the step; sample all but the last, which is returned
+        queued (None when there is nothing to decode, or a decode failed)."""
         groups, batch_slots = self._build_batch()
         if not groups:
-            return []
-        out: list[Output] = []
-        for entries, samplers, n_generating in groups:
+            return None
+        self.stats["batch_seqs"] += len(batch_slots)
+        self.stats["max_seqs"] = max(self.stats["max_seqs"], len(batch_slots))
+        for number, (entries, samplers, n_generating) in enumerate(groups, 1):
             started = time.perf_counter()
             rc = self.backend.decode(entries)
-            elapsed = time.perf_counter() - started
-            self._cost.record(elapsed, n_generating, len(entries) - n_generating)
-            self.stats["decode_s"] += elapsed
+            queued = _Queued(samplers, n_generating, len(entries), time.perf_counter() - started)
             self.stats["steps"] += 1
             self.stats["batch_tokens"] += len(entries)
             if rc != 0:
-                return out + self._decode_failed(rc, [slot for slot in batch_slots if self._slots.get(slot.seq) is slot])
-            started = time.perf_counter()
-            out += self._sample([(slot, index) for slot, index in samplers if self._slots.get(slot.seq) is slot])
-            self.stats["sample_s"] += time.perf_counter() - started
-        self.stats["batch_seqs"] += len(batch_slots)
-        self.stats["max_seqs"] = max(self.stats["max_seqs"], len(batch_slots))
+                self._measure(queued)
+                out += self._decode_failed(rc, [slot for slot in batch_slots if self._slots.get(slot.seq) is slot])
+                return None
+            if number == len(groups):
+                return queued
+            out += self._sample_queued(queued)
+        return None
+
+    def _sample_queued(self, queued: _Queued) -> list[Output]:
+        started = time.perf_counter()
+        self.backend.synchronize()
+        queued.blocked += time.perf_counter() - started
+        self._measure(queued)
+        started = time.perf_counter()
+        out = self._sample([(slot, index) for slot, index in queued.samplers if self._slots.get(slot.seq) is slot])
+        self.stats["sample_s"] += time.perf_counter() - started
         return out
+
+    def _measure(self, queued: _Queued) -> None:
+        """A batch's cost to the host: its decode call and the wait for the device (the
+        device's time less what the host did meanwhile)."""
+        self._cost.record(queued.blocked, queued.n_generating, queued.n_tokens - queued.n_generating)
+        self.stats["decode_s"] += queued.blocked
 
     def _build_batch(self) -> tuple[list[tuple[list[BatchEntry], list[tuple[Slot, int]], int]], list[Slot]]:
         """This step's llama_decode calls: the generating sequences' tokens with prompt
@@ -207,6 +249,16 @@ class Runner:
         if state is JobState.DONE:
             self.stats["jobs_done"] += 1
         return (slot.key, rest.encode(), 0, (state, code, message))
+
+
+@dataclass
+class _Queued:
+    """A batch given to the device, not yet sampled."""
+
+    samplers: list[tuple[Slot, int]]
+    n_generating: int
+    n_tokens: int
+    blocked: float  # seconds the host waited on it: the decode call, then the wait for the device
 
 
 class StepCost:

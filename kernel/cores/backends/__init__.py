@@ -70,7 +70,16 @@ class Backend(Protocol):
 
     def state_set(self, seq: int, state: Any) -> bool: ...
 
-    def decode(self, entries: Sequence[BatchEntry]) -> int: ...
+    queues_decodes: bool  # decode returns before the device has finished (a GPU's)
+
+    def decode(self, entries: Sequence[BatchEntry]) -> int:
+        """Queue one batch. It may return before the device has finished (llama.cpp
+        on a GPU does): `sample` and `synchronize` wait for it."""
+        ...
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished the batches queued so far."""
+        ...
 
     def new_sampler(self, config: AgentConfig, seed: int, grammar: str | None = None) -> Any:
         """A sampler chain for one request; `grammar` (GBNF, rule `root`) constrains it."""

@@ -26,6 +26,8 @@ class FakeBackend:
     def __init__(self, n_slots: int = 4, n_ctx_seq: int = 2048, n_batch: int = 64, step_delay: float = 0.0) -> None:
         self.info = BackendInfo("fake", "fake", "-", "cpu", 1, 0, n_slots, n_ctx_seq, n_batch)
         self.step_delay = step_delay
+        self._device_until = 0.0  # when the simulated device ends the batches queued so far (perf_counter)
+        self.queues_decodes = step_delay > 0  # a simulated device, which decodes while the host goes on
         self._seqs: dict[int, list[int]] = {}
         self._last: list[tuple[int, int]] = []  # (batch index, seq) of entries with logits
         self.decode_calls: list[list[BatchEntry]] = []  # kept for tests of batching
@@ -64,8 +66,10 @@ class FakeBackend:
         return True
 
     def decode(self, entries: Sequence[BatchEntry]) -> int:
+        """As llama.cpp on a GPU: the simulated device works `step_delay` after the
+        batches queued before, and only sampling waits for it."""
         if self.step_delay:
-            _device_step(self.step_delay)
+            self._device_until = max(time.perf_counter(), self._device_until) + self.step_delay
         self.decode_calls.append(list(entries))
         self._last = []
         for index, entry in enumerate(entries):
@@ -81,7 +85,11 @@ class FakeBackend:
         self.grammars.append(grammar)
         return {"reply": None, "ignore_eos": config.ignore_eos, "grammar": grammar}
 
+    def synchronize(self) -> None:
+        _device_wait(self._device_until)
+
     def sample(self, sampler: Any, batch_index: int) -> int:
+        self.synchronize()
         seq = dict(self._last)[batch_index]
         tokens = self._seqs[seq]
         if sampler["reply"] is None:
@@ -135,12 +143,12 @@ class FakeBackend:
 SPIN_SECONDS = 0.0002  # the end of a simulated device step is waited for by spinning
 
 
-def _device_step(seconds: float) -> None:
-    """A simulated device step of `seconds`, not more: time.sleep alone overshoots by
-    about 0.1 ms here, which host-ceiling would count against the host. Sleep most of
-    it, then spin to the end."""
-    until = time.perf_counter() + seconds
-    if seconds > SPIN_SECONDS:
-        time.sleep(seconds - SPIN_SECONDS)
+def _device_wait(until: float) -> None:
+    """Wait for the simulated device until `until` (perf_counter), not longer:
+    time.sleep alone overshoots by about 0.1 ms here, which host-ceiling would count
+    against the host. Sleep most of it, then spin to the end."""
+    left = until - time.perf_counter()
+    if left > SPIN_SECONDS:
+        time.sleep(left - SPIN_SECONDS)
     while time.perf_counter() < until:
         pass

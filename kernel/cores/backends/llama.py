@@ -122,6 +122,7 @@ class LlamaBackend:
             n_ctx_seq=n_ctx_seq,
             n_batch=n_batch,
         )
+        self.queues_decodes = self.info.device != "cpu"  # llama_decode on a GPU returns while the batch runs
         self._pieces: dict[int, bytes] = {}
         n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
@@ -216,6 +217,9 @@ class LlamaBackend:
             batch.logits[i] = e.logits
         batch.n_tokens = len(entries)
         return int(llama_cpp.llama_decode(self.ctx, batch))
+
+    def synchronize(self) -> None:
+        llama_cpp.llama_synchronize(self.ctx)
 
     def new_sampler(self, config: AgentConfig, seed: int, grammar: str | None = None) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
