@@ -146,6 +146,8 @@ def check_config(options: MountOptions) -> MountConfig:
         config = load_mount_config(options.config)
         for remote in config.remotes:
             load_api_key(remote)  # a missing key stops the mount now, not at the first request
+        for server in config.mcp:
+            server.request_headers()  # so does an MCP server's unusable key file (it is read again at each start)
     except (ConfigError, ValueError) as exc:
         raise MountError(f"{exc}; fix {options.config} or leave out --config") from None
     return config
@@ -317,7 +319,9 @@ def serve(options: MountOptions, out: Any, ready: Callable[[str], None]) -> None
     memory = MemoryStore(options.state / "memory.db", quota=options.memory_quota)
     config = check_config(options)
     loaders = {m.name: (functools.partial(load_local, options, m), m.load) for m in config.locals}
-    kernel = Kernel(storage, backend, memory=memory, tools_dir=options.tools, remotes=config.remotes, route=config.route, loaders=loaders)
+    kernel = Kernel(
+        storage, backend, memory=memory, tools_dir=options.tools, remotes=config.remotes, route=config.route, loaders=loaders, mcp_servers=config.mcp
+    )
     manifests = ManifestManager(kernel, options.agents_dir, options.mountpoint, options.state) if options.agents_dir is not None else None
     ops = Operations(kernel)
     opts = fuse_options("aiosfs")

@@ -1,6 +1,6 @@
 """The mount configuration file (`aiosfs mount --config FILE`, TOML): remote
-OpenAI-compatible cores next to the local model, and the route for agents that
-name no model.
+OpenAI-compatible cores next to the local model, the route for agents that
+name no model, and MCP servers whose tools the mount serves.
 
     route = "least-loaded"          # or "default": the local model (the default)
 
@@ -20,6 +20,23 @@ name no model.
     ctx = 4096                      # tokens per sequence (default: --ctx)
     slots = 4                       # sequences decoded together (default: --slots)
     load = false                    # load later with `echo load coder > kernel/ctl` (default: true)
+
+    [[mcp]]                         # an MCP server: its tools are tools/time.get_current_time, ...
+    name = "time"                   # [a-z][a-z0-9_-]*, the SERVER of SERVER.TOOL
+    command = "mcp-server-time"     # a stdio server: the program (looked up in PATH) ...
+    args = ["--local-timezone", "UTC"]  # ... and its arguments
+    env = { TZ = "UTC" }            # more environment (besides PATH, HOME, LANG)
+    cwd = "/srv"                    # its working directory (default: /)
+    user = "nobody"                 # run as this user (a daemon running as root only; default: the daemon's)
+    timeout = 20                    # seconds per call (default: the tools' 10)
+    tools = ["get_current_time"]    # the tools to serve (default: all it lists)
+    ping = 10                       # seconds between pings of an idle server; 0: none
+
+    [[mcp]]
+    name = "search"
+    url = "https://mcp.example.com/mcp"    # a streamable HTTP server
+    headers = { "X-Team" = "infra" }       # sent with every request
+    api_key_file = "/etc/aiosfs/search.key"  # sent as "Authorization: Bearer KEY" (not world-readable)
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kernel import ROUTES, RemoteConfig
+from kernel import ROUTES, McpServerConfig, RemoteConfig
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class MountConfig:
     remotes: tuple[RemoteConfig, ...] = ()
     locals: tuple[LocalModel, ...] = ()
     route: str = "default"
+    mcp: tuple[McpServerConfig, ...] = ()
 
 
 class ConfigError(Exception):
@@ -63,9 +81,9 @@ def load_mount_config(path: Path) -> MountConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"route", "remote", "local"})
+    unknown = sorted(set(data) - {"route", "remote", "local", "mcp"})
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown} (known: route, remote, local)")
+        raise ConfigError(f"{path}: unknown keys {unknown} (known: route, remote, local, mcp)")
     route = data.get("route", "default")
     if route not in ROUTES:
         raise ConfigError(f"{path}: route {route!r} is not one of {', '.join(ROUTES)}")
@@ -75,7 +93,12 @@ def load_mount_config(path: Path) -> MountConfig:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"{path}: model names used twice: {', '.join(twice)}")
-    return MountConfig(remotes, locals_, route)
+    servers = tuple(_mcp(path, i, t) for i, t in enumerate(_tables(path, data, "mcp"), 1))
+    names = [s.name for s in servers]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: MCP server names used twice: {', '.join(twice)}")
+    return MountConfig(remotes, locals_, route, servers)
 
 
 def _tables(path: Path, data: dict[str, object], key: str) -> list[object]:
@@ -117,3 +140,31 @@ def _remote(path: Path, number: int, table: object) -> RemoteConfig:
         return RemoteConfig(**table)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: remote #{number}: {exc}") from None
+
+
+def _mcp(path: Path, number: int, table: object) -> McpServerConfig:
+    """One `[[mcp]]` table; lists become tuples, and the error names the table."""
+    where = f"{path}: mcp #{number}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} is not a table")
+    if isinstance(table.get("name"), str):
+        where += f" ({table['name']})"
+    known = {f.name for f in fields(McpServerConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+    values = dict(table)
+    for key in ("args", "tools"):
+        if key in values:
+            if not isinstance(values[key], list):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+            values[key] = tuple(values[key])
+    for key in ("env", "headers"):
+        if not isinstance(values.get(key, {}), dict):
+            raise ConfigError(f"{where}: {key} must be a table of strings")
+    if "name" not in values:
+        raise ConfigError(f"{where}: name is required")
+    try:
+        return McpServerConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

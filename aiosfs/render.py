@@ -64,7 +64,9 @@ def kernel_metrics(registry: CollectorRegistry) -> str:
 
 
 def kernel_ps(kernel: Kernel, caller: Caller) -> str:
-    """Every active job, then every agent process; other users' jobs are listed without their content."""
+    """Every active job, then every agent process, then every MCP server
+    (`mcp NAME transport=stdio|http pid=N|- state=starting|ready|restarting|failed restarts=N tools=N calls=N`, calls in flight);
+    other users' jobs are listed without their content."""
     lines = ["id agent uid state priority wait_ms tokens\n"]
     now = time.time()
     jobs = sorted((j for a in kernel.agents.values() for j in a.active), key=lambda j: j.id)
@@ -73,6 +75,7 @@ def kernel_ps(kernel: Kernel, caller: Caller) -> str:
         lines.append(f"{job.id} {job.agent} {job.uid} {job.shown_state} {job.config.priority} {int(waited * 1000)} {job.n_generated}\n")
     for provider in kernel.ps_providers:  # e.g. the agent processes of mount --agents-dir
         lines.extend(f"{line}\n" for line in provider())
+    lines.extend(f"{line}\n" for line in kernel.mcp.ps_lines())
     return "".join(lines)
 
 

@@ -28,6 +28,7 @@ EXPORTS = {
     "Attr": "kernel.memory.store",
     "Passage": "kernel.memory.store",
     "ToolSpec": "kernel.tools.spec",
+    "McpServerConfig": "kernel.tools.mcpconfig",
     "EngineDied": "kernel.cores.enginehost",
     "EngineSpec": "kernel.cores.wire",
     "ProcessCore": "kernel.cores.enginehost",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from kernel.memory.store import Passage as Passage
     from kernel.metrics import metrics_registry as metrics_registry
     from kernel.storage.database import Storage as Storage
+    from kernel.tools.mcpconfig import McpServerConfig as McpServerConfig
     from kernel.tools.spec import ToolSpec as ToolSpec
     from kernel.types import Agent as Agent
     from kernel.types import Caller as Caller

@@ -7,7 +7,7 @@ It holds no request logic. The parts, each a package named after its role:
 - `cores/`: the LLM cores (scheduler, engine, remote servers, backends);
 - `memory/` and `storage/`: memory/ files, and the journal with its writer thread;
 - `access/`: the rules, the permissions policy and the audit log;
-- `tools/`: the tool registry, built-in and external tools;
+- `tools/`: the tool registry, built-in and external tools, MCP servers' tools;
 - `syscall/`: the syscall table, the one way in from the filesystem.
 
 Everything runs on the trio thread except the engine loops and the journal writer.
@@ -36,6 +36,8 @@ from .memory.store import MemoryStore
 from .storage.database import Storage
 from .storage.writer import Writer
 from .tools.manager import ToolManager
+from .tools.mcp import McpServers
+from .tools.mcpconfig import McpServerConfig
 from .types import Agent, Caller
 
 __all__ = ["ROUTES", "Agent", "Caller", "Kernel"]
@@ -52,11 +54,13 @@ class Kernel:
         remotes: Sequence[RemoteConfig] = (),
         route: str = "default",
         loaders: Mapping[str, Loader] | None = None,
+        mcp_servers: Sequence[McpServerConfig] = (),
         **engine_options: Any,
     ) -> None:
         """`backend`, `remotes`, `route`, `loaders` and `engine_options` make the cores
         (`CoreSet`); `scheduler` overrides the policy kept in `storage`; `memory` is the
-        memory/ store (beside the database by default); `tools_dir` holds external tools."""
+        memory/ store (beside the database by default); `tools_dir` holds external tools;
+        `mcp_servers` are the MCP servers whose tools are served as SERVER.TOOL."""
         self.storage = storage
         self.writer = Writer(conn=storage.db.conn)  # group commits: one fsync for a burst of writes
         self.audit = AuditLog(Path(storage.path).with_name("audit.jsonl"))
@@ -68,6 +72,7 @@ class Kernel:
         self.backend = backend
         self.agents = AgentTable(storage, self.writer, self.memory, self.log_event)
         self.tools = ToolManager(self.log_event, self.agents, self.memory, tools_dir)  # built-in tools, and those of the tools directory
+        self.mcp = McpServers(mcp_servers, self.tools, self.log_event)  # MCP servers, whose tools come once they have started
         self.requests = Requests(storage, self.writer, self.agents, self.cores, self.memory, self.tools, self.log_event)
         self.events = self.requests.events
         self.started = time.time()
@@ -85,6 +90,7 @@ class Kernel:
                 await nursery.start(self.requests.run)
                 await nursery.start(self.cores.run)
                 nursery.start_soon(self.agents.purge_forever)
+                nursery.start_soon(self.mcp.run)  # the mount serves before (or without) them
                 await recover_jobs(self.requests)
                 task_status.started()
         finally:
@@ -106,11 +112,12 @@ class Kernel:
     # -- what kernel/status and kernel/stats show ------------------------------------------
     def status_line(self) -> str:
         info = self.backend.info
-        return (
+        line = (
             f"running={self.cores.running()} queued={self.requests.queued_count()} "
             f"sched={self.engine.scheduler.describe().replace(' ', ',')} "
             f"model={info.name} device={info.device} uptime={int(time.time() - self.started)} {self.engine.describe()}"
-        ) + self.cores.crashes()
+        )
+        return line + self.mcp.describe() + self.cores.crashes()
 
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"agents": len(self.agents)}

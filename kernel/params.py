@@ -94,6 +94,19 @@ CALC_MAX_CHARS = 1000  # a calculator expression; the schema refuses longer ones
 CALC_MAX_EXPONENT = 10_000  # |exponent| of ** in the calculator; beyond → EINVAL
 CALC_MAX_INT_BITS = 4096  # integers the calculator may produce (about 1233 digits); beyond → EINVAL
 
+# -- MCP servers as tools (kernel/tools/mcp.py, [[mcp]] in mount --config) --------------
+MCP_SERVER_NAME_BYTES = 32  # a server's name, [a-z][a-z0-9_-]*: the SERVER of its tools' SERVER.TOOL
+MCP_START_SECONDS = 30.0  # a start (spawn or connect, initialize, the tool listing) takes at most this; beyond → failed
+MCP_RESTART_MIN_SECONDS = 1.0  # the first wait before a server that stopped or failed to start is started again
+MCP_RESTART_MAX_SECONDS = 60.0  # the wait doubles at each failure up to this
+MCP_RESTART_RESET_SECONDS = 60.0  # a server that served this long starts the wait over from the minimum
+MCP_PING_SECONDS = 10.0  # an idle ready server is pinged this often (config `ping`); no answer as long → restarted
+MCP_MAX_TOOLS = 256  # tools taken from one server's listing; the rest are left out (a log line)
+MCP_LIST_PAGES = 16  # pages of one tools/list
+MCP_STDERR_LINES = 50  # lines of a stdio server's stderr logged per minute; more are counted, not logged
+MCP_STDERR_TAIL = 5  # last lines of its stderr kept to say why a server stopped
+MCP_HTTP_CONNECT_SECONDS = 10.0  # connecting to an HTTP server; its answers are bounded by the calls' own deadlines
+
 # -- memory (each agent's memory/) -----------------------------------------------------
 MEMORY_MAX_FILE_BYTES = 2**44 - 4096  # the largest file in memory/ (ext4's with 4 KiB blocks); beyond → EFBIG
 MEMORY_QUOTA_BYTES = 64 * 1024 * 1024  # bytes of files and symlinks per agent; beyond → EDQUOT (mount --memory-quota)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,104 @@ def test_the_daemon_gets_every_mount_option_unchanged(tmp_path):
     options = _options(args)
     again = _options(build_parser().parse_args(_daemon_argv(args, options)))
     assert again == options and options.kv_budget == 256 and options.slots is None
+
+
+# -- [[mcp]]: MCP servers whose tools the mount serves -------------------------------------------
+def test_mcp_servers_in_the_file(tmp_path):
+    text = """
+[[mcp]]
+name = "time"
+command = "mcp-server-time"
+args = ["--local-timezone", "UTC"]
+env = { TZ = "UTC" }
+timeout = 20
+tools = ["get_current_time"]
+
+[[mcp]]
+name = "search-2"
+url = "https://mcp.example.com/mcp"
+headers = { "X-Team" = "infra", Authorization = "Bearer s3cret" }
+ping = 0
+"""
+    time_server, search = load_mount_config(write(tmp_path, text)).mcp
+    assert (time_server.transport, time_server.command, time_server.args, time_server.timeout) == (
+        "stdio",
+        "mcp-server-time",
+        ("--local-timezone", "UTC"),
+        20,
+    )
+    assert time_server.tools == ("get_current_time",) and time_server.cwd == "/" and time_server.user == ""
+    assert time_server.environment("/home/x")["TZ"] == "UTC" and set(time_server.environment("/home/x")) == {"PATH", "HOME", "LANG", "TZ"}
+    assert (search.transport, search.url, search.ping, search.tools) == ("http", "https://mcp.example.com/mcp", 0, None)
+    assert search.request_headers() == {"X-Team": "infra", "Authorization": "Bearer s3cret"}
+    assert "s3cret" not in repr(search) and "TZ" not in repr(time_server)  # what may be secret stays out of logs
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ('name = "t"\ncommand = "x"\ncolour = 1\n', "mcp #1 (t): unknown keys ['colour']"),
+        ('command = "x"\n', "mcp #1: name is required"),
+        ('name = "Time"\ncommand = "x"\n', "name: 'Time' is not [a-z][a-z0-9_-]*"),
+        ('name = "t.x"\ncommand = "x"\n', "name: 't.x'"),
+        ('name = "t"\n', "give command (a stdio server) or url"),
+        ('name = "t"\ncommand = "x"\nurl = "http://h/mcp"\n', "not both"),
+        ('name = "t"\ncommand = "x"\nargs = "-v"\n', "args must be a list"),
+        ('name = "t"\ncommand = "x"\nargs = [1]\n', "args: a list of strings"),
+        ('name = "t"\ncommand = "x"\nenv = ["A=1"]\n', "env must be a table"),
+        ('name = "t"\ncommand = "x"\nenv = { "1A" = "x" }\n', "env: '1A' is not a variable name"),
+        ('name = "t"\ncommand = "x"\ncwd = "srv"\n', "cwd: 'srv' is not an absolute path"),
+        ('name = "t"\ncommand = "x"\nheaders = { A = "b" }\n', "headers and api_key_file are for url"),
+        ('name = "t"\ncommand = "x"\ntimeout = 0\n', "timeout: 0 is not in (0, 300]"),
+        ('name = "t"\ncommand = "x"\ntimeout = 301\n', "timeout: 301"),
+        ('name = "t"\ncommand = "x"\nping = -1\n', "ping: -1"),
+        ('name = "t"\ncommand = "x"\ntools = "all"\n', "tools must be a list"),
+        ('name = "t"\ncommand = "x"\nuser = "aiosfs-no-such-user"\n', "no user 'aiosfs-no-such-user'"),
+        ('name = "t"\nurl = "ftp://h/mcp"\n', "is not an http:// or https:// URL"),
+        ('name = "t"\nurl = "http://me:pw@h/mcp"\n', "no credentials in the URL"),
+        ('name = "t"\nurl = "http://h/mcp"\nargs = ["x"]\n', "are for command (stdio) servers"),
+        ('name = "t"\nurl = "http://h/mcp"\nheaders = { "Bad Name" = "x" }\n', "is not a header name"),
+        ('name = "t"\nurl = "http://h/mcp"\napi_key_file = "/k"\nheaders = { authorization = "x" }\n', "give one of them"),
+    ],
+)
+def test_bad_mcp_tables_say_which_and_why(tmp_path, table, words):
+    with pytest.raises(ConfigError) as info:
+        load_mount_config(write(tmp_path, f"[[mcp]]\n{table}"))
+    assert words in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_mcp_server_names_are_unique_and_mcp_is_an_array_of_tables(tmp_path):
+    with pytest.raises(ConfigError, match="MCP server names used twice: t"):
+        load_mount_config(write(tmp_path, '[[mcp]]\nname = "t"\ncommand = "x"\n[[mcp]]\nname = "t"\nurl = "http://h/mcp"\n'))
+    with pytest.raises(ConfigError, match="array of tables"):
+        load_mount_config(write(tmp_path, 'mcp = "time"\n'))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a server as another user needs a daemon running as root")
+def test_an_mcp_server_may_run_as_another_user_under_a_root_daemon(tmp_path):
+    (server,) = load_mount_config(write(tmp_path, '[[mcp]]\nname = "t"\ncommand = "x"\nuser = "nobody"\n')).mcp
+    identity = server.identity()
+    assert (identity.uid, identity.gid) == (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+
+
+def test_a_user_daemon_refuses_to_run_an_mcp_server_as_someone_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(ConfigError, match="only a daemon running as root"):
+        load_mount_config(write(tmp_path, '[[mcp]]\nname = "t"\ncommand = "x"\nuser = "nobody"\n'))
+
+
+def test_an_mcp_key_file_must_be_private_and_is_never_shown(tmp_path):
+    from aiosfs.mount import MountError, MountOptions, check_config
+
+    key = tmp_path / "mcp.key"
+    key.write_text("k3y-never-shown\n")
+    config = write(tmp_path, f'[[mcp]]\nname = "web"\nurl = "http://127.0.0.1:9/mcp"\napi_key_file = "{key}"\n')
+    options = MountOptions(mountpoint=tmp_path / "mnt", state=tmp_path / "state", model=tmp_path / "m.gguf", config=config)
+    key.chmod(0o644)
+    with pytest.raises(MountError) as info:
+        check_config(options)
+    assert "readable by everyone" in str(info.value) and "k3y-never-shown" not in str(info.value)
+    key.chmod(0o600)
+    (server,) = check_config(options).mcp
+    assert server.request_headers() == {"Authorization": "Bearer k3y-never-shown"}
+    assert "k3y" not in repr(server)

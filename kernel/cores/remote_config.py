@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from .. import params
+from ..keyfile import HEADER_SAFE, read_key_file
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEY = re.compile(r"[\x21-\x7e]+")  # what an HTTP header value can carry without escaping
 
 
 @dataclass(frozen=True)
@@ -93,28 +92,8 @@ def load_api_key(config: RemoteConfig) -> str | None:
         key = os.environ.get(config.api_key_env, "").strip()
         _check(key != "", f"api_key_env: the environment variable {config.api_key_env} is not set or empty")
     elif config.api_key_file:
-        key = _read_key_file(config.api_key_file)
+        key = read_key_file(config.api_key_file)
     else:
         return None
-    _check(_KEY.fullmatch(key) is not None, "the API key has characters an HTTP header cannot carry")
-    return key
-
-
-def _read_key_file(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ValueError(f"api_key_file: cannot open {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)  # of the file opened, so it cannot be swapped after the check
-        _check(stat.S_ISREG(info.st_mode), f"api_key_file: {path} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        _check(not mode & stat.S_IROTH, f"api_key_file: {path} is readable by everyone (mode {mode:04o}); chmod o-r {path}")
-        _check(info.st_size <= params.REMOTE_KEY_MAX_BYTES, f"api_key_file: {path} is over {params.REMOTE_KEY_MAX_BYTES} bytes")
-        data = file.read(params.REMOTE_KEY_MAX_BYTES + 1)
-    try:
-        key = data.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"api_key_file: {path} is not ASCII text") from None
-    _check(key != "", f"api_key_file: {path} is empty")
+    _check(HEADER_SAFE.fullmatch(key) is not None, "the API key has characters an HTTP header cannot carry")
     return key

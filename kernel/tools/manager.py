@@ -13,6 +13,9 @@ agent on its `memory/` through the memory store. External tools come from
 `NAME.json` manifests in the tools directory and run as a process: the call as
 JSON on stdin, one JSON value expected on stdout, in a fresh empty working
 directory with a minimal environment and, when the daemon is root, as nobody.
+Tools of MCP servers (`kernel/tools/mcp.py`) are named `SERVER.TOOL`; their
+supervisor adds and removes them here as their servers list them, and
+`tools reload` leaves them alone.
 """
 
 import errno
@@ -55,6 +58,10 @@ class ToolManager:
         if spec.name not in self.order:
             self.order.append(spec.name)
 
+    def remove(self, name: str) -> None:
+        """Stop serving a tool; its index stays reserved for it (its files answer ENOENT)."""
+        self.tools.pop(name, None)
+
     def spec(self, name: str) -> ToolSpec:
         spec = self.tools.get(name)
         if spec is None:
@@ -77,7 +84,7 @@ class ToolManager:
     def reload(self) -> list[str]:
         """Read the tools directory again: new tools get new indexes, changed ones are
         replaced, those whose manifest went away are dropped. Returns the external names."""
-        loaded = self._read_directory()
+        loaded = self._read_directory()  # only external tools come and go here: built-in and MCP tools stay
         for name in [n for n, s in self.tools.items() if s.manifest is not None and n not in loaded]:
             del self.tools[name]
         for name, spec in loaded.items():
