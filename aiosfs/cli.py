@@ -1,4 +1,4 @@
-"""`aiosfs mount|unmount|status|top|aios-api`.
+"""`aiosfs mount|unmount|status|top|aios-api|mcp`.
 
 `mount` runs in the background by default: the command starts the daemon, relays
 its start-up output (model loading progress included) and returns once the mount
@@ -113,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="address to serve on (default: %(default)s)")
     g.add_argument("--token", type=Path, default=None, metavar="FILE", help="require 'Authorization: Bearer TOKEN', TOKEN read from FILE")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    c = sub.add_parser(
+        "mcp",
+        help="serve the mount to MCP hosts (Model Context Protocol): on stdio, or on streamable HTTP with --listen",
+        description="Serve the mount as an MCP server: tools to list, create and ask agents, read their context, "
+        "write and search their memory and run the mount's tools; resources for contexts and memory files. "
+        "Everything is done through the mount's files as the user who runs it (docs/mcp.md).",
+    )
+    c.add_argument("mountpoint", type=Path)
+    c.add_argument(
+        "--listen",
+        type=address_argument,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio; an address that is not loopback needs --token",
+    )
+    c.add_argument(
+        "--token", type=Path, default=None, metavar="FILE", help="with --listen: require 'Authorization: Bearer TOKEN', TOKEN read from FILE"
+    )
+    c.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="the longest an answer is waited for; then the turn is cancelled and the tool fails with ETIMEDOUT (default: %(default)g)",
+    )
+    c.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -120,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "aios-api":  # a client of a mount: it needs neither FUSE nor llama.cpp
         return cmd_aios_api(args)
+    if args.command == "mcp":  # the same
+        return cmd_mcp(args)
     from .mount import MountError
 
     try:
@@ -142,6 +170,16 @@ def cmd_aios_api(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args.mountpoint.absolute(), args.listen, args.token)
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from .mcp.serve import serve
+
+    if args.token is not None and args.listen is None:
+        sys.stderr.write("aiosfs mcp: --token guards --listen HOST:PORT; over stdio the host that starts the server is its only client\n")
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args.mountpoint.absolute(), args.listen, args.token, args.timeout)
 
 
 def _options(args: argparse.Namespace) -> object:

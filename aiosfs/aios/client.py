@@ -94,30 +94,33 @@ class MountClient:
         await self.run(_make_agent, path)
         return path
 
-    async def call(self, agent: Path, envelope: dict[str, Any]) -> str:
-        """One stateless turn through the agent's `call` file: its answer, or FileError."""
+    async def call(self, agent: Path, envelope: dict[str, Any], since: float = 0) -> str:
+        """One stateless turn through the agent's `call` file: its answer, or FileError
+        (with the `error` line about it, one written at or after `since` when given)."""
         data = json.dumps(envelope, ensure_ascii=False).encode()
         try:
             return await self.run_cancellable(_call, agent / "call", data, False)
         except FileError as exc:
-            raise FileError(exc.errno, await self.why(agent, exc)) from None
+            raise FileError(exc.errno, await self.why(agent, exc, since)) from None
 
-    async def why(self, agent: Path, exc: FileError) -> str:
-        """The newest line of the agent's `error` file when it is about this errno."""
+    async def why(self, agent: Path, exc: FileError, since: float = 0) -> str:
+        """The newest line of the agent's `error` file when it is about this errno
+        (and was written at or after the Unix time `since`)."""
         try:
             text = await self.run((agent / "error").read_text)
         except FileError:
             return exc.message
         for line in reversed(text.splitlines()):
             parts = line.split(" ", 3)
-            if len(parts) == 4 and parts[0] == exc.name:
+            if len(parts) == 4 and parts[0] == exc.name and (not since or parts[2].isdigit() and int(parts[2]) >= int(since)):
                 return parts[3]
         return exc.message
 
     # -- tools, recall, models -------------------------------------------------------------
-    async def tool(self, agent: Path, name: str, arguments: Any) -> Any:
-        """Run tools/NAME for the agent; its result, or FileError with the tool's errno."""
-        request = json.dumps({"agent": agent.name, "arguments": arguments}, ensure_ascii=False).encode()
+    async def tool(self, agent: Path | None, name: str, arguments: Any) -> Any:
+        """Run tools/NAME for the agent (None: for nobody, with the arguments alone);
+        its result, or FileError with the tool's errno."""
+        request = json.dumps(arguments if agent is None else {"agent": agent.name, "arguments": arguments}, ensure_ascii=False).encode()
         reply = json.loads(await self.run(_call, self.root / "tools" / name, request, True))
         if not reply.get("ok"):
             raise FileError(getattr(errno, reply.get("errno", "EIO"), errno.EIO), reply.get("error", "the tool failed"))

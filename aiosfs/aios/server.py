@@ -13,8 +13,6 @@ answers), a body over MAX_BODY_BYTES 413, a missing or wrong token 401, and a bu
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import signal
@@ -25,6 +23,7 @@ from typing import Any
 
 import trio
 
+from ..httpauth import bearer_matches, guard
 from .client import FileError, MountClient
 from .queries import BadQuery, Queries
 
@@ -75,9 +74,7 @@ class Gateway:
     def _authorize(self, scope: Scope) -> None:
         if self.token is None:
             return
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        if not bearer_matches(scope.get("headers") or [], self.token):
             raise HTTPError(401, "a bearer token is required: Authorization: Bearer <the token of --token FILE>")
 
     async def _route(self, scope: Scope, receive: Receive) -> Any:
@@ -192,37 +189,12 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 # -- the command ---------------------------------------------------------------------------
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token(path: Path) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise SystemExit(f"aiosfs aios-api: cannot read the token file {path}: {exc.strerror}") from None
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise SystemExit(f"aiosfs aios-api: the token in {path} must be one word of at least 16 characters")
-    return token
-
-
 def serve(mountpoint: Path, listen: str, token_file: Path | None) -> int:
     """Serve until SIGINT or SIGTERM; 0 when stopped by one."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
-    token = read_token(token_file) if token_file is not None else None
-    if token is None and not is_loopback(listen):
-        raise SystemExit(
-            f"aiosfs aios-api: {listen} is not a loopback address: without --token FILE anyone who reaches it "
-            "would act as you in the mount. Give --token FILE, or listen on 127.0.0.1."
-        )
+    token = guard(listen, token_file, "aiosfs aios-api")
     client = MountClient(mountpoint)
     try:
         client.check()
