@@ -3,13 +3,15 @@
 `aiosfs aios-api` and `aiosfs mcp --listen` do everything in the mount as the user
 who runs them, so whoever reaches their port acts as that user. Both follow one
 rule: an address that is not loopback is refused unless a bearer token guards it,
-and the token is one word of at least MIN_TOKEN_CHARS characters read from a file.
+and the token is one word of at least MIN_TOKEN_CHARS characters read from a file
+that not everyone may read.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,11 +30,15 @@ def is_loopback(listen: str) -> bool:
 
 
 def read_token(path: Path, command: str) -> str:
-    """The token in `path`; SystemExit naming `command` when it cannot be read or is too weak."""
+    """The token in `path`; SystemExit naming `command` when it cannot be read, others
+    may read it, or it is too weak."""
     try:
+        mode = stat.S_IMODE(path.stat().st_mode)
         token = path.read_text().strip()
     except OSError as exc:
         raise SystemExit(f"{command}: cannot read the token file {path}: {exc.strerror}") from None
+    if mode & stat.S_IROTH:
+        raise SystemExit(f"{command}: the token file {path} is readable by everyone (mode {mode:04o}): chmod o-r {path}")
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
         raise SystemExit(f"{command}: the token in {path} must be one word of at least {MIN_TOKEN_CHARS} characters")
     return token

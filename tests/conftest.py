@@ -23,6 +23,33 @@ def require_fuse() -> None:
 
 
 @pytest.fixture
+def require_root() -> None:
+    """For tests that switch users (`mounting.needs_root`): skipped without root, failed
+    then in CI (CI=true), where a skip would hide that access control went untested."""
+    import os
+
+    from mounting import IN_CI
+
+    if os.geteuid() == 0:
+        return
+    reason = "switching to other users needs root"
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: the access tests must run; run the tests as root)")
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers follow what a test uses, however deep in its fixtures: `model` for the
+    embedded model (the `model` fixture), `mount` for a FUSE mount (`require_fuse`)."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "model" in names:
+            item.add_marker(pytest.mark.model)
+        if "require_fuse" in names:
+            item.add_marker(pytest.mark.mount)
+
+
+@pytest.fixture
 def new_kernel(tmp_path):
     """Make kernels on the FakeBackend over one database in the test's directory; each
     is closed (storage and memory) at the end."""

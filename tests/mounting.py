@@ -31,6 +31,7 @@ HAVE_FUSE = os.path.exists("/dev/fuse")
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 # Skips where /dev/fuse is missing, fails there in CI (the `require_fuse` fixture in conftest.py).
 needs_fuse = pytest.mark.usefixtures("require_fuse")
+needs_root = pytest.mark.usefixtures("require_root")  # skipped without root; failed in CI
 
 
 def aiosfs(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -32,13 +32,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from mounting import Mount, mounted, needs_fuse
+from mounting import Mount, mounted, needs_fuse, needs_root
 
-pytestmark = [
-    needs_fuse,
-    pytest.mark.mount,
-    pytest.mark.skipif(os.geteuid() != 0, reason="switching to other users needs root"),
-]
+pytestmark = [needs_fuse, needs_root]
 
 
 # -- users ---------------------------------------------------------------------------

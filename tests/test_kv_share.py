@@ -4,9 +4,11 @@ the real model."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from kernel_helpers import OTHER, OWNER, answer, ask, ctl, finished, mkdir, run, running, submit
 
@@ -208,20 +210,33 @@ def test_one_users_agents_share_a_system_prompt_and_others_do_not(tmp_path):
     _close(kernel)
 
 
-def test_a_cancelled_donor_costs_its_followers_nothing(tmp_path):
-    kernel = _kernel(tmp_path, FakeBackend(n_slots=3, n_batch=16, step_delay=0.003), "k")
+@pytest.mark.parametrize("kv_share", [True, False])
+def test_a_cancelled_donor_costs_its_followers_nothing(tmp_path, kv_share):
+    """a prefills the system prompt that b and c wait for; a is cancelled a few steps
+    into it. b then prefills it for itself and c takes it from b: the prompt is still
+    prefilled once for the two, and both answer as if a had never been there."""
+    kernel = _kernel(tmp_path, FakeBackend(n_slots=3, n_batch=16, step_delay=0.001), "k", kv_share=kv_share)
 
     async def body():
         async with running(kernel):
             a, b, c = await _agents(kernel, ["a", "b", "c"], f"system={SYSTEM}\nmax_tokens=32\n")
             jobs = [await submit(kernel, agent, f"hi {agent.name}") for agent in (a, b, c)]
-            await trio.sleep(0.02)  # a few steps into the shared prefill
+            while kernel.engine.statistics()["steps"] < 3:  # a few steps into the shared prefill (16 tokens a step)
+                await trio.sleep(0.001)
+            assert not jobs[0].state.finished and not jobs[0].data  # a is still prefilling
             await ctl(kernel, a, "cancel")
             return [await finished(job) for job in jobs]
 
     first, *rest = run(body)
-    assert first.errno != 0 or first.answer == answer("hi a")  # cancelled, or already done
+    assert first.state.value == "cancelled" and first.errno == errno.ECANCELED
     assert [job.answer for job in rest] == [answer("hi b"), answer("hi c")]
+    stats = kernel.engine.statistics()
+    prompt = len(SYSTEM) + 40  # the system prompt and a question, in the fake's chat format: well under two of them
+    if kv_share:
+        assert stats["shared_prefix_hits"] == 1 and stats["shared_prefix_tokens"] >= SHARED  # c took the prefix from b
+        assert stats["prompt_tokens"] < 2 * prompt + 3 * 16  # b's whole prompt, a's few steps, c's own question
+    else:
+        assert stats["shared_prefix_hits"] == 0 and stats["prompt_tokens"] > 2 * len(SYSTEM)  # b and c each prefilled it
     _close(kernel)
 
 

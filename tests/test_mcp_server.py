@@ -376,6 +376,7 @@ class HTTPServer:
 def test_http_with_a_token_refuses_requests_without_it(fs: Mount, tmp_path: Path):
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     server = HTTPServer(fs.root, tmp_path / "http.log", "--token", str(token))
     try:
         initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
@@ -408,6 +409,7 @@ def test_an_exposed_address_without_a_token_is_refused_at_start(fs: Mount, tmp_p
     assert exposed.returncode != 0 and "not a loopback address" in exposed.stderr and "--token FILE" in exposed.stderr
     weak = tmp_path / "weak"
     weak.write_text("short")
+    weak.chmod(0o600)
     assert "at least 16 characters" in run("--listen", f"0.0.0.0:{free_port()}", "--token", str(weak)).stderr
     assert run("--token", str(weak)).returncode == 2  # a token guards --listen only
     unmounted = subprocess.run([sys.executable, *mcp_args(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)

@@ -23,7 +23,7 @@ from typing import Any
 
 import mcp_types as types
 import pytest
-from mounting import Mount, alive, gone, has_open, mounted, needs_fuse, sh, wait_for
+from mounting import Mount, alive, gone, has_open, mounted, needs_fuse, needs_root, sh, wait_for
 
 from kernel.errors import KernelError
 from kernel.tools.mcptools import file_name, input_schema, result_value, tool_specs
@@ -339,7 +339,7 @@ def test_tools_reload_keeps_mcp_tools(fs: Mount) -> None:
 
 @needs_fuse
 @pytest.mark.mount
-@pytest.mark.skipif(not IS_ROOT, reason="running a server as another user needs a daemon running as root")
+@needs_root
 def test_a_server_runs_as_its_user_with_its_stderr_in_the_log(fs: Mount) -> None:
     wait_for(lambda: any(e["server"] == "whoami" and e["action"] == "fail" for e in audit(fs, "mcp")), 20, "whoami to fail")
     failure = next(e for e in audit(fs, "mcp") if e["server"] == "whoami" and e["action"] == "fail")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import Mount, dead, mounted, needs_fuse, sh, wait_for
+from mounting import Mount, dead, mounted, needs_fuse, needs_root, sh, wait_for
 from test_access import MEMBER, OTHER, OWNER, User, as_user
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -1229,7 +1229,7 @@ def shared_roots(fs: Mount) -> Iterator[tuple[Path, Path]]:
     shutil.rmtree(local)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to other users needs root")
+@needs_root
 @pytest.mark.parametrize("name", list(USER_SCENARIOS))
 def test_differential_scenario_as_users(name: str, shared_roots: tuple[Path, Path]) -> None:
     local, memory = shared_roots

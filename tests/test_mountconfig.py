@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from kernel_helpers import OWNER, ROOT, ask, finished, mkdir, refused, run, running, submit
+from mounting import needs_root
 
 from aiosfs.mountconfig import ConfigError, load_mount_config
 from kernel.agents.config import AgentConfig
@@ -213,7 +214,7 @@ def test_mcp_server_names_are_unique_and_mcp_is_an_array_of_tables(tmp_path):
         load_mount_config(write(tmp_path, 'mcp = "time"\n'))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="running a server as another user needs a daemon running as root")
+@needs_root
 def test_an_mcp_server_may_run_as_another_user_under_a_root_daemon(tmp_path):
     (server,) = load_mount_config(write(tmp_path, '[[mcp]]\nname = "t"\ncommand = "x"\nuser = "nobody"\n')).mcp
     identity = server.identity()

@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 from kernel_helpers import OTHER, OWNER, ROOT, mkdir, refused, remember, run
+from mounting import needs_root
 
 from kernel import params
 from kernel.errors import KernelError
@@ -29,8 +30,7 @@ from kernel.syscall import Sys, syscall
 from kernel.tools.builtin import calculate
 from kernel.tools.spec import ToolCall, ToolSpec
 
-IS_ROOT = os.geteuid() == 0
-as_root = pytest.mark.skipif(not IS_ROOT, reason="tools change identity only when the daemon is root")
+as_root = needs_root  # tools change identity only when the daemon is root
 
 PRELUDE = """\
 #!/usr/bin/env python3

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, mounted, needs_fuse, sh
+from mounting import Mount, mounted, needs_fuse, needs_root, sh
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 IS_ROOT = os.geteuid() == 0
-as_root = pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+as_root = needs_root
 BUILTINS = ["calculator", "clock", "memory_read", "memory_search", "memory_write"]
 WHOAMI = """\
 #!/usr/bin/env python3

@@ -51,13 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mounting import IN_CI, Daemon, Mount, listed, needs_fuse
+from mounting import IN_CI, Daemon, Mount, listed
 
 import aiosfs
 from aiosfs.model import SHIPPED_MODEL_FILE
 from aiosfs.mount import MountError, check_fuse, slug, user_allow_other
-
-pytestmark = [needs_fuse, pytest.mark.mount]
 
 SOURCE = Path(aiosfs.__file__).resolve().parent.parent
 PACKAGES = "import llama_cpp, pyfuse3, trio"  # the interpreter and what is installed in it

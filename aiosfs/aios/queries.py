@@ -216,8 +216,12 @@ class Queries:
         """The model's tool calls, chosen under a grammar from `tools` (it must call one)."""
         if not isinstance(tools, list) or not tools:
             raise FileError(errno.EINVAL, "this action needs query_data.tools: a non-empty list of function declarations")
-        reply = json.loads(await self._answer(agent, envelope | {"tools": tools, "tool_choice": "required"}))
-        return [{"name": c["name"], "parameters": c["arguments"], "id": c["id"]} for c in reply["tool_calls"]]
+        text = await self._answer(agent, envelope | {"tools": tools, "tool_choice": "required"})
+        try:
+            calls = json.loads(text)["tool_calls"]
+            return [{"name": c["name"], "parameters": c["arguments"], "id": c["id"]} for c in calls]
+        except (ValueError, TypeError, KeyError):  # a core that applies no grammar may answer anything
+            raise FileError(errno.EIO, f"the model's reply is not a tool call: {text[:200]!r}") from None
 
     async def _run_tools(self, agent: Path, calls: list[dict[str, Any]]) -> dict[str, Any]:
         """Run every call through tools/NAME, all at once; the results one per line, in
