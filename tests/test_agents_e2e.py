@@ -1,4 +1,4 @@
-"""The example agents of agents/ end to end, on a real mount and the embedded model.
+"""The example agents of examples/ end to end, on a real mount and the embedded model.
 
 Each agent is a program that talks to aiosfs only through files. It runs here twice:
 by hand against an agent made with mkdir, and supervised from its own manifest
@@ -29,7 +29,7 @@ from mounting import Mount, mounted, needs_fuse, wait_for
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.model]
 
-AGENTS = Path(__file__).resolve().parent.parent / "agents"
+AGENTS = Path(__file__).resolve().parent.parent / "examples"
 NOBODY = 65534
 FOLDERS = ("bash", "c", "python", "node")
 
@@ -56,7 +56,7 @@ def fs(tmp_path_factory: pytest.TempPathFactory, model: Path, shared: Path) -> I
 
 @pytest.fixture(scope="module")
 def c_agent(shared: Path) -> Path:
-    """agents/c built with its Makefile and `cc -Wall -Wextra -O2 -Werror`: it must build without a warning."""
+    """examples/c built with its Makefile and `cc -Wall -Wextra -O2 -Werror`: it must build without a warning."""
     build = shared / "c"
     result = subprocess.run(
         ["make", "-C", str(build), "CC=cc", "CFLAGS=-Wall -Wextra -O2 -Werror"], capture_output=True, text=True, timeout=120, check=False

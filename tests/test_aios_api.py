@@ -578,7 +578,7 @@ def test_the_gateway_refuses_what_is_not_a_mount(tmp_path: Path):
 
 
 def test_an_agent_written_for_aios_runs_with_only_the_kernel_url_changed(api: Gateway, fs: Mount):
-    agent = Path(__file__).resolve().parent.parent / "agents" / "aios" / "agent.py"
+    agent = Path(__file__).resolve().parent.parent / "examples" / "aios" / "agent.py"
     result = subprocess.run(
         [sys.executable, str(agent), "Lisbon"], capture_output=True, text=True, timeout=600, env=os.environ | {"CEREBRUM_KERNEL_URL": api.url}
     )

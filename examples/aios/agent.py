@@ -7,7 +7,7 @@ and any HTTP status other than 2xx is an exception. The functions below have the
 names and bodies (llm_chat, llm_chat_with_json_output, create_memory, search_memories,
 write_file, retrieve_file, call_tool). Against aiosfs: `aiosfs aios-api MOUNTPOINT`, then
 
-    CEREBRUM_KERNEL_URL=http://127.0.0.1:8000 python3 agents/aios/agent.py "Lisbon"
+    CEREBRUM_KERNEL_URL=http://127.0.0.1:8000 python3 examples/aios/agent.py "Lisbon"
 
 It plans a day in a city: a JSON answer under a schema, a memory it finds again,
 a file it writes and retrieves, and a tool call. It exits 0 when every step worked.
