@@ -28,7 +28,8 @@ from kernel.agents.config import parse_config
 from kernel.cores.backends.fake import FakeBackend
 from kernel.kernel import Kernel
 from kernel.storage.database import Storage
-from services.manifests import ManifestError, ManifestManager, parse_manifest, scan
+from services.manifestfile import ManifestError, parse_manifest, scan
+from services.manifests import ManifestManager
 from services.supervisor import AgentProcess, ProcessSpec, Supervisor
 
 ME = pwd.getpwuid(os.getuid())

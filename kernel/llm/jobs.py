@@ -106,6 +106,11 @@ class Job:
             return True
         return False
 
+    async def ended(self) -> None:
+        """Wait until the job has finished (bound it with a cancel scope)."""
+        while not self.state.finished:
+            await self._changed.wait()
+
     @property
     def stateless(self) -> bool:
         """Its envelope gave the whole conversation: neither the agent's context nor a

@@ -234,8 +234,7 @@ async def _run_step(host: Host, job: Job, messages: list[dict[str, str]], tokens
     step = Job(job.id, job.agent, job.uid, job.user_message, messages, tokens, config, job.source, grammar=grammar, parent=job)
     job.step = step
     host.cores.of(step).submit(step)
-    while not step.state.finished:
-        await step.wait_beyond(len(step.data), 1.0)
+    await step.ended()
     job.step = None
     job.n_generated += step.n_generated
     job.extra_prompt_tokens += len(tokens) if tokens is not job.prompt_tokens else 0
