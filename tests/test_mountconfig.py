@@ -59,10 +59,11 @@ def test_least_loaded_routes_to_the_idler_core(new_kernel):
         return Job(n, "a", 0, "x", [], [1], AgentConfig(model=model))
 
     first = job(1)
-    kernel.cores.of(first).submit(first)  # not running: it stays queued where it went
+    kernel.cores.submit(first)  # not running: it stays queued where it went
     assert first.config.model == "fake"  # ties go to the local core, and the choice sticks to the job
+    assert kernel.cores.of(first) is kernel.engine
     second = job(2)
-    assert kernel.cores.of(second) is kernel.cores["far"]
+    assert kernel.cores.of(second) is kernel.cores["far"] and second.config.model == ""  # asking chooses nothing
     pinned = job(3, "fake")
     assert kernel.cores.of(pinned) is kernel.engine  # a named model is never rerouted
 

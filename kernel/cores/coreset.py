@@ -198,10 +198,15 @@ class CoreSet(Mapping[str, Core]):
         engine = self.local(config.model or self.route_name())
         return engine.backend if engine is not None else self.backend
 
-    def of(self, job: Job) -> Core:
-        """The core that serves a job: its model's, or the route's choice (kept in the job)."""
+    def submit(self, job: Job) -> None:
+        """Hand a job to its model's core; one that names no model gets the route's
+        choice, kept in its config so that its cancels and pauses find the same core."""
         job.config = self.routed(job.config)
-        return self._cores[job.config.model]
+        self._cores[job.config.model].submit(job)
+
+    def of(self, job: Job) -> Core:
+        """The core that serves a job: its model's (before it is submitted, the one the route would choose)."""
+        return self._cores[job.config.model or self.route_name()]
 
     def routed(self, config: AgentConfig) -> AgentConfig:
         """The config with its model chosen (by the route when it names none)."""

@@ -166,7 +166,7 @@ class Requests(Results):
         if uses_tools(job.config) and self.nursery is not None:
             self.nursery.start_soon(run_tool_loop, self, agent, job)
         else:
-            self.cores.of(job).submit(job)
+            self.cores.submit(job)
 
     async def start_next_turn(self, agent: Agent) -> None:
         """Prompt jobs of one agent run in order: each is rebuilt on the context that

@@ -233,7 +233,7 @@ async def _run_step(host: Host, job: Job, messages: list[dict[str, str]], tokens
         return None
     step = Job(job.id, job.agent, job.uid, job.user_message, messages, tokens, config, job.source, grammar=grammar, parent=job)
     job.step = step
-    host.cores.of(step).submit(step)
+    host.cores.submit(step)
     await step.ended()
     job.step = None
     job.n_generated += step.n_generated
