@@ -34,6 +34,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _mebibytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -66,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=params.KV_BUDGET_BYTES // 2**20,
         metavar="MIB",
         help="MiB of KV cache the default slots may take (default: %(default)s)",
+    )
+    m.add_argument(
+        "--kv-disk",
+        type=_mebibytes,
+        default=None,
+        metavar="MIB",
+        help="MiB of disk each local model's engine may fill with agents' KV caches in STATE/kv, so that a turn after an unmount, "
+        f"a reboot or an engine crash reads its conversation back instead of recomputing it (default: {params.KV_DISK_SHARE * 100:.0f}%% of "
+        f"the state directory's free space, at most {params.KV_DISK_MAX_BYTES // 2**30} GiB; 0: off; docs/engine.md)",
     )
     m.add_argument("--ctx", type=int, default=params.DEFAULT_CTX_PER_SLOT, help="context tokens per agent")
     m.add_argument("--memory-quota", type=int, default=params.MEMORY_QUOTA_BYTES, help="bytes of memory/ files per agent (EDQUOT beyond)")
@@ -195,6 +214,7 @@ def _options(args: argparse.Namespace) -> object:
         gpu_layers=args.gpu_layers,
         slots=args.slots,
         kv_budget=args.kv_budget,
+        kv_disk=args.kv_disk,
         ctx=args.ctx,
         fake_delay=args.fake_delay,
         engine_deadline=args.engine_deadline,

@@ -4,6 +4,7 @@ the kernel and pyfuse3's main loop, and a clean unmount however it ends.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -46,6 +47,7 @@ class MountOptions:
     gpu_layers: int | None = None
     slots: int | None = None  # None: as many as kv_budget holds (up to params.MAX_AUTO_SLOTS)
     kv_budget: int = params.KV_BUDGET_BYTES // 2**20  # MiB (the --kv-budget flag)
+    kv_disk: int | None = None  # MiB of agents' KV sequences on disk per engine (--kv-disk; None: a share of the free space; 0: none)
     ctx: int = params.DEFAULT_CTX_PER_SLOT
     fake_delay: float = 0.0
     engine_deadline: float = params.ENGINE_DEADLINE_SECONDS  # the watchdog's floor (kernel/cores/enginehost.py)
@@ -199,11 +201,26 @@ def lock_state(state: Path) -> int:
     return fd
 
 
+def kv_disk_bytes(options: MountOptions) -> int:
+    """Bytes an engine's hibernated KV sequences may take: --kv-disk, or by default
+    KV_DISK_SHARE of the state filesystem's free space, at most KV_DISK_MAX_BYTES."""
+    if options.kv_disk is not None:
+        return options.kv_disk * 2**20
+    try:
+        free = shutil.disk_usage(options.state).free
+    except OSError:
+        return 0
+    return min(int(free * params.KV_DISK_SHARE), params.KV_DISK_MAX_BYTES)
+
+
 def start_engine(spec: EngineSpec, options: MountOptions, progress: Callable[[float], None] | None = None) -> ProcessCore:
-    """An engine process that has loaded its model and decoded once; EngineDied otherwise."""
+    """An engine process that has loaded its model and decoded once; EngineDied otherwise.
+    Its agents' KV sequences hibernate in STATE/kv/NAME (kernel/cores/hibernate.py)."""
     engines = options.state / "engines"  # each engine's pid, for the next daemon if this one dies
     engines.mkdir(exist_ok=True)
-    core = ProcessCore(spec, options.engine_deadline, engines / f"{slug(Path(spec.name or 'default'))}.pid")
+    name = slug(Path(spec.name or "default"))
+    spec = dataclasses.replace(spec, kv_dir=str(options.state / "kv" / name), kv_disk=kv_disk_bytes(options))
+    core = ProcessCore(spec, options.engine_deadline, engines / f"{name}.pid")
     try:
         core.start(progress)
     except BaseException:

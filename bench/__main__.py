@@ -13,4 +13,8 @@ if __name__ == "__main__":
         from .hostceiling import main as host_ceiling
 
         sys.exit(host_ceiling(sys.argv[2:]))
+    if sys.argv[1:2] == ["resume"]:
+        from .resume import main as resume
+
+        sys.exit(resume(sys.argv[2:]))
     sys.exit(main())

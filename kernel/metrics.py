@@ -40,6 +40,10 @@ ENGINE_COUNTERS = [
     ("shared_prefix_hits", "aiosfs_kv_shared_prefix_hits", "Jobs that started on a copy of another sequence's cells (shared prefix).", 1.0),
     ("shared_prefix_tokens", "aiosfs_kv_shared_prefix_tokens", "Prompt tokens not prefilled because of a shared prefix.", 1.0),
     ("cache_evictions", "aiosfs_kv_cache_evictions", "Idle cached sequences moved out of their slot.", 1.0),
+    ("kv_restores", "aiosfs_kv_restores", "Sequences read back from their files on disk (hibernation) instead of prefilled.", 1.0),
+    ("kv_restore_tokens", "aiosfs_kv_restored_tokens", "Prompt tokens not prefilled because a file on disk held them.", 1.0),
+    ("kv_hibernated", "aiosfs_kv_hibernated", "Sequences written to disk.", 1.0),
+    ("kv_disk_discarded", "aiosfs_kv_disk_discarded", "Files on disk discarded: another model, build or context, truncated or corrupt.", 1.0),
     ("engine_errors", "aiosfs_engine_step_errors", "Engine steps that failed with an internal error.", 1.0),
     ("decode_errors", "aiosfs_engine_decode_errors", "Steps whose llama_decode failed.", 1.0),
     ("engine_restarts", "aiosfs_engine_restarts", "Engine processes started again after a crash or a hang.", 1.0),
@@ -47,6 +51,7 @@ ENGINE_COUNTERS = [
 ENGINE_GAUGES = [
     ("cached_sequences", "aiosfs_kv_cached_sequences", "Agents with a cached sequence, in a slot or in RAM."),
     ("swapped_bytes", "aiosfs_kv_swapped_bytes", "Bytes of saved KV state held in RAM now."),
+    ("kv_disk_bytes", "aiosfs_kv_disk_bytes", "Bytes of the engine's KV files on disk now (hibernation)."),
 ]
 
 

@@ -41,6 +41,15 @@ MAX_QUANTUM = 1_000_000  # the largest rr quantum accepted
 PRIORITY_AGING_SECONDS = 10.0  # a waiting job gains one priority level per this many seconds
 SWAP_RAM_BYTES = 1024 * 1024 * 1024  # saved KV states kept in RAM; beyond, a switch recomputes instead
 
+# -- hibernation: agents' cached KV sequences on disk (kernel/cores/hibernate.py) --------------
+KV_DISK_SHARE = 0.10  # by default an engine's KV files may take this share of the state filesystem's free space (mount --kv-disk)
+KV_DISK_MAX_BYTES = 4 * 1024**3  # ... but no more than this
+KV_RESTORE_MIN_TOKENS = PREFILL_TILE  # a sequence is read back from disk only when that saves this much prefill
+KV_WRITE_DELAY_SECONDS = 1.0  # a busy engine writes a finished sequence this long after its job ended (an idle one at once)
+KV_WRITE_MIN_GROWTH = 256  # ... or when its agent's next job takes it first, if it grew by this many tokens since its file
+KV_WRITE_QUEUE_BYTES = 512 * 1024 * 1024  # states waiting for the disk writer, at most; beyond, a sequence waits for its next chance
+KV_CLOSE_SECONDS = 3.0  # at unmount the engine waits this long for its sequences to reach the disk (less than ENGINE_STOP_SECONDS)
+
 # -- the engine process (kernel/cores/enginehost.py) and its supervision (kernel/cores/engine.py) --
 ENGINE_CRASH_LOOP = 3  # crashes within the window that mark a core failed instead of restarting it again
 ENGINE_CRASH_WINDOW_SECONDS = 60.0  # the crash-loop window

@@ -340,3 +340,22 @@ def test_host_ceiling_quick_runs_every_part_and_its_counts_add_up(tmp_path: Path
         assert 0 <= long["host_ms_per_step"]["plan_ipc_s"] <= long["step_ms"], long
     assert results["short-mount"]["jobs"] == 50 and results["short-mount"]["jobs_per_s"] > 0
     assert "| long-mount | 4 |" in run.stdout
+
+
+@needs_fuse
+def test_resume_quick_restores_after_a_remount_and_a_crash_and_forks_share(tmp_path: Path) -> None:
+    out = tmp_path / "resume.json"
+    run = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "resume", "--quick", "--backend", "fake", "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    rows = {r["label"]: r for r in json.loads(out.read_text())["medians"]}
+    assert set(rows) == {"resume", "crash", "cold", "fork-live", "fork-resume", "fork-crash", "fork-cold"}
+    assert rows["resume"]["turns"] == rows["cold"]["turns"] == rows["crash"]["turns"] == 2
+    for label in ("resume", "crash", "fork-resume", "fork-crash"):  # read back from disk, most of the conversation
+        assert rows[label]["restores_per_turn"] == 1 and rows[label]["restored_tokens_per_turn"] > 3 * rows[label]["prefilled_tokens_per_turn"], rows
+    for label in ("cold", "fork-cold", "fork-live"):  # --kv-disk 0, and a fork of cells still in RAM
+        assert rows[label]["restores_per_turn"] == 0, rows
+    assert rows["cold"]["prefilled_tokens_per_turn"] > 400 > rows["resume"]["prefilled_tokens_per_turn"]  # the whole conversation again
+    assert rows["fork-live"]["prefilled_tokens_per_turn"] < rows["fork-cold"]["prefilled_tokens_per_turn"] - 300  # shared in RAM
+    assert "| resume | 2 |" in run.stdout and "| fork-cold | 1 |" in run.stdout

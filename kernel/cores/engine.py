@@ -201,7 +201,8 @@ class Engine:
         core = self._core_stats
         s = {k: core[k] + self._dead_stats[k] + self.stats.get(k, 0) for k in STAT_KEYS}
         s["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
-        s["prefill_chunk"] = core["prefill_chunk"]  # a gauge: the running core's current value
+        s["prefill_chunk"] = core["prefill_chunk"]  # gauges: the running core's current values
+        s["kv_disk_bytes"] = core["kv_disk_bytes"]
         steps = s["steps"] or 1
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
         out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
@@ -326,7 +327,7 @@ class Engine:
             self._forget.clear()
             self._away.clear()
             for key in self._core_stats:
-                self._dead_stats[key] += self._core_stats[key] if key not in ("max_seqs", "prefill_chunk") else 0
+                self._dead_stats[key] += self._core_stats[key] if key not in ("max_seqs", "prefill_chunk", "kv_disk_bytes") else 0
             self._dead_stats["max_seqs"] = max(self._dead_stats["max_seqs"], self._core_stats["max_seqs"])
             self._core_stats = dict.fromkeys(STAT_KEYS, 0)
             self._last = None

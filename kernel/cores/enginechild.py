@@ -24,6 +24,8 @@ from .. import params
 from ..errors import KernelError
 from .backends import Backend
 from .channel import Channel
+from .hibernate import KvStore
+from .kvkey import engine_key
 from .runner import Runner
 from .wire import (
     PONG,
@@ -83,6 +85,22 @@ def _load(spec: EngineSpec, progress: Callable[[float], None]) -> Backend:
     )
 
 
+def _open_store(spec: EngineSpec, backend: Backend, alive: Callable[[], None]) -> KvStore | None:
+    """The agents' sequences on disk (kernel/cores/hibernate.py), indexed; None when the
+    spec asks for none, or the directory cannot serve (the engine then runs without)."""
+    if not spec.kv_dir or spec.kv_disk <= 0:
+        return None
+    directory = Path(spec.kv_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        store = KvStore(directory, engine_key(spec.kind, spec.model, backend.info, directory, alive), spec.kv_disk)
+        store.open()
+    except Exception as exc:  # hibernation is an optimization: the engine serves without it
+        log.warning("hibernation is off: cannot use %s: %s: %s", directory, type(exc).__name__, exc)
+        return None
+    return store
+
+
 def _serve_calls(channel: Channel, backend: Backend) -> None:
     def tokenize(call: Tokenize) -> list[int]:
         _crash_here("tokenize")
@@ -122,11 +140,15 @@ class _Serving:
     llama.cpp decodes before it returns, and holding would delay the daemon's next
     plan by a whole step); only while a plan waits to be read, so the daemon, which
     plans two steps ahead, never waits for one the engine sits on; and never when a
-    job ended in it, so a crash in the next step loses no finished job."""
+    job ended in it, so a crash in the next step loses no finished job.
 
-    def __init__(self, backend: Backend, steps: Channel) -> None:
+    With a store, finished sequences go to disk between steps, after the step's result
+    has gone: all of them while no plan waits, an overdue one a step while busy."""
+
+    def __init__(self, backend: Backend, steps: Channel, store: KvStore | None = None) -> None:
         self.backend = backend
         self.steps = steps
+        self.store = store
         self.runner: Runner | None = None
         self.held: StepResult | None = None
         self.handlers: dict[type, Callable[[Any], None]] = {RunnerOptions: self.configure, Plan: self.step, Ping: self.ping}
@@ -134,6 +156,8 @@ class _Serving:
     def serve(self) -> int:
         """Until the daemon says `Stop` or goes; the exit status."""
         while True:
+            while self.runner is not None and not self.steps.waiting() and self.runner.hibernate(idle=True):
+                pass
             try:
                 message: Request = self.steps.recv()
             except EOFError:
@@ -149,12 +173,12 @@ class _Serving:
     def configure(self, options: RunnerOptions) -> None:
         if self.runner is not None:
             self.runner.close()
-        self.runner = Runner(self.backend, options)
+        self.runner = Runner(self.backend, options, self.store)
 
     def step(self, plan: Plan) -> None:
         _crash_here("step")
         if self.runner is None:
-            self.runner = Runner(self.backend)
+            self.runner = Runner(self.backend, store=self.store)
         self.runner.launch(plan)
         self.send_held()  # while the device works
         result = self.runner.finish()
@@ -162,6 +186,7 @@ class _Serving:
             self.held = result
         else:
             self.steps.send(result)
+        self.runner.hibernate(idle=False)
 
     def send_held(self) -> None:
         if self.held is not None:
@@ -173,7 +198,9 @@ class _Serving:
 
     def close(self) -> None:
         if self.runner is not None:
-            self.runner.close()
+            self.runner.close()  # with a store: what is not on disk yet goes there
+        if self.store is not None:
+            self.store.close(params.KV_CLOSE_SECONDS)
         self.backend.close()
 
 
@@ -202,11 +229,12 @@ def child_main(step_fd: int, call_fd: int) -> int:
         steps.send(Error(errno.EIO, f"{type(exc).__name__}: {exc}"))
         return 1
     steps.send(Loaded(backend.info))
+    store = _open_store(spec, backend, lambda: steps.send(Progress(1.0)))  # hashing a large model: signs of life
     _crash_here("warmup")
     backend.warm_up()  # on this thread: the one that decodes from now on
     threading.Thread(target=_serve_calls, args=(calls, backend), name="engine-calls", daemon=True).start()
     steps.send(Ready(os.getpid()))
-    serving = _Serving(backend, steps)
+    serving = _Serving(backend, steps, store)
     try:
         return serving.serve()
     finally:

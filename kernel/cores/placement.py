@@ -32,69 +32,36 @@ prefix lives as long as any sequence holding it, and idle ones are evicted least
 recently used, like any cached sequence. Only cells computed in whole tiles are
 shared (`tile_end`; kernel/cores/runner.py says why).
 
+Hibernation (kernel/cores/hibernate.py): with a store, an agent's cached sequence is
+also written to disk: at the engine's first idle moment after its job ended (or
+`KV_WRITE_DELAY_SECONDS` later on a busy engine), when its agent's next job takes it
+first and it grew by `KV_WRITE_MIN_GROWTH` tokens since its file, when it is evicted,
+and at close.
+A job that finds no cells of its agent in RAM restores the agent's file, and one
+whose prompt begins like another agent's file of its scope restores that one, in
+whole tiles, as it would copy a cached sequence.
+
 The sequences of a step keep contiguous ids (`_compact`): llama.cpp decodes each
 run of consecutive ids as a ubatch of its own.
 """
 
 from __future__ import annotations
 
-import codecs
 import errno
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import params
-from ..agents.config import AgentConfig
 from ..errors import KernelError
 from ..llm.jobs import JobState
 from .backends import Backend
+from .hibernate import Entry, KvStore
+from .sequences import Cached, Slot, common_prefix, tile_end, whole_tiles
 from .wire import Admit, Output, Plan, RunnerOptions
 
 log = logging.getLogger(__name__)
-
-
-def utf8_decoder() -> codecs.IncrementalDecoder:
-    return codecs.getincrementaldecoder("utf-8")("replace")
-
-
-@dataclass(eq=False)
-class Slot:
-    """A job's sequence: in a slot (`seq` >= 0) or switched out (`seq` == -1)."""
-
-    key: int
-    agent: str
-    config: AgentConfig
-    sampler: Any
-    feed: list[int]  # tokens still to prefill
-    seq: int = -1
-    kv: list[int] = field(default_factory=list)  # tokens in the KV cells, in order
-    sample_after_feed: bool = True  # False while recomputing: the pending token comes next
-    pending: int | None = None  # last sampled token, decoded at the next step
-    generated: int = 0
-    text: str = ""  # generated text not yet published (held for stop strings)
-    decoder: codecs.IncrementalDecoder = field(default_factory=utf8_decoder)
-    state: Any = None  # saved KV cells while switched out (None: recompute)
-    idle: bool = False  # paused or held: left out of this step
-    scope: str = ""
-    donor: Slot | None = None  # waiting for this sequence to compute the prefix it shares
-    share: int = 0  # tokens to take from `donor`
-    tiled: int = 0  # the first cells, computed in tiles (see tile_end): what may be shared
-
-
-@dataclass(eq=False)
-class Cached:
-    """An agent's finished sequence, kept for its next job."""
-
-    agent: str
-    kv: list[int]
-    seq: int = -1  # -1: saved in RAM as `state`
-    state: Any = None
-    used: int = 0
-    scope: str = ""
-    tiled: int = 0
 
 
 class Placement:
@@ -104,10 +71,11 @@ class Placement:
     Single-threaded: the runner's. `slots` and `keys` are read by the runner as it
     builds a batch; `stats` is the runner's counters, which this adds to."""
 
-    def __init__(self, backend: Backend, options: RunnerOptions, stats: dict[str, float]) -> None:
+    def __init__(self, backend: Backend, options: RunnerOptions, stats: dict[str, float], store: KvStore | None = None) -> None:
         self.backend = backend
         self.options = options
         self.stats = stats
+        self.store = store  # agents' sequences on disk (None: hibernation off)
         n = backend.info.n_slots
         self.n_seqs = min(options.slots or n, n)
         # prompt rows computed in tiles by llama.cpp (none where a batch cannot hold a tile; without tiles every cell can be shared)
@@ -163,13 +131,22 @@ class Placement:
         if old is not None:
             self._drop_cache(old)
         if keep and self.options.kv_reuse:
-            self._cache[slot.agent] = Cached(slot.agent, slot.kv, slot.seq, used=next(self._clock), scope=slot.scope, tiled=slot.tiled)
+            unsaved = time.monotonic() if self.store is not None else 0.0
+            self._cache[slot.agent] = Cached(
+                slot.agent, slot.kv, slot.seq, used=next(self._clock), scope=slot.scope, tiled=slot.tiled, unsaved=unsaved
+            )
             return
         self.backend.seq_clear(slot.seq)
         self._free_seq(slot.seq)
 
     def close(self) -> None:
-        """Free every sequence, saved state and sampler."""
+        """Free every sequence, saved state and sampler; first write to disk what is not
+        there yet: cached sequences, and running jobs' cells (a job run again after the
+        remount begins with them)."""
+        try:
+            self._hibernate_all()
+        except Exception:  # a bug here costs the disk copies, not the close
+            log.exception("writing the sequences to disk at close failed")
         for slot in list(self.slots.values()):
             self.release(slot, keep=False)
         for key in list(self._switched):
@@ -199,9 +176,10 @@ class Placement:
 
     def _save(self, seq: int, kv: list[int]) -> Any:
         """The sequence's KV state, or None when the RAM budget says recompute."""
-        if not kv:
-            return None
-        state = self.backend.state_get(seq)
+        return self._keep(self.backend.state_get(seq)) if kv else None
+
+    def _keep(self, state: Any) -> Any:
+        """Hold a state in RAM while the budget allows; None past it."""
         if self.swapped_bytes + len(state) > self.options.swap_budget:
             return None
         self.swapped_bytes += len(state)
@@ -257,7 +235,10 @@ class Placement:
     def _evict(self, cached: Cached) -> None:
         """Move an idle cached sequence out of its slot: to RAM, or dropped."""
         self.stats["cache_evictions"] += 1
-        state = self._save(cached.seq, cached.kv)
+        state = self.backend.state_get(cached.seq) if cached.kv else None
+        if state is not None and cached.unsaved:
+            self._to_disk(cached, state)
+        state = self._keep(state) if state is not None else None
         self.backend.seq_clear(cached.seq)
         self._free_seq(cached.seq)
         cached.seq = -1
@@ -268,9 +249,11 @@ class Placement:
 
     def _reuse_prefix(self, slot: Slot) -> None:
         """Keep the longest common prefix of the agent's cached sequence."""
-        cached = self._cache.pop(slot.agent, None)
+        cached = self._cache.pop(slot.agent, None) or self._restore_own(slot)
         if cached is None:
             return
+        if cached.unsaved and self._grown(cached):  # its last chance to reach the disk as it is
+            self._to_disk(cached, cached.state if cached.seq < 0 else None)
         if cached.seq < 0 and cached.state is not None:
             self.swapped_bytes -= len(cached.state)
             if not self.backend.state_set(slot.seq, cached.state):
@@ -299,7 +282,7 @@ class Placement:
             return
         prompt = slot.kv + slot.feed
         limit = len(prompt) - 1  # the last prompt token must be decoded for logits
-        best: Slot | Cached | None = None
+        best: Slot | Cached | Entry | None = None
         best_rank = (len(slot.kv) + params.KV_SHARE_MIN_TOKENS - 1, 0, 0)
         for other in self.slots.values():
             if other is slot or other.scope != slot.scope or other.donor is not None or other.idle:
@@ -315,6 +298,11 @@ class Placement:
                 rank = (n, n, 2 if cached.seq >= 0 else 0)
                 if rank > best_rank:
                     best, best_rank = cached, rank
+        for entry in self.store.of_scope(slot.scope) if self.store is not None else ():
+            if entry.agent != slot.agent:  # its own file was looked at first (_reuse_prefix)
+                n = whole_tiles(min(common_prefix(prompt, entry.tokens), limit, entry.tiled), self.tile)
+                if (n, n, -1) > best_rank:  # on disk: the last choice among equals
+                    best, best_rank = entry, (n, n, -1)
         if best is None:
             return
         n = best_rank[0]
@@ -339,16 +327,20 @@ class Placement:
                 slot.donor = None
                 self._find_donor(slot)
 
-    def _copy_prefix(self, slot: Slot, donor: Slot | Cached, n: int) -> None:
+    def _copy_prefix(self, slot: Slot, donor: Slot | Cached | Entry, n: int) -> None:
         """Put the donor's cells into the slot's sequence and keep the first `n`."""
         started = time.perf_counter()
         if isinstance(donor, Cached) and donor.seq < 0:
             state = donor.state
-        else:  # one read of the donor's cells for all its followers of this step
+        else:  # one read of the donor's cells (or file) for all its followers of this step
+            cells = len(donor.tokens if isinstance(donor, Entry) else donor.kv)
             held = self._states.get(id(donor))
-            if held is None or held[0] is not donor or held[1] != len(donor.kv):
-                held = self._states[id(donor)] = (donor, len(donor.kv), self.backend.state_get(donor.seq))
+            if held is None or held[0] is not donor or held[1] != cells:
+                read = self._load(donor) if isinstance(donor, Entry) else self.backend.state_get(donor.seq)
+                held = self._states[id(donor)] = (donor, cells, read)
             state = held[2]
+            if state is None:  # a file gone or corrupt: the slot keeps what it has
+                return
         if isinstance(donor, Cached):
             donor.used = next(self._clock)  # a shared prefix in use is the last to be evicted
         prompt = slot.kv + slot.feed
@@ -360,8 +352,79 @@ class Placement:
         self.backend.seq_trim(slot.seq, n)
         self.stats["shared_prefix_hits"] += 1
         self.stats["shared_prefix_tokens"] += n - len(slot.kv)
+        if isinstance(donor, Entry):
+            self.stats["kv_restores"] += 1
+            self.stats["kv_restore_tokens"] += n - len(slot.kv)
         slot.kv, slot.feed, slot.tiled = prompt[:n], prompt[n:], n
         self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
+
+    # -- hibernation: sequences on disk ------------------------------------------------
+    def hibernate(self, idle: bool) -> bool:
+        """Write the cached sequence that waits longest for the disk: when the engine is
+        idle, or once it has waited `KV_WRITE_DELAY_SECONDS`. Whether one was written."""
+        waiting = [cached for cached in self._cache.values() if cached.unsaved]
+        if not waiting:
+            return False
+        cached = min(waiting, key=lambda c: c.unsaved)
+        if not idle and time.monotonic() - cached.unsaved < params.KV_WRITE_DELAY_SECONDS:
+            return False
+        return self._to_disk(cached, cached.state if cached.seq < 0 else None)
+
+    def _hibernate_all(self) -> None:
+        if self.store is None:
+            return
+        for slot in self.slots.values():
+            entry = self.store.find(slot.scope, slot.agent)
+            if slot.kv and (entry is None or entry.tokens[: len(slot.kv)] != slot.kv):
+                self._to_disk(slot, None)
+        for cached in self._cache.values():
+            if cached.unsaved:
+                self._to_disk(cached, cached.state if cached.seq < 0 else None)
+
+    def _to_disk(self, owner: Slot | Cached, state: Any) -> bool:
+        """Queue a sequence's state (read now when not given) for its agent's file, unless
+        the file holds it already; False when the writer's queue is full (tried again later)."""
+        assert self.store is not None
+        written = self.store.holds(owner.scope, owner.agent, owner.kv)
+        if not written:
+            started = time.perf_counter()
+            state = self.backend.state_get(owner.seq) if state is None else state
+            written = self.store.put(owner.scope, owner.agent, owner.kv, owner.tiled, state)
+            self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
+        if isinstance(owner, Cached):
+            owner.unsaved = 0.0 if written else time.monotonic()
+        return written
+
+    def _grown(self, cached: Cached) -> bool:
+        """Did the sequence grow by `KV_WRITE_MIN_GROWTH` tokens since its agent's file?"""
+        assert self.store is not None
+        entry = self.store.find(cached.scope, cached.agent)
+        return len(cached.kv) - (common_prefix(entry.tokens, cached.kv) if entry is not None else 0) >= params.KV_WRITE_MIN_GROWTH
+
+    def _restore_own(self, slot: Slot) -> Cached | None:
+        """The agent's sequence from its file, in the slot's sequence, when it saves
+        `KV_RESTORE_MIN_TOKENS` of the prompt's prefill (None otherwise)."""
+        entry = self.store.find(slot.scope, slot.agent) if self.store is not None and self.options.kv_reuse else None
+        if entry is None:
+            return None
+        common = min(common_prefix(entry.tokens, slot.feed), len(slot.feed) - 1)
+        if common < params.KV_RESTORE_MIN_TOKENS:
+            return None
+        state = self._load(entry)
+        self.backend.seq_clear(slot.seq)
+        if state is None or not self.backend.state_set(slot.seq, state):
+            self.backend.seq_clear(slot.seq)
+            return None
+        self.stats["kv_restores"] += 1
+        self.stats["kv_restore_tokens"] += common
+        return Cached(slot.agent, entry.tokens, slot.seq, scope=entry.scope, tiled=entry.tiled)
+
+    def _load(self, entry: Entry) -> Any:
+        started = time.perf_counter()
+        assert self.store is not None
+        state = self.store.load(entry)
+        self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
+        return state
 
     # -- contiguous sequence ids -------------------------------------------------------
     def _compact(self) -> None:
@@ -420,33 +483,3 @@ class Placement:
             self._free_seq(cached.seq)
         elif cached.state is not None:
             self.swapped_bytes -= len(cached.state)
-
-
-def whole_tiles(n: int, tile: int) -> int:
-    """`n` rounded down to whole prefill tiles (`tile` 0: no tiles, every row apart)."""
-    return n // tile * tile if tile else n
-
-
-def tile_end(slot: Slot, tile: int) -> int:
-    """Where the part of the slot's prompt computed in tiles ends: whole tiles from its
-    first uncomputed token up to the last whole tile of the prompt (without tiles: all
-    of it, every row computed apart)."""
-    base = len(slot.kv)
-    total = base + len(slot.feed)
-    if not tile:
-        return total
-    return base + whole_tiles(max(whole_tiles(total, tile) - base, 0), tile)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """The length of the longest common prefix of two token lists (slice compares run in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from .. import params
 from ..llm.jobs import JobState
 from .backends import Backend, BatchEntry
-from .placement import Placement, Slot, tile_end, utf8_decoder, whole_tiles
+from .hibernate import KvStore
+from .placement import Placement
+from .sequences import Slot, tile_end, utf8_decoder, whole_tiles
 from .wire import STAT_KEYS, Output, Plan, RunnerOptions, StepResult
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,13 @@ log = logging.getLogger(__name__)
 class Runner:
     """Single-threaded: one caller, the thread that decodes."""
 
-    def __init__(self, backend: Backend, options: RunnerOptions | None = None) -> None:
+    def __init__(self, backend: Backend, options: RunnerOptions | None = None, store: KvStore | None = None) -> None:
+        """`store`: the agents' sequences on disk (kernel/cores/hibernate.py), or None."""
         self.backend = backend
         self.options = options = options or RunnerOptions()
         self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
-        self.placement = Placement(backend, options, self.stats)
+        self.store = store
+        self.placement = Placement(backend, options, self.stats, store)
         self._slots = self.placement.slots  # the same dict, never rebound: read at every step
         self._tile = self.placement.tile
         self._cost = StepCost()
@@ -85,12 +89,23 @@ class Runner:
             self._failed()
         self._last = None
         self.stats["runner_s"] += time.perf_counter() - started
+        if self.store is not None:
+            self.stats.update(self.store.statistics())
         return StepResult(self._outputs, dict(self.stats), self.placement.cached_sequences, self.placement.swapped_bytes)
 
     def _failed(self) -> None:
         log.exception("engine step failed; failing the jobs in the engine and going on")
         self._last = None
         self._outputs += self._fail_all("internal error in the engine (see the aiosfs log)")
+
+    def hibernate(self, idle: bool) -> bool:
+        """Write a finished sequence to disk (kernel/cores/placement.py says which, and when);
+        whether one was. Between steps, after the step's result has gone."""
+        try:
+            return self.store is not None and self.placement.hibernate(idle)
+        except Exception:  # hibernation is an optimization: a bug in it costs the disk copy, not the engine
+            log.exception("writing a sequence to disk failed")
+            return False
 
     def close(self) -> None:
         self.placement.close()

@@ -73,6 +73,11 @@ STAT_KEYS = [
     "runner_s",
     "prefill_chunk",
     "seq_moves",
+    "kv_restores",
+    "kv_restore_tokens",
+    "kv_hibernated",
+    "kv_disk_bytes",
+    "kv_disk_discarded",
 ]
 
 
@@ -90,6 +95,8 @@ class EngineSpec:
     n_ctx_seq: int = params.DEFAULT_CTX_PER_SLOT
     kv_budget: int = params.KV_BUDGET_BYTES
     fake_delay: float = 0.0
+    kv_dir: str = ""  # where agents' sequences hibernate (kernel/cores/hibernate.py); "" or kv_disk 0: nowhere
+    kv_disk: int = 0  # bytes those files may take
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,13 @@ class LlamaBackend:
         return buf if n == size else (ctypes.c_uint8 * n).from_buffer_copy(buf)
 
     def state_set(self, seq: int, state: Any) -> bool:
-        buf = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        """`state`: what state_get returned, or its bytes (a bytearray is used in place, not copied)."""
+        if isinstance(state, ctypes.Array):
+            buf = state
+        elif isinstance(state, bytearray):
+            buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        else:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         return bool(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(buf), seq))
 
     def decode(self, entries: Sequence[BatchEntry]) -> int:
