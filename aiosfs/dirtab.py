@@ -103,7 +103,7 @@ TABLES: dict[Kind, list[Entry]] = {
         Entry("context", Kind.CONTEXT, Cls.STORED, 0o640),
         Entry("config", Kind.CONFIG, Cls.STORED, 0o640),
         Entry("permissions", Kind.PERMISSIONS, Cls.STORED, 0o640),
-        Entry("ctl", Kind.CTL, Cls.CTL, 0o220),
+        Entry("ctl", Kind.CTL, Cls.CTL, 0o620),  # the owner may read it (empty), so that copies of the agent can
         Entry("events", Kind.EVENTS, Cls.EVENTS, 0o640),
         Entry("versions", Kind.VERSIONS, Cls.SNAPSHOT, 0o640),
         Entry("recall", Kind.RECALL, Cls.RPC, 0o640),

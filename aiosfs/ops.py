@@ -1,5 +1,9 @@
 """The FUSE operations: one thin method per operation over the dirtab and the kernel.
 
+Each inode is one of three kinds, told apart by its number: a synthetic file or
+directory of the dirtab (`tree.py`), a file of an agent's memory/ (`memfiles.py`),
+or a scratch file of an agent directory (`scratch.py`, `restore.py`).
+
 Every handler runs inside `_guard`: a KernelError becomes its errno, any other
 exception is logged and becomes EIO, so no bug can end `pyfuse3.main()` and take
 the mount down.
@@ -18,14 +22,17 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from kernel import Agent, Caller, Kernel, metrics_registry, params, render_context
+from kernel import Agent, Caller, Kernel, metrics_registry, params
 from kernel.errors import KernelError
 from kernel.syscall import Sys, syscall
 
-from . import render, toolfiles
-from .dirtab import BY_KIND, MEMORY, TABLES, Cls, Entry, Kind, agent_of, child, inode, kind_of
-from .files import CtlHandle, EventsHandle, GrowingHandle, Handle, RpcHandle, SnapshotHandle, StoredHandle, SubmitHandle, Waiting
-from .memfiles import MemoryHandle, RecallHandle, entry_attrs, fuse_ino, is_mem, mem, store_ino
+from . import restore, toolfiles
+from .dirtab import MEMORY, TABLES, Cls, Entry, Kind, child, inode
+from .files import Handle
+from .memfiles import MemoryHandle, entry_attrs, fuse_ino, is_mem, mem, store_ino
+from .scratch import READDIR_BASE, RENAME_NOREPLACE, SCRATCH_BASE, ScratchFile, ScratchFiles, ScratchHandle, is_scratch, is_scratch_name
+from .streams import Waiting
+from .tree import Tree, caller_of
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +61,7 @@ def _guard(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine
     return guarded
 
 
-def _caller(ctx: Any) -> Caller:
-    """Who asks; None for the filesystem's own lookups (readdir has no request context)."""
-    return Caller(0, 0, 0) if ctx is None else Caller(ctx.uid, ctx.gid, ctx.pid)
+_caller = caller_of
 
 
 def _ownership(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> dict[str, Any]:
@@ -84,72 +89,19 @@ class Operations(pyfuse3.Operations):
         self.nursery: trio.Nursery | None = None  # set by the mount, for poll notifications
         self.mounted_at = time.time()
         self.metrics = metrics_registry(kernel)  # kernel/metrics, and mount --metrics
+        self.tree = Tree(kernel, self.waiting, self.metrics, self.mounted_at)
+        self.scratch = ScratchFiles()
 
     # -- names and attributes ---------------------------------------------------
     def _resolve(self, ino: int) -> tuple[Entry, Agent | None]:
-        if is_mem(ino):
-            raise pyfuse3.FUSEError(errno.EXDEV)  # a memory inode where a synthetic one was expected
-        try:
-            kind = kind_of(ino)
-        except ValueError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        if kind in toolfiles.TOOL_KINDS:
-            return toolfiles.entry(self.kernel, ino), None
-        agent_id = agent_of(ino)
-        if agent_id == 0:
-            if kind >= Kind.AGENT:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return BY_KIND[kind], None
-        agent = self.kernel.agents.by_id(agent_id)
-        if agent is None or kind < Kind.AGENT:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return BY_KIND[kind], agent
+        if is_scratch(ino):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)  # a scratch file where a directory was expected
+        return self.tree.resolve(ino)
 
-    def _attrs(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        entry, agent = self._resolve(ino)
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = ino
-        attr.generation = 0
-        attr.entry_timeout = 0
-        attr.attr_timeout = 0
-        attr.st_blksize = 4096
-        attr.st_nlink = 2 if entry.cls is Cls.DIR else 1
-        stamp = self.mounted_at
-        if agent is None:
-            attr.st_mode = entry.st_mode
-            attr.st_uid = attr.st_gid = 0
-        else:
-            mode = agent.row.mode if entry.kind is Kind.AGENT else agent.row.file_modes.get(entry.name, entry.mode)
-            attr.st_mode = (entry.st_mode & ~0o7777) | mode
-            attr.st_uid, attr.st_gid = agent.row.uid, agent.row.gid
-            stamp = agent.row.changed or agent.row.created
-        if entry.cls is Cls.STORED:
-            attr.st_size = len(self._stored_text(entry.kind, agent).encode())
-        elif entry.cls is Cls.GROWING and agent is not None and ctx is not None:
-            job = self.kernel.requests.latest_job(agent, ctx.uid)  # a stat reads the binding; opens make it (Sys.OUTPUT_BIND)
-            attr.st_size = len(job.data) if job is not None else 0
-        ns = int(stamp * 1e9)
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
-        return attr
-
-    def _stored_text(self, kind: Kind, agent: Agent | None) -> str:
-        if agent is None:
-            return self.kernel.engine.scheduler.describe() + "\n"
-        if kind is Kind.CONFIG:
-            return agent.config.render()
-        if kind is Kind.PERMISSIONS:
-            return self.kernel.agents.permissions_text(agent)
-        return render_context(agent.messages)
-
-    @staticmethod
-    def _stored_call(kind: Kind) -> tuple[Sys, int]:
-        if kind is Kind.CONFIG:
-            return Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES
-        if kind is Kind.CONTEXT:
-            return Sys.CONTEXT_WRITE, params.MAX_CONTEXT_BYTES
-        if kind is Kind.PERMISSIONS:
-            return Sys.PERMISSIONS_WRITE, params.MAX_CONFIG_BYTES
-        return Sys.SCHED_SET, params.MAX_CTL_LINE
+    async def _attrs(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if is_scratch(ino):
+            return self.scratch.get(ino).attrs()
+        return await self.tree.attrs(ino, ctx)
 
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -157,25 +109,44 @@ class Operations(pyfuse3.Operations):
             return entry_attrs(await mem(self.kernel, _caller(ctx), "lookup", store_ino(parent_inode), name))
         parent, agent = self._resolve(parent_inode)
         text = os.fsdecode(name)
-        if parent.kind is Kind.AGENT and text == MEMORY and agent is not None:
-            return await self._mem_attrs(await self.kernel.memory.root(agent), ctx)
+        if parent.kind is Kind.AGENT and agent is not None:
+            return await self._agent_lookup(agent, name, ctx)
         if parent.kind is Kind.TOOLS:
-            return self._attrs(toolfiles.lookup(self.kernel, text), ctx)
+            return await self._attrs(toolfiles.lookup(self.kernel, text), ctx)
         if parent.kind is Kind.AGENTS:
             found = self.kernel.agents.get(text)
             if found is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attrs(inode(found.row.id, Kind.AGENT), ctx)
+            return await self._attrs(inode(found.row.id, Kind.AGENT), ctx)
         entry = child(parent.kind, text)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(inode(agent.row.id if agent else 0, entry.kind), ctx)
+        return await self._attrs(inode(0, entry.kind), ctx)
+
+    async def _agent_lookup(self, agent: Agent, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        """A name in an agent directory: a fixed file, memory/ or a scratch file. To an
+        exclusive create of a fixed name (or a mkdir of memory) the name looks free,
+        so that the create reaches `create` (`mkdir`) instead of failing with EEXIST."""
+        text = os.fsdecode(name)
+        entry = child(Kind.AGENT, text)
+        if text == MEMORY:
+            if restore.exclusive(ctx, name, "mkdir"):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return await self._mem_attrs(await self.kernel.memory.root(agent), ctx)
+        if entry is not None:
+            if restore.exclusive(ctx, name, "open"):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return await self._attrs(inode(agent.row.id, entry.kind), ctx)
+        found = self.scratch.named(agent.row.id, name)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found.attrs()
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if is_mem(inode):
             return await self._mem_attrs(store_ino(inode), ctx)
-        return self._attrs(inode, ctx)
+        return await self._attrs(inode, ctx)
 
     async def _mem_attrs(self, ino: int, ctx: Any) -> pyfuse3.EntryAttributes:
         return entry_attrs(await mem(self.kernel, _caller(ctx), "getattr", ino))
@@ -186,6 +157,9 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if is_mem(ino):
             return await self._mem_setattr(ino, attr, fields, fh, ctx)
+        if is_scratch(ino):
+            self.scratch.setattr(self.scratch.get(ino), attr, fields)
+            return await self._attrs(ino, ctx)
         entry, agent = self._resolve(ino)
         caller = _caller(ctx)
         if fields.update_size:
@@ -194,7 +168,7 @@ class Operations(pyfuse3.Operations):
             await self._chattr(entry, agent, attr, fields, caller)
         elif fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._attrs(ino, ctx)
+        return await self._attrs(ino, ctx)  # times: accepted and not kept (they follow the agent's changes)
 
     async def _mem_setattr(
         self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
@@ -213,24 +187,25 @@ class Operations(pyfuse3.Operations):
         return entry_attrs(result)
 
     async def _truncate(self, entry: Entry, agent: Agent | None, fh: int | None, size: int, caller: Caller) -> None:
-        if size != 0 or entry.cls not in (Cls.SUBMIT, Cls.STORED):
+        if size != 0 or entry.cls not in (Cls.SUBMIT, Cls.STORED, Cls.CTL):
             raise pyfuse3.FUSEError(errno.EPERM if entry.cls is Cls.DIR else errno.EINVAL)
         handle = self.handles.get(fh) if fh is not None else None
         if handle is not None:
             handle.truncate()
         elif entry.cls is Cls.STORED and agent is not None:
-            await syscall(self.kernel, self._stored_call(entry.kind)[0], caller, agent, b"")
+            await syscall(self.kernel, self.tree.stored_call(entry.kind)[0], caller, agent, b"")
 
     async def _chattr(self, entry: Entry, agent: Agent, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, caller: Caller) -> None:
-        """chmod/chown: the VFS has checked ownership (default_permissions); we persist."""
+        """chmod/chown: the VFS has checked ownership (default_permissions); we persist.
+        The files of an agent share its directory's owner: a chown of one is accepted
+        and changes nothing (copy tools set every file's owner)."""
         values: dict[str, Any] = {}
         if entry.kind is Kind.AGENT:
             values = _ownership(attr, fields)
-        else:
-            if fields.update_uid or fields.update_gid:
-                raise KernelError(errno.EPERM, "files of an agent share its owner: chown the agent directory")
+        elif fields.update_mode:
             values["file_modes"] = {**agent.row.file_modes, entry.name: attr.st_mode & 0o7777}
-        await syscall(self.kernel, Sys.AGENT_SETATTR, caller, agent, **values)
+        if values:
+            await syscall(self.kernel, Sys.AGENT_SETATTR, caller, agent, **values)
 
     # -- directories --------------------------------------------------------------
     @_guard
@@ -265,10 +240,11 @@ class Operations(pyfuse3.Operations):
             rows = [(i + 1, e.name, inode(base, e.kind)) for i, e in enumerate(table)]
             if agent is not None:
                 rows.append((len(table) + 1, MEMORY, fuse_ino(await self.kernel.memory.root(agent))))
+                rows += [(READDIR_BASE + f.ino - SCRATCH_BASE, os.fsdecode(f.name), f.ino) for f in self.scratch.listing(agent.row.id)]
         for next_id, name, ino in rows:
             if next_id <= start_id:
                 continue
-            attrs = await self._mem_attrs(store_ino(ino), None) if is_mem(ino) else self._attrs(ino)
+            attrs = await self._mem_attrs(store_ino(ino), None) if is_mem(ino) else await self._attrs(ino)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, next_id):
                 break
 
@@ -281,7 +257,9 @@ class Operations(pyfuse3.Operations):
         if is_mem(parent_inode):
             made = await mem(self.kernel, _caller(ctx), "mkdir", store_ino(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
             return entry_attrs(made)
-        parent, _ = self._resolve(parent_inode)
+        parent, agent = self._resolve(parent_inode)
+        if parent.kind is Kind.AGENT and agent is not None and name == MEMORY.encode():  # a copy tool recreating it (restore.py)
+            return await restore.make_memory(self.kernel, agent, _caller(ctx))
         if parent.kind is not Kind.AGENTS:
             raise pyfuse3.FUSEError(errno.EPERM)
         try:
@@ -289,30 +267,52 @@ class Operations(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         agent = await syscall(self.kernel, Sys.AGENT_CREATE, _caller(ctx), text, mode & ~ctx.umask & 0o7777)
-        return self._attrs(inode(agent.row.id, Kind.AGENT), ctx)
+        return await self._attrs(inode(agent.row.id, Kind.AGENT), ctx)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if is_mem(parent_inode):
             await mem(self.kernel, _caller(ctx), "rmdir", store_ino(parent_inode), name)
             return
-        parent, _ = self._resolve(parent_inode)
+        parent, agent = self._resolve(parent_inode)
         if parent.kind is not Kind.AGENTS:
             text = os.fsdecode(name)
+            if agent is not None and self.scratch.named(agent.row.id, name) is not None:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
             structural = child(parent.kind, text) or (parent.kind is Kind.AGENT and text == MEMORY)
             raise pyfuse3.FUSEError(errno.EPERM if structural else errno.ENOENT)
+        removed = self.kernel.agents.get(os.fsdecode(name))
         await syscall(self.kernel, Sys.AGENT_REMOVE, _caller(ctx), os.fsdecode(name))
+        if removed is not None:
+            self.scratch.drop_agent(removed.row.id)
+
+    def _agent_dir(self, parent_inode: int) -> Agent | None:
+        """The agent whose directory `parent_inode` is; None for any other directory."""
+        if is_mem(parent_inode) or is_scratch(parent_inode):
+            return None
+        parent, agent = self._resolve(parent_inode)
+        return agent if parent.kind is Kind.AGENT else None
 
     @_guard
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        if not is_mem(parent_inode):
-            raise pyfuse3.FUSEError(errno.EPERM)  # the synthetic tree is fixed: no new files
         caller = _caller(ctx)
-        made = await mem(self.kernel, caller, "create", store_ino(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        attr = entry_attrs(made)
-        return await self._mem_open(attr.st_ino, flags & ~os.O_TRUNC, caller), attr
+        if is_mem(parent_inode):
+            made = await mem(self.kernel, caller, "create", store_ino(parent_inode), name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            attr = entry_attrs(made)
+            return await self._mem_open(attr.st_ino, flags & ~os.O_TRUNC, caller), attr
+        agent = self._agent_dir(parent_inode)
+        entry = child(Kind.AGENT, os.fsdecode(name))
+        if agent is not None and entry is not None and entry.cls is not Cls.DIR:  # an exclusive create (restore.py)
+            ino = inode(agent.row.id, entry.kind)
+            handle = await restore.open_fixed(self.tree, entry, agent, flags, mode & ~ctx.umask, caller)
+            return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False), await self._attrs(ino, ctx)
+        if agent is not None and entry is None and is_scratch_name(name):
+            found = self.scratch.create(agent.row.id, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+            handle = ScratchHandle(self.kernel, caller, flags, found, self.scratch)
+            return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False), found.attrs()
+        raise pyfuse3.FUSEError(errno.EPERM)  # the synthetic tree is fixed: files are made in memory/
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -323,9 +323,13 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not is_mem(parent_inode):
+        if is_mem(parent_inode):
+            await mem(self.kernel, _caller(ctx), "unlink", store_ino(parent_inode), name)
+            return
+        agent = self._agent_dir(parent_inode)
+        if agent is None or not is_scratch_name(name) or child(Kind.AGENT, os.fsdecode(name)) is not None:
             raise pyfuse3.FUSEError(errno.EPERM)
-        await mem(self.kernel, _caller(ctx), "unlink", store_ino(parent_inode), name)
+        self.scratch.unlink(agent.row.id, name)
 
     @_guard
     async def rename(
@@ -334,7 +338,28 @@ class Operations(pyfuse3.Operations):
         if is_mem(parent_inode_old) and is_mem(parent_inode_new):
             await mem(self.kernel, _caller(ctx), "rename", store_ino(parent_inode_old), name_old, store_ino(parent_inode_new), name_new, flags)
             return
-        raise pyfuse3.FUSEError(errno.EXDEV if is_mem(parent_inode_old) or is_mem(parent_inode_new) else errno.EPERM)
+        agent = self._agent_dir(parent_inode_old)
+        found = self.scratch.named(agent.row.id, name_old) if agent is not None else None
+        if found is None or agent is None:
+            raise pyfuse3.FUSEError(errno.EXDEV if is_mem(parent_inode_old) or is_mem(parent_inode_new) else errno.EPERM)
+        if parent_inode_new != parent_inode_old:
+            raise pyfuse3.FUSEError(errno.EXDEV)  # a scratch file stays in its agent directory
+        await self._rename_scratch(agent, found, name_new, flags, _caller(ctx))
+
+    async def _rename_scratch(self, agent: Agent, found: ScratchFile, new: bytes, flags: int, caller: Caller) -> None:
+        """A scratch file renamed: onto a fixed file (restore.py), or to another scratch name."""
+        entry = child(Kind.AGENT, os.fsdecode(new))
+        if new == MEMORY.encode():
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if entry is None:
+            if not is_scratch_name(new):
+                raise pyfuse3.FUSEError(errno.EPERM)
+            self.scratch.rename(agent.row.id, found.name, new, flags)
+            return
+        if flags:
+            raise pyfuse3.FUSEError(errno.EEXIST if flags == RENAME_NOREPLACE else errno.EINVAL)  # a fixed file always exists
+        await restore.rename_onto(self.tree, found, entry, agent, caller)
+        self.scratch.unlink(agent.row.id, found.name)
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -361,10 +386,13 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if is_mem(inode):
             return await self._mem_open(inode, flags, _caller(ctx))
+        if is_scratch(inode):
+            handle: Handle = ScratchHandle(self.kernel, _caller(ctx), flags, self.scratch.get(inode), self.scratch)
+            return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
         entry, agent = self._resolve(inode)
         if entry.cls is Cls.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        handle = await self._make_handle(inode, entry, agent, flags, _caller(ctx))
+        handle = await self.tree.make_handle(inode, entry, agent, flags, _caller(ctx))
         info = pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
         info.nonseekable = entry.cls in (Cls.RPC, Cls.EVENTS)
         return info
@@ -384,56 +412,6 @@ class Operations(pyfuse3.Operations):
         # direct I/O: each write() reaches the store whole (up to max_write), so a quota
         # refusal writes nothing; through the page cache a write is split at page edges.
         return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True, keep_cache=False)
-
-    @staticmethod
-    def _check_class(entry: Entry, flags: int) -> None:
-        """The class decides what an open may do, for root too (mode bits cannot)."""
-        access = flags & os.O_ACCMODE
-        reads, writes = access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
-        if (writes and entry.cls in (Cls.SNAPSHOT, Cls.GROWING, Cls.EVENTS)) or (reads and entry.cls in (Cls.SUBMIT, Cls.CTL)):
-            raise pyfuse3.FUSEError(errno.EACCES)
-
-    async def _make_handle(self, ino: int, entry: Entry, agent: Agent | None, flags: int, caller: Caller) -> Handle:
-        self._check_class(entry, flags)
-        if entry.kind in toolfiles.TOOL_KINDS:
-            return toolfiles.open_handle(self.kernel, caller, ino, flags)
-        if entry.cls is Cls.SNAPSHOT:
-            return SnapshotHandle(self.kernel, caller, agent, flags, await self._snapshot(entry.kind, agent, caller))
-        if entry.cls is Cls.EVENTS:
-            return EventsHandle(self.kernel, caller, agent, flags, agent.events if agent else self.kernel.events, self.waiting)
-        if entry.cls is Cls.STORED:
-            call, limit = self._stored_call(entry.kind)
-            return StoredHandle(self.kernel, caller, agent, flags, functools.partial(self._stored_text, entry.kind, agent), call, limit)
-        if entry.cls is Cls.CTL:
-            return CtlHandle(self.kernel, caller, agent, flags)
-        assert agent is not None
-        if entry.cls is Cls.SUBMIT:
-            return SubmitHandle(self.kernel, caller, agent, flags)
-        if entry.cls is Cls.GROWING:
-            return GrowingHandle(self.kernel, caller, agent, flags, await syscall(self.kernel, Sys.OUTPUT_BIND, caller, agent), self.waiting)
-        if entry.kind is Kind.RECALL:
-            return RecallHandle(self.kernel, caller, agent, flags)
-        if entry.cls is Cls.RPC:
-            return RpcHandle(self.kernel, caller, agent, flags, self.waiting)
-        return CtlHandle(self.kernel, caller, agent, flags)
-
-    async def _snapshot(self, kind: Kind, agent: Agent | None, caller: Caller) -> str:
-        k = self.kernel
-        if agent is not None:
-            if kind is Kind.VERSIONS:
-                return await render.versions(k, agent, caller)
-            return render.agent_status(k, agent, caller) if kind is Kind.STATUS else render.agent_error(agent, caller)
-        renderers: dict[Kind, Callable[[], str]] = {
-            Kind.README: lambda: render.README,
-            Kind.K_STATUS: lambda: k.status_line() + "\n",
-            Kind.K_STATS: lambda: render.kernel_stats(k),
-            Kind.K_METRICS: lambda: render.kernel_metrics(self.metrics),
-            Kind.K_PS: lambda: render.kernel_ps(k, caller),
-            Kind.K_MODELS: lambda: render.kernel_models(k),
-            Kind.K_LOG: lambda: render.kernel_log(k),
-            Kind.K_TRASH: lambda: render.kernel_trash(k),
-        }
-        return renderers[kind]()
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)

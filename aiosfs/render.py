@@ -30,6 +30,8 @@ aiosfs: an operating system for LLM agents, in the filesystem.
   echo memory_recall=on >> agents/NAME/config   put recalled passages into each prompt
   echo "budget_tokens 10000" > agents/NAME/permissions   policy beyond mode bits (root sets limits)
   exec 3<>tools/calculator; echo '{"expression": "6*7"}' >&3; cat <&3   call a tool; tools/NAME.schema says how
+  echo "fork NEW" > agents/NAME/ctl      a copy of the agent (config, context, memory/ with versions)
+  cp -a agents/NAME ~/backup/            back up; cp, tar and rsync copy agents out and back in
   rmdir agents/NAME                      moves the agent to kernel/trash; undo with
   echo "restore NAME" > kernel/ctl       (the owner or root, for 7 days)
   cat kernel/status                      the kernel at a glance; kernel/stats, kernel/ps for more

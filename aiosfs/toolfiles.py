@@ -19,7 +19,7 @@ import trio
 
 from kernel import Agent, Caller, Kernel, ToolSpec, params
 from kernel.errors import KernelError, errno_name
-from kernel.syscall import Sys, syscall
+from kernel.syscall import Sys, checks, syscall
 
 from .dirtab import BY_KIND, Entry, Kind, agent_of, inode, kind_of
 from .files import Handle, SnapshotHandle
@@ -61,10 +61,15 @@ def listing(kernel: Kernel) -> list[tuple[int, str, int]]:
     return rows
 
 
+def schema_text(kernel: Kernel, ino: int) -> str:
+    """`tools/NAME.schema`: the tool's name, description and schema."""
+    return json.dumps(tool_of(kernel, ino).describe(), indent=2, ensure_ascii=False) + "\n"
+
+
 def open_handle(kernel: Kernel, caller: Caller, ino: int, flags: int) -> Handle:
     spec = tool_of(kernel, ino)
     if kind_of(ino) is Kind.TOOL_SCHEMA:
-        return SnapshotHandle(kernel, caller, None, flags, json.dumps(spec.describe(), indent=2, ensure_ascii=False) + "\n")
+        return SnapshotHandle(kernel, caller, None, flags, schema_text(kernel, ino))
     return ToolHandle(kernel, caller, flags, spec.name)
 
 
@@ -72,7 +77,7 @@ def parse_call(kernel: Kernel, data: bytes) -> tuple[Agent | None, Any]:
     """(agent or None, arguments) of what was written: the arguments, or an envelope
     `{"agent": NAME, "arguments": {...}}` (exactly those two keys) acting for NAME."""
     try:
-        request = json.loads(data.decode("utf-8"))
+        request = checks.loads(data.decode("utf-8"), "the arguments")
     except ValueError as exc:  # UnicodeDecodeError is one
         raise KernelError(errno.EINVAL, f"write the arguments as a JSON object, or {ENVELOPE} ({exc})") from None
     if isinstance(request, dict) and set(request) == {"agent", "arguments"}:

@@ -192,7 +192,7 @@ AGENT_FILES = [
     ("context", "stored", 0o640),
     ("config", "stored", 0o640),
     ("permissions", "stored", 0o640),
-    ("ctl", "ctl", 0o220),
+    ("ctl", "ctl", 0o620),
     ("events", "events", 0o640),
     ("versions", "snapshot", 0o640),
     ("recall", "rpc", 0o640),
@@ -212,7 +212,7 @@ GLOBAL_FILES = [
     ("kernel/ctl", "ctl", 0o222),  # writable by all: owners may restore their agents; each verb checks the caller
 ]
 ACCESS = {"r": os.O_RDONLY, "w": os.O_WRONLY}
-CLASS_REFUSES = {"r": {"submit", "ctl"}, "w": {"snapshot", "growing", "events"}}  # rule 2, root included
+CLASS_REFUSES = {"r": set(), "w": {"snapshot", "growing", "events"}}  # rule 2, root included (control files read empty)
 
 
 def matrix_nodes(agent: str) -> list[Node]:
@@ -330,7 +330,7 @@ def operations(fs: Mount, user: User) -> list[Op]:
         ("chmod the agent dir", lambda: os.chmod(closed, 0o755), "ok" if manages else "EPERM"),
         ("chmod prompt", lambda: os.chmod(closed / "prompt", 0o620), "ok" if manages else "EPERM"),
         ("chown the agent dir", lambda: os.chown(closed, *chown_to), "ok" if user.is_root else "EPERM"),
-        ("chown prompt (to its owner)", lambda: os.chown(closed / "prompt", OWNER.uid, OWNER.gid), "EPERM"),
+        ("chown prompt (to its owner)", lambda: os.chown(closed / "prompt", OWNER.uid, OWNER.gid), "ok" if manages else "EPERM"),
         ("chmod kernel/scheduler", lambda: os.chmod(fs.root / "kernel" / "scheduler", 0o644), "EPERM"),
     ]
 

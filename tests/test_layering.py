@@ -26,6 +26,7 @@ RANKS: dict[str, int] = {
     "kernel.errors": 0,
     "kernel.params": 0,
     "kernel.keyfile": 0,
+    "kernel.text": 0,
     # 1: records: data types and their parsers, no behaviour that reaches other parts
     "kernel.agents.config": 1,
     "kernel.agents.request": 1,

@@ -142,15 +142,20 @@ def test_class_rules_hold_for_root(agent: Path, fs: Mount) -> None:
     for path, flags in [
         (agent / "output", os.O_WRONLY),
         (agent / "status", os.O_WRONLY),
-        (agent / "prompt", os.O_RDONLY),
-        (agent / "prompt", os.O_RDWR),
-        (agent / "ctl", os.O_RDONLY),
         (fs.root / "kernel" / "status", os.O_WRONLY),
     ]:
         with pytest.raises(PermissionError):
             os.close(os.open(path, flags))
     result = sh(f"echo x > {agent}/output")
     assert result.returncode != 0 and "Permission denied" in result.stderr
+    for path in (agent / "prompt", agent / "ctl", fs.root / "kernel" / "ctl"):  # control files read empty
+        for flags in (os.O_RDONLY, os.O_RDWR):
+            fd = os.open(path, flags)
+            try:
+                assert os.read(fd, 4096) == b""
+            finally:
+                os.close(fd)
+    assert (agent / "status").read_text() == "idle -\n"  # reading them made no request
 
 
 def test_bad_input_errnos_and_error_file(agent: Path, fs: Mount) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from .. import params
 from ..cores.backends import Vocabulary
 from ..errors import KernelError
+from ..text import loads
 from ..types import Message
 from .config import AgentConfig
 from .request import ROLES
@@ -82,7 +83,7 @@ def parse_context(text: str) -> list[Message]:
 
 def _parse_message(line: str, number: int) -> Message:
     try:
-        obj = json.loads(line)
+        obj = loads(line, f"context line {number}")
     except json.JSONDecodeError as exc:
         raise KernelError(errno.EINVAL, f"context line {number}: not valid JSON: {exc}") from None
     if not isinstance(obj, dict) or set(obj) - {"role", "content"} or not isinstance(obj.get("content"), str):

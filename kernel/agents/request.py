@@ -28,6 +28,7 @@ from typing import Any
 
 from .. import params
 from ..errors import KernelError
+from ..text import loads
 from ..types import Message
 from .config import AgentConfig, Function, check_model, validate
 
@@ -70,7 +71,7 @@ def parse_request(text: str, base: AgentConfig, known_models: Callable[[str], bo
     if not text.lstrip().startswith("{"):
         return Request(text, base)
     try:
-        obj = json.loads(text)
+        obj = loads(text, "envelope")
     except json.JSONDecodeError as exc:
         raise KernelError(errno.EINVAL, f"request starts with '{{' but is not valid JSON: {exc}") from None
     if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):

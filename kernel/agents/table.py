@@ -1,6 +1,6 @@
 """The agent table: the kernel's process table. Agents by name and by id, their
-creation, removal to the trash, restore and purge, and the files that are an agent's
-own state (config, permissions, context, ownership and modes).
+creation, fork, removal to the trash, restore and purge, and the files that are an
+agent's own state (config, permissions, context, ownership and modes).
 
 Every method here is called by a syscall handler, which has checked the caller's
 access; the table keeps the database and its memory in step.
@@ -8,6 +8,7 @@ access; the table keeps the database and its memory in step.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import time
@@ -18,6 +19,7 @@ import trio
 
 from .. import params
 from ..access.policy import Policy, parse_policy
+from ..access.rules import may
 from ..errors import KernelError
 from ..memory.manager import MemoryManager
 from ..storage.database import AgentRow, Storage
@@ -26,6 +28,9 @@ from ..types import Agent, AuditSink, Caller, Message
 from .config import AgentConfig, parse_config
 
 log = logging.getLogger(__name__)
+
+# The files a fork reads, with their modes in the tree (aiosfs/dirtab.py) where chmod left none.
+FORK_READS = {"config": 0o640, "context": 0o640, "permissions": 0o640}
 
 
 class AgentTable(Mapping[str, Agent]):
@@ -98,6 +103,46 @@ class AgentTable(Mapping[str, Agent]):
         self._by_id[row.id] = agent
         self._audit("mkdir", agent=name, uid=caller.uid)
         return agent
+
+    async def fork(self, caller: Caller, source: Agent, name: str) -> Agent:
+        """`fork NAME`: a new agent owned by the caller with the source's config, context,
+        policy (root's ceiling and the tokens spent included), modes and memory/ with its
+        versions. Its first request shares the source's cached KV prefix in the engine
+        (jobs of one uid share prefixes), so it starts warm."""
+        self.require_live(source)
+        check_readable(caller, source)
+        if name in self._by_name or name in self._reserved:
+            raise KernelError(errno.EEXIST, f"agent {name!r} exists")
+        self._reserved.add(name)
+        quotas = self.memory.store.quotas
+        try:
+            state = (source.config.render(), source.policy.render(Policy(), 0), source.ceiling.render(Policy(), 0), list(source.messages))
+            row = await self.writer.call(self._fork_row, caller, source.row, name, *state)
+            if source.policy.memory_quota is not None:
+                quotas[row.id] = source.policy.memory_quota  # the copy is checked against the quota it inherits
+            try:
+                await self.memory.copy(caller, source, row.id)
+            except BaseException:
+                quotas.pop(row.id, None)
+                await self.writer.call(self.storage.delete_agent, row.id)
+                raise
+        finally:
+            self._reserved.discard(name)
+        agent = self._load(row)
+        self._audit("fork", agent=name, source=source.name, uid=caller.uid, id=row.id)
+        return agent
+
+    def _fork_row(
+        self, caller: Caller, source: AgentRow, name: str, config: str, permissions: str, ceiling: str, messages: list[Message]
+    ) -> AgentRow:
+        """The new agent's row and conversation, in one transaction (on the journal writer)."""
+        modes = dict(source.file_modes)
+        with self.storage.atomic():
+            row = self.storage.create_agent(name, caller.uid, caller.gid, source.mode)
+            self.storage.update_agent(row.id, file_modes=modes, config=config, permissions=permissions, ceiling=ceiling)
+            self.storage.set_spent(row.id, source.spent_tokens)
+            self.storage.replace_messages(row.id, messages)
+        return dataclasses.replace(row, file_modes=modes, config=config, permissions=permissions, ceiling=ceiling, spent_tokens=source.spent_tokens)
 
     async def remove(self, caller: Caller, agent: Agent) -> None:
         """rmdir: the agent, its memory, context and journal go to the trash, from
@@ -200,3 +245,14 @@ class AgentTable(Mapping[str, Agent]):
         self.require_live(agent)
         agent.messages = messages
         await self.writer.call(self.storage.replace_messages, agent.row.id, messages)
+
+
+def check_readable(caller: Caller, agent: Agent) -> None:
+    """May the caller read the agent as a copy would: r and x on its directory, r on
+    the files a fork copies (memory/ is checked file by file as it is copied)."""
+    row = agent.row
+    if not may(caller, row.uid, row.gid, row.mode, 0o5):
+        raise KernelError(errno.EACCES, f"no permission to read agents/{agent.name}/ (a copy needs r and x on it)")
+    for file, mode in FORK_READS.items():
+        if not may(caller, row.uid, row.gid, row.file_modes.get(file, mode), 0o4):
+            raise KernelError(errno.EACCES, f"no permission to read agents/{agent.name}/{file}")

@@ -31,6 +31,7 @@ from ..errors import KernelError, errno_name
 from ..memory.manager import MemoryManager
 from ..storage.database import Storage
 from ..storage.writer import Writer
+from ..text import decimal
 from ..tools.manager import ToolManager, ToolSpec
 from ..types import Agent, AuditSink, Caller, Message
 from .events import EventStream, job_event
@@ -225,15 +226,16 @@ class Requests(Results):
         return [job.id for job in targets]
 
     def _job_by_id(self, caller: Caller, agent: Agent, text: str) -> list[Job]:
-        if not text.isdigit():
+        number = decimal(text)
+        if number is None:
             raise KernelError(errno.EINVAL, f"cancel: {text!r} is not a job id (cancel [ID|all])")
         for job in agent.active:
-            if job.id == int(text):
+            if job.id == number:
                 if not self.may_act_on(caller, agent, job):
                     raise KernelError(errno.EPERM, f"job {text} belongs to another user")
                 return [job]
         raise KernelError(
-            errno.EBUSY if self.storage.job_exists(agent.row.id, int(text)) else errno.ENOENT,
+            errno.EBUSY if self.storage.job_exists(agent.row.id, number) else errno.ENOENT,
             f"job {text} is not queued or running on {agent.name!r}",
         )
 

@@ -1,6 +1,7 @@
 """The memory manager: each agent's memory/ (the store in `memfs`) as the kernel
-uses it: its root, recall into prompts, the `recall` file, rollback, and the
-permission checks for what the kernel does on an agent's behalf.
+uses it: its root, recall into prompts, the `recall` file, rollback, the copy for
+a forked agent, and the permission checks for what the kernel does on an agent's
+behalf.
 
 Store methods wait for the disk, so they run on worker threads (`run`); the trio
 thread never blocks on a commit.
@@ -48,6 +49,12 @@ class MemoryManager:
 
     async def is_empty(self, agent: Agent) -> bool:
         return await self.run(self.store.is_empty, await self.root(agent))
+
+    async def copy(self, caller: Caller, source: Agent, target_id: int) -> None:
+        """`fork`: agent `target_id` gets a copy of `source`'s memory/, owned by the caller,
+        who must be able to read all of it (EACCES)."""
+        await self.root(source)
+        await self.run(self.store.copy_agent, source.row.id, target_id, caller, None if caller.is_root else caller)
 
     async def drop_id(self, agent_id: int) -> None:
         """Forget an agent's memory for good (it was purged from the trash)."""

@@ -21,7 +21,8 @@ Methods raise `KernelError` with the errno a POSIX filesystem would give.
 
 Layout: this module holds `MemoryStore` itself (schema, inodes, names, paths);
 its bases hold the rest: `data.DataMixin` the contents, the overlay and the
-quotas, `versions.VersionsMixin` versions and rollback, `index.IndexMixin` recall.
+quotas, `versions.VersionsMixin` versions and rollback, `index.IndexMixin` recall,
+`copy.CopyMixin` the copy of a whole memory/ for a forked agent.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import sqlite_utils
 from .. import params
 from ..errors import KernelError
 from ..storage.database import migrate, transaction
+from .copy import CopyMixin
 from .data import CHUNK, Attr, DataMixin, Dirty, _now
 from .index import IndexMixin, Passage, split_passages
 from .versions import Version, VersionsMixin
@@ -88,7 +90,7 @@ def _check_name(name: bytes) -> None:
         raise KernelError(errno.EINVAL, f"invalid file name {name!r}")
 
 
-class MemoryStore(DataMixin, VersionsMixin, IndexMixin):
+class MemoryStore(DataMixin, VersionsMixin, IndexMixin, CopyMixin):
     def __init__(self, path: Path | str, quota: int = params.MEMORY_QUOTA_BYTES, cache_bytes: int = params.MEMORY_CACHE_BYTES) -> None:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)

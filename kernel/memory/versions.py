@@ -20,6 +20,7 @@ import sqlite_utils
 
 from .. import params
 from ..errors import KernelError
+from ..text import decimal
 from .data import Attr, Dirty
 
 
@@ -121,9 +122,10 @@ class VersionsMixin:
                 raise KernelError(errno.ENOENT, f"{path} has no version from {which[1:]} or before")
             n, _, data = older[-1]
         else:
-            if not which.isdigit():
+            number = decimal(which)
+            if number is None:
                 raise KernelError(errno.EINVAL, f"rollback: {which!r} is not a version number")
-            found = [r for r in rows if r[0] == int(which)]
+            found = [r for r in rows if r[0] == number]
             if not found:
                 kept = ", ".join(str(r[0]) for r in rows)
                 raise KernelError(errno.ENOENT, f"{path} has no version {which} (kept: {kept})")

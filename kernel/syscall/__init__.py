@@ -26,6 +26,7 @@ from .agent import (
     sys_config_check,
     sys_config_write,
     sys_context_write,
+    sys_file_replace,
     sys_permissions_check,
     sys_permissions_write,
 )
@@ -42,6 +43,7 @@ class Sys(enum.Enum):
     AGENT_REMOVE = "agent_remove"
     AGENT_SETATTR = "agent_setattr"
     AGENT_CTL = "agent_ctl"
+    FILE_REPLACE = "file_replace"  # may the caller replace one of an agent's files, as copy tools do?
     LLM_ADMIT = "llm_admit"  # may this request go on? (each write of a prompt or call turn)
     LLM_SUBMIT = "llm_submit"
     OUTPUT_BIND = "output_bind"  # the job `output`/`status` follow for the caller
@@ -64,6 +66,7 @@ TABLE: dict[Sys, Handler] = {
     Sys.AGENT_REMOVE: sys_agent_remove,
     Sys.AGENT_SETATTR: sys_agent_setattr,
     Sys.AGENT_CTL: sys_agent_ctl,
+    Sys.FILE_REPLACE: sys_file_replace,
     Sys.LLM_ADMIT: sys_llm_admit,
     Sys.LLM_SUBMIT: sys_llm_submit,
     Sys.OUTPUT_BIND: sys_output_bind,

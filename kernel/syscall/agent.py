@@ -3,12 +3,14 @@ config, permissions and context files."""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from ..access import rules as access
 from ..access.policy import parse_policy
 from ..agents.config import parse_config
 from ..agents.context import parse_context
+from ..errors import KernelError
 from ..kernel import Kernel
 from ..types import Agent, Caller
 from . import checks
@@ -27,6 +29,15 @@ async def sys_agent_remove(kernel: Kernel, caller: Caller, name: str) -> None:
 
 async def sys_agent_setattr(kernel: Kernel, caller: Caller, agent: Agent, **values: Any) -> None:
     await kernel.agents.set_attrs(agent, **values)
+
+
+async def sys_file_replace(kernel: Kernel, caller: Caller, agent: Agent, name: str, mode: int) -> None:
+    """Copy tools replace a file by an exclusive create of it or a rename onto it; the
+    VFS checked only the directory for those, so this is the check an open for
+    writing makes: `w` in the file's mode bits (`mode`, as the tree shows it)."""
+    kernel.agents.require_live(agent)
+    if not access.may(caller, agent.row.uid, agent.row.gid, mode, 0o2):
+        raise KernelError(errno.EACCES, f"no write permission on {agent.name}/{name}")
 
 
 async def sys_config_write(kernel: Kernel, caller: Caller, agent: Agent, data: bytes | str) -> None:

@@ -8,6 +8,7 @@ import errno
 
 from .. import params
 from ..errors import KernelError
+from ..text import loads as loads
 
 
 def request_size(size: int, what: str = "the request") -> None:

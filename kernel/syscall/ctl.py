@@ -18,6 +18,7 @@ from ..access import rules as access
 from ..cores.scheduler import make_scheduler
 from ..errors import KernelError
 from ..kernel import Kernel
+from ..text import decimal
 from ..types import Agent, Caller
 from . import checks
 
@@ -58,16 +59,16 @@ def _one_word(caller: Caller, arg: str) -> list[str]:
 
 # -- an agent's ctl ---------------------------------------------------------------------------
 def _cancel_arg(caller: Caller, arg: str) -> list[str]:
-    if arg in ("", "all") or arg.isdigit():
+    if arg in ("", "all") or decimal(arg) is not None:
         return [arg]
-    raise ValueError("cancel [ID|all]")
+    raise ValueError("cancel [ID|all]: an ID is a job's number")
 
 
 def split_rollback(arg: str) -> tuple[str, str]:
     """`PATH [VERSION|@TIME]`: the last word is the version when it looks like one,
     so paths may hold spaces."""
     path, _, last = arg.rpartition(" ")
-    if path and (last.isdigit() or last.startswith("@")):
+    if path and (decimal(last) is not None or last.startswith("@")):
         return path, last
     return arg, ""
 
@@ -89,6 +90,11 @@ def _budget_arg(caller: Caller, arg: str) -> list[str]:
         raise ValueError("budget reset")
     access.require_root(caller, "reset a token budget")
     return []
+
+
+def _fork_arg(caller: Caller, arg: str) -> list[str]:
+    checks.agent_name(arg)  # EINVAL (ENAMETOOLONG) naming what is wrong with it
+    return [arg]
 
 
 async def _cancel(kernel: Kernel, caller: Caller, agent: Agent, which: str) -> None:
@@ -116,12 +122,18 @@ async def _rollback(kernel: Kernel, caller: Caller, agent: Agent, path: str, ver
     return f"rollback {path} {restored}"
 
 
+async def _fork(kernel: Kernel, caller: Caller, agent: Agent, name: str) -> str:
+    await kernel.agents.fork(caller, agent, name)
+    return f"fork {name}"
+
+
 AGENT_VERBS: dict[str, Verb] = {
     "cancel": Verb("cancel [ID|all]", _cancel_arg, _cancel),
     "pause": Verb("pause", _none, _pause),
     "resume": Verb("resume", _none, _resume),
     "reset": Verb("reset", _none, _reset),
     "rollback": Verb("rollback PATH [VERSION|@TIME]", _rollback_arg, _rollback),
+    "fork": Verb("fork NAME", _fork_arg, _fork),
     "budget": Verb("budget reset", _budget_arg, _budget, root_only=True),
 }
 CTL_VERBS = _help(AGENT_VERBS)

@@ -4,12 +4,12 @@ query, one tool call."""
 from __future__ import annotations
 
 import errno
-import json
 from typing import Any
 
 from .. import params
 from ..errors import KernelError
 from ..kernel import Kernel
+from ..text import loads
 from ..types import Agent, Caller
 from . import checks
 
@@ -33,7 +33,7 @@ async def sys_memory_recall(kernel: Kernel, caller: Caller, agent: Agent, query:
     target = None
     if text.lstrip().startswith("{"):  # {"query": ..., "agent": NAME, "k": N}: another agent's shared memory
         try:
-            request = json.loads(text)
+            request = loads(text, "recall")
             text, name, k = str(request["query"]), request.get("agent"), int(request.get("k", k))
         except (ValueError, KeyError, TypeError):
             raise KernelError(errno.EINVAL, 'recall: a JSON query is {"query": TEXT, "agent": NAME, "k": N}') from None
