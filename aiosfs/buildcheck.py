@@ -38,22 +38,7 @@ from typing import Any
 
 from . import model as model_mod
 from . import setupkit
-
-# moved to .buildprobe (this machine, the installed build, the child's probe); still importable from here
-from .buildprobe import FAULT_ENV as FAULT_ENV
-from .buildprobe import NO_AMX_FLAGS as NO_AMX_FLAGS
-from .buildprobe import PORTABLE_OPTIONS as PORTABLE_OPTIONS
-from .buildprobe import PROMPT as PROMPT
-from .buildprobe import VARIANTS as VARIANTS
-from .buildprobe import Build as Build
-from .buildprobe import CheckError as CheckError
-from .buildprobe import CpuInfo as CpuInfo
-from .buildprobe import _ggml_config as _ggml_config
-from .buildprobe import _library_digest as _library_digest
-from .buildprobe import cmake_args as cmake_args
-from .buildprobe import cpu_info as cpu_info
-from .buildprobe import installed_build as installed_build
-from .buildprobe import probe as probe
+from .buildprobe import VARIANTS, Build, CheckError, CpuInfo, cmake_args, cpu_info, installed_build, probe
 from .setupkit import Ran, sha256_of
 
 RECORD_NAME = "llama-check.json"

@@ -201,14 +201,14 @@ class SubmitHandle(Handle):
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
         if self.refusal is not None:
-            raise self._refused(self.refusal, record=False)
+            raise self._refused(self.refusal)
         try:  # its bytes so far; at its first write, the queue limits (audits a denial, records the error)
             await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=not self.pending)
         except KernelError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):  # the request cannot become valid any more
                 self.refusal = exc
                 self.pending.clear()
-            raise self._refused(exc, record=False) from None
+            raise self._refused(exc) from None
         self.pending += buf
         return len(buf)
 
@@ -227,14 +227,12 @@ class SubmitHandle(Handle):
         try:
             await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)  # it writes `error` itself
         except KernelError as exc:
-            raise self._refused(exc, record=False) from None
+            raise self._refused(exc) from None
 
-    def _refused(self, exc: KernelError, record: bool = True) -> KernelError:
-        """A request that made no job: say why in `error`, and make the uid's next
-        `output` open fail with it rather than show an older answer as this one's."""
+    def _refused(self, exc: KernelError) -> KernelError:
+        """A request that made no job (the syscall said why in `error`): make the uid's
+        next `output` open fail with it rather than show an older answer as this one's."""
         assert self.agent is not None
-        if record:
-            self.kernel.requests.record_error(self.agent, self.caller.uid, exc)
         self.agent.refused[self.caller.uid] = exc
         return exc
 

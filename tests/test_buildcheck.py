@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from aiosfs import buildcheck
-from aiosfs.buildcheck import CpuInfo, Outcome
+from aiosfs import buildcheck, buildprobe
+from aiosfs.buildcheck import Outcome
+from aiosfs.buildprobe import CpuInfo
 from aiosfs.setupkit import sha256_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,31 +113,31 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def test_every_x86_build_leaves_amx_out_with_compiler_flags() -> None:
-    for variant in buildcheck.VARIANTS:
-        args = shlex.split(buildcheck.cmake_args(variant, X86_AVX512))  # how scikit-build-core reads CMAKE_ARGS
+    for variant in buildprobe.VARIANTS:
+        args = shlex.split(buildprobe.cmake_args(variant, X86_AVX512))  # how scikit-build-core reads CMAKE_ARGS
         assert f"-DCMAKE_C_FLAGS={NO_AMX}" in args
         assert f"-DCMAKE_CXX_FLAGS={NO_AMX}" in args
 
 
 def test_the_native_build_keeps_native_tuning() -> None:
-    assert "GGML_NATIVE" not in buildcheck.cmake_args("native", X86_AVX512)
-    assert "-DGGML_CUDA=on" in shlex.split(buildcheck.cmake_args("cuda", X86_AVX512))
+    assert "GGML_NATIVE" not in buildprobe.cmake_args("native", X86_AVX512)
+    assert "-DGGML_CUDA=on" in shlex.split(buildprobe.cmake_args("cuda", X86_AVX512))
 
 
 def test_the_portable_build_names_only_the_instruction_sets_the_cpu_lists() -> None:
-    args = shlex.split(buildcheck.cmake_args("portable", X86_AVX512))
+    args = shlex.split(buildprobe.cmake_args("portable", X86_AVX512))
     assert "-DGGML_NATIVE=OFF" in args
     for option in ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_AVX512", "GGML_AVX512_VNNI"):
         assert f"-D{option}=ON" in args
     assert "-DGGML_AVX512_BF16=ON" not in args  # not listed
-    old = shlex.split(buildcheck.cmake_args("portable", X86_AVX2))
+    old = shlex.split(buildprobe.cmake_args("portable", X86_AVX2))
     assert "-DGGML_AVX2=ON" in old
     assert not any("AVX512" in a for a in old)
 
 
 def test_no_x86_flags_on_other_architectures() -> None:
-    assert buildcheck.cmake_args("portable", ARM) == "-DGGML_NATIVE=OFF"
-    assert buildcheck.cmake_args("native", ARM) == ""
+    assert buildprobe.cmake_args("portable", ARM) == "-DGGML_NATIVE=OFF"
+    assert buildprobe.cmake_args("native", ARM) == ""
 
 
 def test_cpu_info_reads_the_first_processor(tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_cpu_info_reads_the_first_processor(tmp_path: Path) -> None:
     cpuinfo.write_text(
         "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 amx_tile\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n"
     )
-    cpu = buildcheck.cpu_info(cpuinfo)
+    cpu = buildprobe.cpu_info(cpuinfo)
     assert cpu.model == "AMD EPYC"
     assert cpu.flags == ("fpu", "avx2", "amx_tile")
 
@@ -188,7 +189,7 @@ def test_a_missing_model_is_reported_and_not_taken_for_a_bad_build(tmp_path: Pat
 def test_a_build_that_faults_exits_3_and_records_the_signal(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv(buildcheck.FAULT_ENV, "SIGILL")
+    monkeypatch.setenv(buildprobe.FAULT_ENV, "SIGILL")
     record = tmp_path / "llama-check.json"
     rc = buildcheck.main(["check", "--model", str(model), "--record", str(record)])
     err = capsys.readouterr().err
@@ -214,7 +215,7 @@ def test_the_real_check_decodes_on_the_embedded_model_and_records_it(model: Path
     assert data["llama_cpp_version"] == importlib.metadata.version("llama_cpp_python")
     assert Path(data["library"]).is_file()
     assert data["build_variant"] in ("native-no-amx", "native-amx", "portable", "cuda", "unknown")
-    assert data["cpu"]["model"] == buildcheck.cpu_info().model
+    assert data["cpu"]["model"] == buildprobe.cpu_info().model
     assert data["gpu_offload"]["requested"] is False
     assert data["exit"] == {"returncode": 0, "signal": None, "timed_out": False}
     assert data["fingerprint"]["model_sha256"] == sha256_of(model)

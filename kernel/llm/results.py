@@ -129,9 +129,7 @@ class Results(abc.ABC):
             # the request path has stopped (no task can wait): keep the turn in order, unwaited
             turn, spent = self._turn(job), self._spend(agent, job)
             self.writer.post(self.storage.record_turn, agent.row.id, turn, self._row_end(job, JobState.DONE, 0, "", spent))
-            agent.messages = agent.messages + turn
-            job.finish(JobState.DONE)
-            self.finished(job, journaled=True, spent=spent)
+            self._kept(agent, job, turn, spent)
             return
         job.finish(state, code, message)
         self.finished(job)
@@ -151,6 +149,10 @@ class Results(abc.ABC):
             )
             self.finished(job, journaled=False, spent=spent)
             return
+        self._kept(agent, job, turn, spent)
+
+    def _kept(self, agent: Agent, job: Job, turn: list[dict[str, str]], spent: int) -> None:
+        """The turn is in the journal: the agent's conversation holds it, and the job is done."""
         agent.messages = agent.messages + turn
         job.finish(JobState.DONE)
         self.finished(job, journaled=True, spent=spent)

@@ -1,4 +1,4 @@
-"""The memory manager: each agent's memory/ (the store in `memfs`) as the kernel
+"""The memory manager: each agent's memory/ (the store in store.py) as the kernel
 uses it: its root, recall into prompts, the `recall` file, rollback, the copy for
 a forked agent, and the permission checks for what the kernel does on an agent's
 behalf.
