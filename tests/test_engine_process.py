@@ -322,3 +322,41 @@ def test_a_result_goes_back_while_the_next_step_is_on_the_device() -> None:
     assert sent[-1] is False and serving.held is None
     near.close()
     far.close()
+
+
+@pytest.mark.parametrize("where", ["process", "inline"])
+def test_a_bug_in_the_engine_loop_costs_the_jobs_in_it_not_the_mount(process_kernel, tmp_path: Path, monkeypatch, where: str) -> None:
+    """An exception other than the engine's death in the daemon's engine loop (here in
+    applying a step's result) is handled as a crash: the jobs in the engine end with
+    EIO and the reason, the engine starts again, and the next request is answered."""
+    from kernel.cores.backends.fake import FakeBackend
+    from kernel.cores.engine import Engine
+
+    kernel = process_kernel(n_slots=2) if where == "process" else Kernel(Storage(tmp_path / "inline.db"), FakeBackend(n_slots=2, step_delay=SLOW))
+    apply = Engine._apply
+    armed = [True]
+
+    def broken(self: Engine, result: object) -> None:
+        if armed[0] and any(text for _, text, _, _ in result.outputs):  # type: ignore[attr-defined]
+            armed[0] = False
+            raise ValueError("a bug in applying a step")
+        apply(self, result)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Engine, "_apply", broken)
+
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            hit = await submit(kernel, agent, "x" * 200)
+            await finished(hit)
+            after = await submit(kernel, agent, "still there?")
+            await finished(after)
+            return hit, after
+
+    hit, after = run(body)
+    assert hit.state is JobState.ERROR and hit.errno == errno.EIO and "a bug in applying a step" in hit.message
+    assert after.state is JobState.DONE and after.answer == answer("still there?", 1)  # the failed turn is not in the context
+    assert kernel.engine.stats["engine_crashes"] == 1 and engine_log(kernel)[0]["what"] == "crashed"
+    if where == "inline":
+        kernel.storage.close()
+        kernel.memory.store.close()

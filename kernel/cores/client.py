@@ -35,6 +35,7 @@ class InlineCore:
         self.state = "loading"
         self.failure = ""
         self.pid = os.getpid()
+        self._options: RunnerOptions | None = None
         self._runner = Runner(backend)
         self._plans: collections.deque[Plan] = collections.deque()
 
@@ -51,9 +52,14 @@ class InlineCore:
         return None
 
     def configure(self, options: RunnerOptions) -> None:
+        self._options = options
         self._runner = Runner(self.backend, options)
 
     def start(self, progress: Callable[[float], None] | None = None) -> None:
+        if self.state in ("restarting", "hung"):  # after an error in the engine loop: a fresh runner, as a new process has
+            self._runner.close()
+            self._runner = Runner(self.backend, self._options)
+            self._plans.clear()
         if self.state != "ready":
             self.backend.warm_up()
             self.state = "ready"

@@ -1,20 +1,18 @@
 """The engine: the scheduling side of the local LLM core, and its supervisor.
 
-One thread (the engine loop) plans each step under the scheduling policy: which
-running jobs are cancelled, paused, held back or switched out, which waiting ones
-are admitted. It sends that `Plan` to the core (kernel/cores/runner.py, inside the engine
-process of kernel/cores/enginehost.py) and gets the step's text back, which it hands to
-the trio thread through `TrioToken.run_sync_soon`, which never blocks.
+One thread (the engine loop) plans each step under the scheduling policy (which jobs
+are cancelled, paused, held back, switched out or admitted), sends that `Plan` to the
+core (kernel/cores/runner.py, in the engine process of kernel/cores/enginehost.py) and
+hands the step's text to the trio thread through `TrioToken.run_sync_soon`.
 
-When the engine process dies, whatever the cause, the jobs that were in it (running,
-or switched out with their state inside it) end with EIO and the crash's reason;
-queued jobs stay queued. The loop starts a new process after a backoff, and the
-queue runs on it. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`,
-with no engine between them that served `ENGINE_STABLE_SECONDS`, mark the core `failed`: its queued jobs and new requests get EIO naming the reason,
-until `retry()` (kernel/ctl `retry MODEL`).
+When the engine process dies, whatever the cause (a bug in this loop counts as one),
+the jobs in it (running, or switched out with their state inside it) end with EIO
+and the reason; queued jobs stay queued, and run on a new process started after a
+backoff. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`, with no
+engine between them that served `ENGINE_STABLE_SECONDS`, mark the core `failed`
+(EIO naming the reason) until `retry()` (kernel/ctl `retry MODEL`).
 
-Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the
-core's state changes; `_slots` belongs to the engine thread.
+Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the core's state changes; `_slots` belongs to the engine thread.
 """
 
 from __future__ import annotations
@@ -256,13 +254,18 @@ class Engine:
                     inflight += 1
                 result = self.core.collect()
                 inflight -= 1
+                before = self._core_stats
+                self._apply(result)
             except EngineDied as exc:
                 inflight = 0
                 if not self._stopping:  # one that dies while the mount stops is no crash
                     self._crashed(exc.reason, exc.hung)
                 continue
-            before = self._core_stats
-            self._apply(result)
+            except Exception as exc:  # a bug here costs the jobs in the engine, as a crash does, never the mount
+                log.exception("internal error in the engine loop of %s; restarting its engine", self.info.name)
+                inflight = 0
+                self._crashed(f"internal error in the daemon's engine loop: {type(exc).__name__}: {exc}")
+                continue
             if self._crashes:
                 self._settled()
             elapsed = time.perf_counter() - started
