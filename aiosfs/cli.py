@@ -185,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_aios_api(args: argparse.Namespace) -> int:
-    from .aios.server import serve
+    from clients.aios.server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args.mountpoint.absolute(), args.listen, args.token)
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from .mcp.serve import serve
+    from clients.mcp.serve import serve
 
     if args.token is not None and args.listen is None:
         sys.stderr.write("aiosfs mcp: --token guards --listen HOST:PORT; over stdio the host that starts the server is its only client\n")

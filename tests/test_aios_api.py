@@ -23,7 +23,7 @@ import pytest
 from mounting import Mount, mounted, wait_for
 from test_access import OTHER, OWNER, User
 
-from aiosfs.aios.client import FileError, dir_name, unescape
+from clients.mountclient import FileError, dir_name, unescape
 
 TOKENS = 24  # max_new_tokens of the tests' chats: short answers keep the module quick
 WEATHER = {
@@ -116,7 +116,7 @@ def _fork_as(user: User, argv: list[str], log_fd: int) -> int:
         import hypercorn.config  # noqa: F401
         import hypercorn.trio  # noqa: F401
 
-        import aiosfs.aios.server  # noqa: F401
+        import clients.aios.server  # noqa: F401
         from aiosfs.cli import main
 
         os.setgroups(list(user.groups))
@@ -437,7 +437,7 @@ def test_a_reply_that_is_no_tool_call_is_an_error_in_band_not_a_500():
     """Where a tool call is expected, whatever the model answered comes back as an llm error."""
     import trio
 
-    from aiosfs.aios.queries import Queries
+    from clients.aios.queries import Queries
 
     class Client:
         async def agent(self, name: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("aiosfs", "kernel", "services", "bench")
+PACKAGES = ("aiosfs", "kernel", "services", "clients", "bench")
 
 # Ranks, lowest first: a module may import only modules of its own rank or lower.
 # The longest matching prefix decides a module's rank.
@@ -54,6 +54,7 @@ RANKS: dict[str, int] = {
     # 7: userland: the filesystem, the services the mount starts, the benchmark
     "services": 7,
     "aiosfs": 7,
+    "clients": 7,
     "bench": 7,
 }
 SUBSYSTEM_DEPENDS: dict[str, set[str]] = {
@@ -162,6 +163,8 @@ def violations(edges: dict[str, list[tuple[str, list[str], int]]], exports: Iter
                 found.append(f"{where}: {sorted(set(names) - exported)} are not in kernel.EXPORTS")
             if source.startswith("services") and target.startswith("aiosfs"):
                 found.append(f"{where}: a service uses the kernel, not the filesystem")
+            if source.startswith("clients") and target.split(".")[0] in ("kernel", "aiosfs", "services"):
+                found.append(f"{where}: a client of the mount uses its files, not the kernel or the filesystem")
     return found
 
 
@@ -208,13 +211,17 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
         "kernel/tools/manager.py": "",
         "aiosfs/__init__.py": "",
         "aiosfs/ops.py": "from kernel.kernel import Kernel\nfrom kernel import Nothing\n",
+        "clients/__init__.py": "",
+        "clients/gateway.py": "from aiosfs import ops\nfrom kernel import Kernel\n",
     }.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    edges = graph(sources(tmp_path, ("kernel", "aiosfs")))
+    edges = graph(sources(tmp_path, ("kernel", "aiosfs", "clients")))
     assert cycles(edges) == [["kernel.kernel", "kernel.storage.database"]]
     problems = violations(edges, ["Kernel"])
     assert any("kernel.storage.database:1 imports kernel.kernel: rank 4" in p for p in problems)
     assert any("kernel.cores.engine:1 imports kernel.tools.manager: kernel.cores may use only" in p for p in problems)
     assert any("aiosfs.ops:1 imports kernel.kernel: userland" in p for p in problems)
     assert any("['Nothing'] are not in kernel.EXPORTS" in p for p in problems)
+    assert any("clients.gateway:1 imports aiosfs.ops: a client of the mount uses its files" in p for p in problems)
+    assert any("clients.gateway:2 imports kernel: a client of the mount uses its files" in p for p in problems)

@@ -67,7 +67,7 @@ def load(name):
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    for package in ("encodings", "anyio", "trio", "mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "sse_starlette", "aiosfs.mcp"):
+    for package in ("encodings", "anyio", "trio", "mcp", "mcp_types", "pydantic", "pydantic_core", "starlette", "sse_starlette", "clients.mcp"):
         load(package)
 from aiosfs.cli import main
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from .client import FileError, MountClient, unescape
+from ..mountclient import FileError, MountClient, unescape
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Both run on trio. Over stdio the host owns the process: the server ends when its
 stdin closes (or on a signal, at once). Over HTTP it is hypercorn serving the SDK's
 Starlette application at /mcp, behind the bearer token of `--token FILE` when one
-is given (required off loopback: aiosfs/httpauth.py, the rule of `aios-api` too);
+is given (required off loopback: clients/httpauth.py, the rule of `aios-api` too);
 it stops on SIGINT or SIGTERM.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import trio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..aios.client import MountClient
 from ..httpauth import bearer_matches, guard
+from ..mountclient import MountClient
 from .operations import Operations
 from .server import AiosfsServer, build
 

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from ..httpauth import bearer_matches, guard
-from .client import FileError, MountClient
+from ..mountclient import FileError, MountClient
 from .queries import BadQuery, Queries
 
 log = logging.getLogger("aiosfs.aios")

@@ -1,7 +1,7 @@
 """What each MCP tool and resource does in the mount: file operations, as the user
 who runs the server.
 
-Every operation runs in a worker thread (through `MountClient`, aiosfs/aios/client.py),
+Every operation runs in a worker thread (through `MountClient`, clients/mountclient.py),
 so a read that waits for the model holds a thread, never the trio loop. Failures
 are `FileError`s: the errno the mount gave and, when the kernel wrote one for this
 operation, the line of the agent's `error` file that says why.
@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import trio
 
-from ..aios.client import FileError, MountClient
+from ..mountclient import FileError, MountClient
 
 READ_CHUNK = 1 << 16
 WAKE_SECONDS = 0.25  # a turn's reader looks this often whether it was cancelled

@@ -22,7 +22,7 @@ from mcp_types import Resource as MCPResource
 from pydantic import BaseModel, Field
 
 from .. import __version__
-from ..aios.client import FileError
+from ..mountclient import FileError
 from .operations import Operations
 
 P = ParamSpec("P")
