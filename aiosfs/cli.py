@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from kernel import params
+from setup.model import default_model_path
 
 from .metrics import address_argument
-from .model import default_model_path
 
 READY = b"\0aiosfs-ready\n"
 CLEAN_EXIT = "aiosfs: daemon stopped cleanly"

@@ -24,9 +24,9 @@ import trio
 
 from kernel import EngineDied, EngineSpec, Kernel, MemoryStore, ProcessCore, Storage, end_leftover_engines, load_api_key, params
 from services.manifests import ManifestManager
+from setup.model import data_dir
 
 from .metrics import MetricsServer, check_address
-from .model import data_dir
 from .mountconfig import ConfigError, LocalModel, MountConfig, load_mount_config
 from .ops import Operations
 

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="naive peer: one serving thread in arrival order (default), or every client thread calling the model under a lock",
     )
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every peer (default: 2)")
-    p.add_argument("--model", type=Path, default=None, help="GGUF model (default: the embedded model, python3 -m aiosfs.model path)")
+    p.add_argument("--model", type=Path, default=None, help="GGUF model (default: the embedded model, python3 -m setup.model path)")
     p.add_argument("--quant", choices=["q4_0"], default=None, help="requantize the model once into the data directory and benchmark that file")
     p.add_argument("--llama-server", type=Path, default=None, help=f"llama-server binary (default: {DEFAULT_LLAMA_SERVER})")
     p.add_argument("--build", action="store_true", help="build llama-server with scripts/build-llama-server when it is missing")
@@ -151,7 +151,7 @@ def quantize_q4_0(model: Path) -> Path:
 
     import llama_cpp
 
-    from aiosfs.model import data_dir
+    from setup.model import data_dir
 
     out = data_dir() / "models" / (model.name.split(".")[0] + ".Q4_0-requant.gguf")
     if out.is_file():

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         args.mount_args += ["--backend", "fake", "--fake-delay", "0.002"]
         count: Any = len  # the fake model's tokens are bytes
     else:
-        from aiosfs.model import default_model_path
+        from setup.model import default_model_path
 
         from .workloads import Vocab
 

@@ -41,7 +41,7 @@ def find_model(args: argparse.Namespace) -> Path:
     """The GGUF file every peer runs (requantized with --quant); --fake: none."""
     if args.fake:
         return FAKE_MODEL
-    from aiosfs.model import default_model_path, shipped_model_path
+    from setup.model import default_model_path, shipped_model_path
 
     # --quant re-encodes the shipped file (not the Q8_0 default), so its Q4_0 stays the one measured before
     model: Path = (args.model or (shipped_model_path() if args.quant else default_model_path())).absolute()

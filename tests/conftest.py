@@ -73,10 +73,10 @@ def new_kernel(tmp_path):
 @pytest.fixture(scope="module")
 def model() -> Path:
     """The shipped model file (SmolLM2-135M-Instruct Q4_1), the same on every machine whether or
-    not `python -m aiosfs.model encode` made its Q8_0 re-encoding the default: greedy answers,
+    not `python -m setup.model encode` made its Q8_0 re-encoding the default: greedy answers,
     which some tests check, depend on the weights. A test that needs it fails (never skips)
     when it is missing."""
-    from aiosfs.model import shipped_model_path
+    from setup.model import shipped_model_path
 
     path = shipped_model_path()
     if not path.is_file():

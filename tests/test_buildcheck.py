@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from aiosfs import buildcheck, buildprobe
-from aiosfs.buildcheck import Outcome
-from aiosfs.buildprobe import CpuInfo
-from aiosfs.setupkit import sha256_of
+from setup import buildcheck, buildprobe
+from setup.buildcheck import Outcome
+from setup.buildprobe import CpuInfo
+from setup.kit import sha256_of
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT = json.dumps({"tokens_decoded": 4, "text": " Paris", "gpu_offload_supported": False, "system_info": "CPU : AVX2 = 1"})
@@ -227,7 +227,7 @@ def test_the_real_check_decodes_on_the_embedded_model_and_records_it(model: Path
 
 def test_the_command_line_exit_status_reaches_the_shell(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "aiosfs.buildcheck", "check", "--model", str(tmp_path / "missing.gguf"), "--no-record"],
+        [sys.executable, "-m", "setup.buildcheck", "check", "--model", str(tmp_path / "missing.gguf"), "--no-record"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -245,7 +245,7 @@ def test_setup_builds_without_amx_and_checks_after_the_model_is_in_place() -> No
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "setup")], check=False).returncode == 0
     assert 'CMAKE_ARGS="$native_args"' in text and "pip install -e" in text
     assert "--no-cache-dir --no-binary llama-cpp-python" in text
-    fetch = text.index('run "$py" -m aiosfs.model fetch')
+    fetch = text.index('run "$py" -m setup.model fetch')
     check = text.index('run "${buildcheck[@]}" check')
     assert fetch < check
     assert "rebuild_llama portable" in text and '"$rc" -eq 3' in text

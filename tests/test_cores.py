@@ -79,7 +79,7 @@ def test_two_mounts_share_one_server(tmp_path: Path, server: LlamaServer) -> Non
 
 
 def test_a_second_local_model_loads_and_unloads_at_run_time(tmp_path: Path) -> None:
-    from aiosfs.model import shipped_model_path
+    from setup.model import shipped_model_path
 
     config = tmp_path / "aiosfs.toml"
     config.write_text(f'[[local]]\nname = "second"\npath = "{shipped_model_path()}"\nthreads = 2\nctx = 512\nslots = 2\nload = false\n')

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from aiosfs.gpucheck import BUNDLE_LIMIT, gguf
-from aiosfs.gpucheck.pack import STRIP, pack_source, strip_tree
-from aiosfs.gpucheck.run import judge_tiles
+from setup.gpucheck import BUNDLE_LIMIT, gguf
+from setup.gpucheck.pack import STRIP, pack_source, strip_tree
+from setup.gpucheck.run import judge_tiles
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,8 +141,8 @@ def test_the_bundle_limit_is_what_may_travel():
 def test_a_bundle_fits_and_its_command_runs(tmp_path, model, monkeypatch):
     """--pack with a small source package and no network (wheels left out): the model's layers fill
     what is left of --max-mib, and the bundle's own gpu-check unpacks the project and runs it."""
-    from aiosfs.gpucheck import __main__ as cli
-    from aiosfs.gpucheck import pack as pack_mod
+    from setup.gpucheck import __main__ as cli
+    from setup.gpucheck import pack as pack_mod
 
     top = tmp_path / "src" / "llama_cpp_python-0.3.36"
     (top / "vendor" / "llama.cpp").mkdir(parents=True)
@@ -160,6 +160,6 @@ def test_a_bundle_fits_and_its_command_runs(tmp_path, model, monkeypatch):
     work = tmp_path / "work"
     proc = subprocess.run(["sh", str(bundle / "gpu-check"), "--work", str(work), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--pack DIR" in proc.stdout, proc.stderr
-    assert (work / "project" / "aiosfs" / "gpucheck" / "run.py").is_file()
+    assert (work / "project" / "setup" / "gpucheck" / "run.py").is_file()
     with pytest.raises(SystemExit, match="not empty"):
         cli.main(["--pack", str(bundle), "--src", str(sdist), "--model", str(model)])

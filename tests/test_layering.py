@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("aiosfs", "kernel", "services", "clients", "bench")
+PACKAGES = ("aiosfs", "kernel", "services", "clients", "setup", "bench")
 
 # Ranks, lowest first: a module may import only modules of its own rank or lower.
 # The longest matching prefix decides a module's rank.
@@ -55,6 +55,7 @@ RANKS: dict[str, int] = {
     "services": 7,
     "aiosfs": 7,
     "clients": 7,
+    "setup": 7,
     "bench": 7,
 }
 SUBSYSTEM_DEPENDS: dict[str, set[str]] = {

@@ -1,4 +1,4 @@
-"""The default weight format: `python -m aiosfs.model encode` re-encodes the shipped Q4_1
+"""The default weight format: `python -m setup.model encode` re-encodes the shipped Q4_1
 file as Q8_0, keeps it only when its perplexity is at most 1 % worse, and records it; the
 record makes it the default model, anything wrong with it falls back to the shipped file."""
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from aiosfs import model as model_mod
-from aiosfs.model import ModelError
+from setup import model as model_mod
+from setup.model import ModelError
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SHIPPED = b"GGUF fake shipped model " * 64
@@ -73,7 +73,7 @@ def fake_steps(encoded_ppl: float, calls: list[str]) -> Any:
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aiosfs.model", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout, check=False
+        [sys.executable, "-m", "setup.model", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout, check=False
     )
 
 
@@ -278,9 +278,9 @@ def test_setup_encodes_last_after_the_check_and_skips_it_without_the_model() -> 
     assert subprocess.run(["bash", "-n", str(setup)], check=False).returncode == 0
     text = setup.read_text()
     check = text.index('run "${buildcheck[@]}" check')
-    encode = text.index('run "$py" -m aiosfs.model encode')
+    encode = text.index('run "$py" -m setup.model encode')
     assert check < encode < text.index('step "Done. Next:"')
     assert "Default weight format: skipped (--no-model)" in text
     assert "die " in text[encode : encode + 200]
     usage = subprocess.run(["bash", str(setup), "--help"], capture_output=True, text=True, check=True).stdout
-    assert "python3 -m aiosfs.model encode" in usage
+    assert "python3 -m setup.model encode" in usage

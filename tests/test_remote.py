@@ -25,12 +25,12 @@ import trio
 import trio.testing
 from kernel_helpers import finished, producing, run
 
-from aiosfs.model import shipped_model_path
 from kernel.agents.config import AgentConfig
 from kernel.cores.engine import Delivery
 from kernel.cores.remote import RemoteConfig, RemoteEngine
 from kernel.cores.scheduler import Scheduler
 from kernel.llm.jobs import Job, JobState
+from setup.model import shipped_model_path
 
 TIMEOUT = 120  # seconds a test body may take on a busy machine before it fails instead of hanging
 SERVER_EXTRAS = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from kernel_helpers import OWNER, finished, mkdir, producing, run, running, submit
 
-from aiosfs.model import shipped_model_path
 from kernel.cores.backends.llama import LlamaBackend
 from kernel.kernel import Kernel
 from kernel.llm.jobs import JobState
 from kernel.storage.database import Storage
+from setup.model import shipped_model_path
 
 pytestmark = pytest.mark.model
 

@@ -30,7 +30,7 @@ The binds need no package and no network, only root, which making a user needs a
 The user's commands run under `setpriv --reuid --regid --init-groups` in a clean login
 environment (HOME, USER, PATH; no XDG variables), so every default is the user's own. Root only
 prepares (the user, its home, the binds, a copy of the shipped model where
-`python3 -m aiosfs.model fetch` puts it, as there is no network here) and looks (the mount
+`python3 -m setup.model fetch` puts it, as there is no network here) and looks (the mount
 table, /proc, the files).
 """
 
@@ -54,8 +54,8 @@ import pytest
 from mounting import IN_CI, Daemon, Mount, listed
 
 import aiosfs
-from aiosfs.model import SHIPPED_MODEL_FILE
 from aiosfs.mount import MountError, check_fuse, slug, user_allow_other
+from setup.model import SHIPPED_MODEL_FILE
 
 SOURCE = Path(aiosfs.__file__).resolve().parent.parent
 PACKAGES = "import llama_cpp, pyfuse3, trio"  # the interpreter and what is installed in it
@@ -301,7 +301,7 @@ def check_memory(login: Login, owner: str) -> None:
 def test_ordinary_user_mounts_asks_remembers_and_remounts(login: Login) -> None:
     owner = f"{login.uid}:{login.gid}"
     models = login.home / ".local" / "share" / "aiosfs" / "models"
-    assert login.ok("python3 -m aiosfs.model path").strip() == str(models / SHIPPED_MODEL_FILE), "the default model is not the user's"
+    assert login.ok("python3 -m setup.model path").strip() == str(models / SHIPPED_MODEL_FILE), "the default model is not the user's"
 
     with user_mounted(login) as mount:
         check_users_mount(mount, login)

@@ -131,7 +131,7 @@ def ceiling(agents: list[int], tokens: int, *, timeout: float, site: Path | None
     rows = []
     for n in agents:
         say(f"speed: host ceiling, fake model, {n} agents x {tokens} tokens")
-        cmd = [sys.executable, "-m", "aiosfs.gpucheck", "ceiling", "--agents", str(n), "--tokens", str(tokens)]
+        cmd = [sys.executable, "-m", "setup.gpucheck", "ceiling", "--agents", str(n), "--tokens", str(tokens)]
         ran = run_child(cmd, timeout=timeout / len(agents), env=child_env(site))
         line = next((x for x in reversed(ran.stdout.splitlines()) if x.startswith("{")), "")
         if ran.returncode == 0 and line:

@@ -1,16 +1,16 @@
 """Perplexity of GGUF models on a fixed text, from llama.cpp's own logits.
 
 Compares weight formats (for example the shipped Q4_1 file and its Q8_0
-re-encoding, see ``python -m aiosfs.model encode``): lower is better. The text is
+re-encoding, see ``python -m setup.model encode``): lower is better. The text is
 cut into windows of ``ctx`` tokens; each window is decoded on its own and every
 token after its first is scored against the logits of the one before.
 
 Command line (also ``scripts/perplexity``)::
 
-    python -m aiosfs.quality MODEL [MODEL ...] [--ctx 256] [--threads 2] [--json]
+    python -m setup.quality MODEL [MODEL ...] [--ctx 256] [--threads 2] [--json]
 
 This loads the model in this process: native llama.cpp code may die here by a
-signal on some CPUs. ``python -m aiosfs.model encode`` runs it in a child process.
+signal on some CPUs. ``python -m setup.model encode`` runs it in a child process.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def perplexity(path: Path | str, *, ctx: int = DEFAULT_CTX, threads: int = DEFAU
     return Score(path=str(path), perplexity=math.exp(nll / scored), tokens=scored, ctx=ctx, seconds=round(time.monotonic() - started, 3))
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m aiosfs.quality") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m setup.quality") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="GGUF model files")
     parser.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"tokens per scored window (default: {DEFAULT_CTX})")

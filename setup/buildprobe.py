@@ -1,4 +1,4 @@
-"""What the llama.cpp build check (aiosfs.buildcheck) probes: this machine, the installed
+"""What the llama.cpp build check (setup.buildcheck) probes: this machine, the installed
 build, and the decode in the check's child process.
 
 * this machine: the CPU's model and flags from /proc/cpuinfo (``cpu_info``), and the
@@ -9,8 +9,8 @@ build, and the decode in the check's child process.
   a signal when the build uses an instruction this CPU does not run; ``FAULT_ENV`` makes
   it kill itself on purpose.
 
-The child is started as ``python -m aiosfs.buildcheck probe``; nothing here imports
-aiosfs.buildcheck.
+The child is started as ``python -m setup.buildcheck probe``; nothing here imports
+setup.buildcheck.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .setupkit import fault_if_asked
+from .kit import fault_if_asked
 
 PROMPT = "The capital of France is"
 

@@ -169,7 +169,7 @@ class Check:
         return None
 
     def child(self, what: list[str], tokens: int) -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "aiosfs.gpucheck", "identity", *what, "--model", str(self.results["model"]["path"])]
+        cmd = [sys.executable, "-m", "setup.gpucheck", "identity", *what, "--model", str(self.results["model"]["path"])]
         cmd += ["--threads", str(self.threads), "--tokens", str(tokens)]
         ran = run_child(cmd, timeout=min(300.0, self.left()), env=child_env(self.site))
         line = next((x for x in reversed(ran.stdout.splitlines()) if x.startswith("{")), "")

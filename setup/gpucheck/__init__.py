@@ -8,7 +8,7 @@ no FUSE, and what travels to it is limited to 64 MiB. So the check comes in two 
 
 * ``scripts/gpu-check --pack DIR`` (here, with network): the llama-cpp-python source
   without its test models and docs, this project, wheels for the pure-Python packages the
-  check imports, and the embedded model cut to fit (aiosfs.gpucheck.gguf), in DIR;
+  check imports, and the embedded model cut to fit (setup.gpucheck.gguf), in DIR;
 * ``sh DIR/gpu-check`` (there): builds llama-cpp-python (and llama-server, from the
   same build tree) for that GPU's architecture into a private directory, then runs the
   four steps, each in child processes, and writes JSON and a markdown table.
@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..setupkit import Ran as Ran
-from ..setupkit import run_child as run_child
-from ..setupkit import stop_group as stop_group
-from ..setupkit import with_path
+from ..kit import Ran as Ran
+from ..kit import run_child as run_child
+from ..kit import stop_group as stop_group
+from ..kit import with_path
 
-ROOT = Path(__file__).resolve().parent.parent.parent  # the project: aiosfs, kernel, bench
+ROOT = Path(__file__).resolve().parent.parent.parent  # the project: aiosfs, kernel, setup, bench
 LLAMA_CPP_PYTHON = "0.3.36"
 MIB = 1 << 20
 BUNDLE_LIMIT = 64 * MIB  # what may travel to the GPU machine

@@ -9,7 +9,7 @@ network, in at most 64 MiB.
 * wheels of the Python packages the check imports that such a machine may lack (pure
   Python, and rpds-py built for --python-version);
 * the embedded model's first layers, as many as fit: the shipped file is 98 MB alone.
-  The check writes them back out to the full depth there (aiosfs.gpucheck.gguf), so
+  The check writes them back out to the full depth there (setup.gpucheck.gguf), so
   steps cost what the shipped model's steps cost; its answers are not the shipped
   model's, which no check here compares with the CPU's. A model passed with
   ``--model`` there replaces it;
@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..setupkit import sha256_of
+from ..kit import sha256_of
 from . import BUNDLE_LIMIT, LLAMA_CPP_PYTHON, MIB, ROOT, gguf, say
 
 # paths under the source package's top directory that the build does not read

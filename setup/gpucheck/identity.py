@@ -18,7 +18,7 @@ batch size, so both are measured here, never assumed:
   Sharing changes what shares a step, so a decode that depends on its company makes
   answers differ with sharing on and off even where the prefix cut is right.
 
-Each prints one JSON object on stdout; aiosfs.gpucheck.run starts them and judges them.
+Each prints one JSON object on stdout; setup.gpucheck.run starts them and judges them.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def _batch_invariance(backend: Any, prompt: list[int], steps: int) -> list[dict[
 def main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m aiosfs.gpucheck identity")
+    p = argparse.ArgumentParser(prog="python -m setup.gpucheck identity")
     p.add_argument("what", choices=["kv-share", "tiles"])
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--sequences", type=int, default=4)
