@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,7 +53,9 @@ class CoreSet(Mapping[str, Core]):
         # engine holds them up to its deadline, and must not hold trio's shared threads
         # that memory/ and the rest need
         self.call_threads = trio.CapacityLimiter(params.ENGINE_CALL_THREADS)
-        self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
+        # the way back: every core's results, in the order they came, for the one task that
+        # hands them to their jobs (Requests); unbounded, so a core never waits to send
+        self._results, self.results = trio.open_memory_channel[list[Delivery]](math.inf)
         self.default = self._engine(backend, scheduler, **engine_options)
         self._cores: dict[str, Core] = {backend.info.name: self.default}
         self._local: dict[str, Engine] = {backend.info.name: self.default}  # the local engines among them
@@ -78,7 +81,8 @@ class CoreSet(Mapping[str, Core]):
         return engine
 
     def _update(self, deliveries: list[Delivery]) -> None:
-        self.on_update(deliveries)
+        """On the trio thread (a local engine's thread sends through its trio token)."""
+        self._results.send_nowait(deliveries)
 
     # -- Mapping ---------------------------------------------------------------------
     def __getitem__(self, name: str) -> Core:

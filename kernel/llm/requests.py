@@ -51,7 +51,6 @@ class Requests(Results):
         self.memory = memory
         self.tools = tools
         self.events = EventStream()  # kernel/events
-        cores.on_update = self.deliver
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve tool loops and turns until cancelled; then fail what is unfinished."""
@@ -59,7 +58,8 @@ class Requests(Results):
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 task_status.started()
-                await trio.sleep_forever()
+                async for deliveries in self.cores.results:  # the way back, one way: the cores only send
+                    self.deliver(deliveries)
         finally:
             self.nursery = None
             self.fail_unfinished("the kernel stopped before this job finished")
