@@ -19,7 +19,7 @@ import pyfuse3
 
 from kernel import Agent, Caller, Kernel
 from kernel.errors import KernelError
-from kernel.syscall import LINE_CHECKS, Sys, checks, syscall
+from kernel.syscall import LINE_CHECKS, Sys, syscall
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class StoredHandle(Handle):
         head = self.current().encode() if self.appending else b""
         at = len(self.data) if self.flags & os.O_APPEND else off
         try:
-            self._check_size(len(head) + at + len(buf))
+            await self._check_size(len(head) + at + len(buf))
             data = self.data if self.check_call is None else bytearray(self.data)
             data[len(data) : at] = b"\0" * (at - len(data))
             data[at : at + len(buf)] = buf
@@ -132,12 +132,8 @@ class StoredHandle(Handle):
         self.data, self.dirty = data, True
         return len(buf)
 
-    def _check_size(self, size: int) -> None:
-        try:
-            checks.stored_size(size, "this file", self.limit)
-        except KernelError as exc:
-            self.kernel.requests.record_error(self.agent, self.caller.uid, exc)
-            raise
+    async def _check_size(self, size: int) -> None:
+        await syscall(self.kernel, Sys.FILE_SIZE, self.caller, self.agent, size, self.limit)  # EFBIG, in `error`
 
     async def _check_lines(self, view: bytes, start: int) -> None:
         """The complete lines of the text from the one holding byte `start` on; a line
@@ -201,14 +197,14 @@ class SubmitHandle(Handle):
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
         if self.refusal is not None:
-            raise self._refused(self.refusal)
-        try:  # its bytes so far; at its first write, the queue limits (audits a denial, records the error)
-            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=not self.pending)
+            raise self.refusal
+        try:  # its bytes so far; at its first write, the queue limits (audits a denial, records the error, keeps the refusal)
+            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=not self.pending, prompt=True)
         except KernelError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):  # the request cannot become valid any more
                 self.refusal = exc
                 self.pending.clear()
-            raise self._refused(exc) from None
+            raise
         self.pending += buf
         return len(buf)
 
@@ -224,17 +220,7 @@ class SubmitHandle(Handle):
         if not self.pending:
             return  # bash sends an empty FLUSH before writing: never a job
         data, self.pending = bytes(self.pending), bytearray()
-        try:
-            await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)  # it writes `error` itself
-        except KernelError as exc:
-            raise self._refused(exc) from None
-
-    def _refused(self, exc: KernelError) -> KernelError:
-        """A request that made no job (the syscall said why in `error`): make the uid's
-        next `output` open fail with it rather than show an older answer as this one's."""
-        assert self.agent is not None
-        self.agent.refused[self.caller.uid] = exc
-        return exc
+        await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)  # it writes `error` and keeps the refusal
 
     async def release(self) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import select
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from kernel.errors import KernelError
 from kernel.syscall import Sys, syscall
 
 from .files import Handle, Waiter, copy_reader
+
+log = logging.getLogger(__name__)
 
 
 def signal_pending(pid: int) -> bool:
@@ -200,7 +203,10 @@ class RpcHandle(Handle):
     async def release(self) -> None:
         job = self.stream.job
         if job is not None and not job.state.finished and self.agent is not None:
-            self.kernel.requests.cancel(self.caller, self.agent, str(job.id))
+            try:
+                await syscall(self.kernel, Sys.LLM_CANCEL, self.caller, self.agent, job.id)
+            except KernelError as exc:  # it ended meanwhile
+                log.info("cancel of job %d at close: %s", job.id, exc)
 
 
 class EventsHandle(Handle):

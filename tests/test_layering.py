@@ -226,3 +226,18 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
     assert any("['Nothing'] are not in kernel.EXPORTS" in p for p in problems)
     assert any("clients.gateway:1 imports aiosfs.ops: a client of the mount uses its files" in p for p in problems)
     assert any("clients.gateway:2 imports kernel: a client of the mount uses its files" in p for p in problems)
+
+
+def test_the_filesystem_changes_the_kernel_only_through_syscalls() -> None:
+    """What the filesystem does to the kernel's state (cancels, refusals kept, errors
+    recorded) goes through `syscall()`, where it is checked and audited: no handle
+    reaches into the request path for it."""
+    reach = re.compile(r"\.requests\.(cancel|record_error|submit|admit|pause)\(|\.refused\[[^]]*\]\s*=")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for package in ("aiosfs", "services", "clients")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if reach.search(line)
+    ]
+    assert found == []

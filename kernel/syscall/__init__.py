@@ -32,7 +32,7 @@ from .agent import (
 )
 from .checks import agent_name as check_agent_name
 from .ctl import sys_agent_ctl, sys_kernel_ctl, sys_sched_check, sys_sched_set
-from .llm import sys_llm_admit, sys_llm_submit, sys_output_bind
+from .llm import sys_file_size, sys_llm_admit, sys_llm_cancel, sys_llm_submit, sys_output_bind
 from .memory import sys_memory, sys_memory_recall, sys_tool_call
 
 __all__ = ["LINE_CHECKS", "TABLE", "Sys", "check_access", "check_agent_name", "syscall"]
@@ -46,6 +46,8 @@ class Sys(enum.Enum):
     FILE_REPLACE = "file_replace"  # may the caller replace one of an agent's files, as copy tools do?
     LLM_ADMIT = "llm_admit"  # may this request go on? (each write of a prompt or call turn)
     LLM_SUBMIT = "llm_submit"
+    LLM_CANCEL = "llm_cancel"  # a turn's file closed before its end
+    FILE_SIZE = "file_size"  # a write that grows one of an agent's stored files
     OUTPUT_BIND = "output_bind"  # the job `output`/`status` follow for the caller
     CONFIG_WRITE = "config_write"
     CONTEXT_WRITE = "context_write"
@@ -69,6 +71,8 @@ TABLE: dict[Sys, Handler] = {
     Sys.FILE_REPLACE: sys_file_replace,
     Sys.LLM_ADMIT: sys_llm_admit,
     Sys.LLM_SUBMIT: sys_llm_submit,
+    Sys.LLM_CANCEL: sys_llm_cancel,
+    Sys.FILE_SIZE: sys_file_size,
     Sys.OUTPUT_BIND: sys_output_bind,
     Sys.CONFIG_WRITE: sys_config_write,
     Sys.CONTEXT_WRITE: sys_context_write,
