@@ -190,6 +190,7 @@ class SubmitHandle(Handle):
         super().__init__(kernel, caller, agent, flags)
         self.pending = bytearray()
         self.refusal: KernelError | None = None  # after EFBIG or EINVAL the rest of that request is refused too
+        self.parsed: Any = None  # the request as its last write's check parsed it (Sys.LLM_ADMIT)
 
     async def read(self, off: int, size: int) -> bytes:
         return b""
@@ -199,7 +200,9 @@ class SubmitHandle(Handle):
         if self.refusal is not None:
             raise self.refusal
         try:  # its bytes so far; at its first write, the queue limits (audits a denial, records the error, keeps the refusal)
-            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=not self.pending, prompt=True)
+            self.parsed = await syscall(
+                self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=not self.pending, prompt=True
+            )
         except KernelError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):  # the request cannot become valid any more
                 self.refusal = exc
@@ -220,7 +223,8 @@ class SubmitHandle(Handle):
         if not self.pending:
             return  # bash sends an empty FLUSH before writing: never a job
         data, self.pending = bytes(self.pending), bytearray()
-        await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data)  # it writes `error` and keeps the refusal
+        parsed, self.parsed = self.parsed, None
+        await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data, parsed=parsed)  # it writes `error` and keeps the refusal
 
     async def release(self) -> None:
         try:

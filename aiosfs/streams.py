@@ -14,6 +14,7 @@ import logging
 import os
 import select
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
@@ -167,11 +168,12 @@ class RpcHandle(Handle):
         self.stream = Stream(None)
         self.cursor = 0
         self.waiting = waiting
+        self.parsed: Any = None  # the turn as its last write's check parsed it
 
     async def write(self, off: int, buf: bytes) -> int:
         assert self.agent is not None
         try:  # the turn's bytes so far (a call turn does not queue until it is read)
-            await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=False)
+            self.parsed = await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=False)
         except KernelError:
             self.pending.clear()
             raise
@@ -181,8 +183,8 @@ class RpcHandle(Handle):
     async def read(self, off: int, size: int) -> bytes:
         async with self.stream.lock:
             if self.pending:
-                data, self.pending = bytes(self.pending), bytearray()
-                job = await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data, self.history)
+                data, self.pending, parsed, self.parsed = bytes(self.pending), bytearray(), self.parsed, None
+                job = await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data, self.history, parsed=parsed)
                 self.stream = Stream(job, lock=self.stream.lock)
                 self.cursor = 0
             chunk = await read_stream(self.stream, self.cursor, size, self.caller, self.flags, self.waiting)

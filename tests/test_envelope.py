@@ -205,3 +205,32 @@ def test_stateless_chats_leave_the_call_session_and_the_context_alone(agent):
         ["bash", "-c", f"echo '{json.dumps({'messages': chat})}' > {agent}/prompt && cat {agent}/output"], capture_output=True, text=True, timeout=60
     )
     assert out.stdout == "turn 2: C\n" and (agent / "context").read_text() == before
+
+
+def test_a_request_checked_at_its_last_write_is_not_parsed_again_at_its_commit(kernel, monkeypatch):
+    """The JSON schema of a response_format compiles to a grammar: once per request,
+    unless the agent's config changed between the write and the commit."""
+    parses: list[str] = []
+    parse = kernel.requests.parse
+
+    def counted(agent, text):
+        parses.append(text)
+        return parse(agent, text)
+
+    monkeypatch.setattr(kernel.requests, "parse", counted)
+    data = json.dumps({"prompt": "a person", "response_format": SCHEMA}).encode()
+
+    async def body():
+        async with running(kernel):
+            agent = await mkdir(kernel, "a")
+            parsed = await syscall(kernel, Sys.LLM_ADMIT, OWNER, agent, data=data, prompt=True)
+            job = await syscall(kernel, Sys.LLM_SUBMIT, OWNER, agent, data, parsed=parsed)
+            once = len(parses)
+            parsed = await syscall(kernel, Sys.LLM_ADMIT, OWNER, agent, data=data, prompt=True)
+            await syscall(kernel, Sys.CONFIG_WRITE, OWNER, agent, "temperature=0.5\n")  # the config changed since the write
+            again = await syscall(kernel, Sys.LLM_SUBMIT, OWNER, agent, data, parsed=parsed)
+            return job, once, again
+
+    job, once, again = run(body)
+    assert once == 1 and job.config.grammar
+    assert len(parses) == 3 and again.config.temperature == 0.5  # parsed again, with the config of the commit

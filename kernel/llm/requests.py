@@ -75,16 +75,16 @@ class Requests(Results):
             raise KernelError(errno.EINVAL, "the prompt is empty")
         return dataclasses.replace(request, message=message)
 
-    async def submit(self, caller: Caller, agent: Agent, text: str, history: list[Message] | None = None) -> Job:
+    async def submit(self, caller: Caller, agent: Agent, text: str, history: list[Message] | None = None, parsed: Request | None = None) -> Job:
         """Queue one request. `history` is a `call` session's conversation; None uses
         the agent's own context (a `prompt` job), which the answer then extends. A
-        stateless chat brings its own conversation and extends nothing."""
-        request = self.parse(agent, text)
+        stateless chat brings its own conversation and extends nothing. `parsed` is
+        `text` parsed already, at its last write. Admission runs once, at the commit."""
+        request = parsed or self.parse(agent, text)
         message, config = request.message, request.config
         stateless = None if request.history is None else list(request.history)
         self.cores.require_loaded(config)
         config = access.check_request(agent, config)
-        self.admit(agent)
         config, recalled = await self.prepare(caller, agent, config, message)
         conversation = stateless if stateless is not None else agent.messages if history is None else history
         config = self.cores.routed(config)  # the route chooses once: the prompt is tokenized by the model that runs it

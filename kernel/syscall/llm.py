@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+from ..agents.config import AgentConfig
+from ..agents.request import Request
 from ..errors import KernelError
 from ..kernel import Kernel
 from ..llm.jobs import Job
@@ -19,11 +22,12 @@ from ..types import Agent, Caller, Message
 from . import checks
 
 
-async def sys_llm_admit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes = b"", queue: bool = True, prompt: bool = False) -> None:
+async def sys_llm_admit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes = b"", queue: bool = True, prompt: bool = False) -> Parsed | None:
     """What a request's writes are refused for before it is committed, given its bytes
     so far: their size; at its first write (`queue`), the budget, the queue policy and
     the queue limits; UTF-8, but for a last character still incomplete; and, once they
-    parse as a JSON object, a valid request. A `prompt` request's refusal is kept."""
+    parse as a JSON object, a valid request, which is returned so that its commit need
+    not parse it again. A `prompt` request's refusal is kept."""
     with _kept_refusal(caller, agent, prompt):
         checks.request_size(len(data))
         if queue:
@@ -31,7 +35,21 @@ async def sys_llm_admit(kernel: Kernel, caller: Caller, agent: Agent, data: byte
             kernel.requests.admit(agent)
         text = checks.text(data, "the request", final=False)
         if _complete_object(text):
-            kernel.requests.parse(agent, text)
+            return Parsed(data, agent.config, kernel.requests.parse(agent, text))
+        return None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A request parsed at a write: still the request at its commit if neither its bytes
+    nor the agent's config changed since."""
+
+    data: bytes
+    config: AgentConfig
+    request: Request
+
+    def still(self, agent: Agent, data: bytes) -> Request | None:
+        return self.request if data == self.data and agent.config is self.config else None
 
 
 @contextlib.contextmanager
@@ -55,11 +73,15 @@ def _complete_object(text: str) -> bool:
         return False
 
 
-async def sys_llm_submit(kernel: Kernel, caller: Caller, agent: Agent, data: bytes, history: list[Message] | None = None) -> Job:
-    """A request committed: a `prompt` job (no `history`), or a `call` turn."""
+async def sys_llm_submit(
+    kernel: Kernel, caller: Caller, agent: Agent, data: bytes, history: list[Message] | None = None, parsed: Parsed | None = None
+) -> Job:
+    """A request committed: a `prompt` job (no `history`), or a `call` turn; `parsed`
+    is what its last write's check made of it."""
     with _kept_refusal(caller, agent, history is None):
         checks.request_size(len(data))
-        return await kernel.requests.submit(caller, agent, checks.text(data, "the request"), history)
+        request = parsed.still(agent, data) if parsed is not None else None
+        return await kernel.requests.submit(caller, agent, checks.text(data, "the request"), history, request)
 
 
 async def sys_llm_cancel(kernel: Kernel, caller: Caller, agent: Agent, job_id: int) -> list[int]:
