@@ -124,7 +124,7 @@ class Kernel:
         stats.update(self.cores.statistics())
         # the trio thread's share: handing results to jobs, and all of its CPU time (the
         # FUSE requests, syscalls, journal); called on that thread
-        stats["deliver_s"] = round(self.requests.deliver_s, 3)
+        stats["deliver_s"] = round(self.requests.results.deliver_s, 3)
         stats["trio_cpu_s"] = round(time.thread_time() - self._cpu_started, 3)
         stats.update(self.memory.store.statistics())
         return stats

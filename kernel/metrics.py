@@ -66,7 +66,7 @@ class KernelCollector(Collector):
         engines = {name: engine for name in k.cores if (engine := k.cores.local(name)) is not None}
         yield from _engines(engines)
         yield from _merged([({"model": name}, engine.step_metrics.collect()) for name, engine in engines.items()])
-        yield from _merged([({}, k.requests.metrics.collect())])  # labelled with their model already
+        yield from _merged([({}, k.requests.results.metrics.collect())])  # labelled with their model already
         queued = GaugeMetricFamily("aiosfs_queued_jobs", "Jobs in a core's queue, switched-out and suspended ones included.", labels=["model"])
         yield _by_model(queued, {name: len(core.queued()) for name, core in k.cores.items()})
         running = GaugeMetricFamily("aiosfs_running_jobs", "Sequences a core is decoding (suspended ones not counted).", labels=["model"])

@@ -187,7 +187,7 @@ def test_an_answer_that_ends_after_the_request_path_stopped_keeps_its_turn(new_k
     job = Job(1, "a", OWNER.uid, "late", [], [], agent.config, "prompt")
     kernel.writer.post(kernel.storage.journal_job, agent.row.id, OWNER.uid, "prompt", "late", 0.0, "late")
     job.publish(b"an answer", 2)
-    kernel.requests.end(job, JobState.DONE, 0, "")
+    kernel.requests.results.end(job, JobState.DONE, 0, "")
     assert job.state is JobState.DONE and agent.messages == [{"role": "user", "content": "late"}, {"role": "assistant", "content": "an answer"}]
     kernel.writer.close()  # runs what was posted
     assert kernel.storage.messages(agent.row.id) == agent.messages

@@ -48,7 +48,7 @@ async def recover_jobs(requests: Requests) -> None:
     await requests.writer.call(_apply, storage, [job.id for job in requeued], ends)  # every row is requeued or failed, or none is
     for agent, row, exc in failed:
         if agent is not None:
-            job = requests.job_from_row(agent, row)
+            job = requests.results.job_from_row(agent, row)
             _bind_if_latest(requests, agent, job)
             job.finish(JobState.ERROR, exc.errno, exc.message)
             requests.finished(job, journaled=True)

@@ -16,7 +16,6 @@ import dataclasses
 import errno
 import logging
 import time
-from typing import Any
 
 import trio
 
@@ -34,7 +33,6 @@ from ..storage.writer import Writer
 from ..text import decimal
 from ..tools.manager import ToolManager, ToolSpec
 from ..types import Agent, AuditSink, Caller, Message
-from .events import EventStream, job_event
 from .jobs import Job, JobState
 from .results import Results
 from .toolloop import calls_per_reply, run_tool_loop, uses_tools, with_tools
@@ -42,27 +40,47 @@ from .toolloop import calls_per_reply, run_tool_loop, uses_tools, with_tools
 log = logging.getLogger(__name__)
 
 
-class Requests(Results):
+class Requests:
+    """The way in: a request parsed, checked, prepared and handed to its core (or to a
+    tool loop), an agent's prompt turns in order, cancels and pauses. The way back is
+    `results`, which it reads from and never is called back by."""
+
     def __init__(
         self, storage: Storage, writer: Writer, agents: AgentTable, cores: CoreSet, memory: MemoryManager, tools: ToolManager, audit: AuditSink
     ) -> None:
-        super().__init__(storage, writer, agents, audit)
+        self.storage = storage
+        self.writer = writer
+        self.agents = agents
+        self.audit = audit
         self.cores = cores
         self.memory = memory
         self.tools = tools
-        self.events = EventStream()  # kernel/events
+        self.results = Results(storage, writer, agents, audit)
+        self.events = self.results.events  # kernel/events
+        self.nursery: trio.Nursery | None = None  # tool loops and turns
+        self.turn_waiters: set[Agent] = set()  # agents that may have prompt turns waiting (a superset; see queued_count)
+        # what tool loops and recovery use of the way back
+        self.emit, self.end, self.finished = self.results.emit, self.results.end, self.results.finished
+        self.job_caller = Results.job_caller
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve tool loops and turns until cancelled; then fail what is unfinished."""
         try:
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
+                self.nursery = self.results.nursery = nursery
+                nursery.start_soon(self._free_turns)
                 task_status.started()
                 async for deliveries in self.cores.results:  # the way back, one way: the cores only send
-                    self.deliver(deliveries)
+                    self.results.deliver(deliveries)
         finally:
-            self.nursery = None
-            self.fail_unfinished("the kernel stopped before this job finished")
+            self.nursery = self.results.nursery = None
+            self.results.fail_unfinished("the kernel stopped before this job finished")
+
+    async def _free_turns(self) -> None:
+        """Agents whose turn the way back freed, with prompt turns waiting: the next one starts."""
+        assert self.nursery is not None
+        async for agent in self.results.turns_free:
+            self.nursery.start_soon(self.start_next_turn, agent)
 
     # -- submit ----------------------------------------------------------------------
     def parse(self, agent: Agent, text: str) -> Request:
@@ -246,7 +264,7 @@ class Requests(Results):
         if job is None:
             row = self.storage.latest_job(agent.row.id, uid)
             if row is not None:
-                job = self.job_from_row(agent, row)
+                job = Results.job_from_row(agent, row)
                 agent.latest[uid] = job
         return job
 
@@ -257,11 +275,3 @@ class Requests(Results):
         agent.add_error(uid, f"{errno_name(exc.errno)} {job_id if job_id is not None else '-'} {int(time.time())} {exc.message}")
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EDQUOT):  # denials get their own `deny` line
             self.audit("error", agent=agent.name, uid=uid, errno=errno_name(exc.errno), message=exc.message)
-
-    def emit(self, job: Job, event: str, **extra: Any) -> None:
-        """A job event to the agent's `events` and to `kernel/events`."""
-        fields = job_event(job, event) | extra
-        agent = self.agents.get(job.agent)
-        if agent is not None:
-            agent.events.emit(**fields)
-        self.events.emit(**fields)

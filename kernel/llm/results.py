@@ -11,10 +11,10 @@ Other ends are journaled in order without waiting.
 
 from __future__ import annotations
 
-import abc
 import errno
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -24,6 +24,7 @@ from ..agents.table import AgentTable
 from ..storage.database import JobEnd, Storage
 from ..storage.writer import Writer
 from ..types import Agent, AuditSink, Caller, Delivery
+from .events import EventStream, job_event
 from .jobmetrics import JobMetrics
 from .jobs import Job, JobState
 
@@ -31,22 +32,30 @@ log = logging.getLogger(__name__)
 End = tuple[JobState, int, str]
 
 
-class Results(abc.ABC):
+class Results:
+    """The way back: what the cores send, handed to the jobs and their readers; each
+    end journaled, and a prompt's answer kept in its agent's context. It calls nothing
+    of the request path: an agent whose turn is free with turns waiting is sent on
+    `turns_free`, which the request path reads."""
+
     def __init__(self, storage: Storage, writer: Writer, agents: AgentTable, audit: AuditSink) -> None:
         self.storage = storage
         self.writer = writer
         self.agents = agents
         self.audit = audit
-        self.nursery: trio.Nursery | None = None  # tool loops, turns and the commits of turns
+        self.events = EventStream()  # kernel/events
+        self.nursery: trio.Nursery | None = None  # the commits of turns (set while the request path runs)
         self.deliver_s = 0.0  # trio thread time spent handing steps' results to their jobs
         self.metrics = JobMetrics()  # every job's end, for kernel/metrics
-        self.turn_waiters: set[Agent] = set()  # agents that may have prompt turns waiting (a superset; see queued_count)
+        self._free, self.turns_free = trio.open_memory_channel[Agent](math.inf)
 
-    @abc.abstractmethod
-    def emit(self, job: Job, event: str, **extra: Any) -> None: ...
-
-    @abc.abstractmethod
-    async def start_next_turn(self, agent: Agent) -> None: ...
+    def emit(self, job: Job, event: str, **extra: Any) -> None:
+        """A job event to the agent's `events` and to `kernel/events`."""
+        fields = job_event(job, event) | extra
+        agent = self.agents.get(job.agent)
+        if agent is not None:
+            agent.events.emit(**fields)
+        self.events.emit(**fields)
 
     @staticmethod
     def job_caller(job: Job) -> Caller:
@@ -171,8 +180,8 @@ class Results(abc.ABC):
         self.emit(job, job.state.value)
         if agent.turn is job:
             agent.turn = None
-            if agent.next_turns and self.nursery is not None:
-                self.nursery.start_soon(self.start_next_turn, agent)
+            if agent.next_turns:
+                self._free.send_nowait(agent)
         if job.state is not JobState.DONE and agent.latest.get(job.uid) is job:
             agent.add_error(job.uid, job.error_line())
         self.audit("job", id=job.id, agent=job.agent, uid=job.uid, state=job.state.value, tokens=job.n_generated)
