@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from kernel import params
+from setup.kit import with_path
 from setup.model import default_model_path
 
 from .metrics import address_argument
@@ -276,9 +277,7 @@ def _spawn_daemon(args: argparse.Namespace, options: object) -> int:
     read_end, write_end = os.pipe()
     log_path = options.state / "aiosfs.log"
     argv = [sys.executable, "-m", "aiosfs.cli", *_daemon_argv(args, options), "--ready-fd", str(write_end)]
-    # The daemon runs the same code as this command, wherever it was imported from.
-    source_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
+    env = with_path(dict(os.environ))  # the daemon runs the same code as this command, wherever it was imported from
     with open(log_path, "ab") as log_file:
         subprocess.Popen(
             argv, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(write_end,), start_new_session=True

@@ -51,10 +51,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from setup.kit import with_path
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository: aiosfs, kernel and this package
 
 
 def child_env() -> dict[str, str]:
     """The environment of the processes the bench starts (workers, mount clients, the
     aiosfs CLI): this repository first on their import path."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return with_path(dict(os.environ), ROOT)

@@ -40,7 +40,7 @@ import trio
 from kernel import Caller, EngineSpec, Job, Kernel, ProcessCore, Storage
 from kernel.syscall import Sys, syscall
 
-from . import ROOT
+from . import child_env
 from .console import err
 
 PARTS = ("plan_ipc_s", "runner_python_s", "sample_s", "decode_s", "deliver_s")  # kernel/stats: where a step's time goes
@@ -89,7 +89,7 @@ class Mounted:
     def __init__(self, slots: int, delay: float) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="aiosfs-hostceiling-"))
         self.root = self.base / "mnt"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = child_env()
         args = ["mount", str(self.root), "--backend", "fake", "--slots", str(slots), "--fake-delay", str(delay), "--state", str(self.base / "state")]
         subprocess.run([sys.executable, "-m", "aiosfs.cli", *args], check=True, capture_output=True, env=env, timeout=120)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..buildprobe import cmake_args
+from ..kit import with_path
 from . import Ran, say
 
 SERVER_CMAKE = ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
@@ -196,7 +197,7 @@ def build(src: Path, work: Path, *, wheels: Path | None, deadline: float, jobs: 
     site, build_dir, log = work / "site", work / "build", work / "build.log"
     site.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    env = with_path(dict(os.environ), site)
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--no-cache-dir", "--target", str(site)]
     carried = sorted(wheels.glob("*.whl")) if wheels else []

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..kit import with_path
 from . import STARTED, child_env, run_child, say
 from . import build as build_mod
 from . import speed as speed_mod
@@ -125,7 +126,7 @@ class Check:
         if result["verdict"] == "ok":
             self.site = Path(result["site"])
             sys.path.insert(0, str(self.site))  # for step 2's parent, which looks at the installed build
-            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), os.environ.get("PYTHONPATH")]))
+            os.environ["PYTHONPATH"] = with_path(dict(os.environ), self.site)["PYTHONPATH"]
         self.step("build", result)
         return str(result.get("llama_server") or "") or None
 
