@@ -20,7 +20,7 @@ import trio
 
 from kernel import Agent, Attr, Caller, Kernel, Passage
 from kernel.errors import KernelError
-from kernel.syscall import Sys, checks, syscall
+from kernel.syscall import MEMORY_SYS, Sys, checks, syscall
 
 from .files import Handle
 
@@ -57,7 +57,7 @@ def entry_attrs(attr: Attr) -> pyfuse3.EntryAttributes:
 
 
 async def mem(kernel: Kernel, caller: Caller, op: str, *args: object, **kwargs: object) -> Any:
-    return await syscall(kernel, Sys.MEMORY, caller, op, *args, **kwargs)
+    return await syscall(kernel, MEMORY_SYS[op], caller, *args, **kwargs)
 
 
 class MemoryHandle(Handle):

@@ -237,9 +237,9 @@ class ManifestManager:
     async def _chown_memory(self, agent: Agent, old: tuple[int, int]) -> None:
         """memory/ itself follows a new owner when it still had the old one (the files in it keep theirs)."""
         root = await self.kernel.memory.root(agent)
-        attr = await syscall(self.kernel, Sys.MEMORY, ROOT, "getattr", root)
+        attr = await syscall(self.kernel, Sys.MEMORY_GETATTR, ROOT, root)
         if (attr.uid, attr.gid) == old:
-            await syscall(self.kernel, Sys.MEMORY, ROOT, "setattr", root, uid=agent.row.uid, gid=agent.row.gid)
+            await syscall(self.kernel, Sys.MEMORY_SETATTR, ROOT, root, uid=agent.row.uid, gid=agent.row.gid)
 
     async def _remove(self, manifest: Manifest) -> None:
         """The manifest is gone: stop the process, cancel the jobs, trash the agent."""

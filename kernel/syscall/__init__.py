@@ -33,7 +33,7 @@ from .agent import (
 from .checks import agent_name as check_agent_name
 from .ctl import sys_agent_ctl, sys_kernel_ctl, sys_sched_check, sys_sched_set
 from .llm import sys_file_size, sys_llm_admit, sys_llm_cancel, sys_llm_submit, sys_output_bind
-from .memory import sys_memory, sys_memory_recall, sys_tool_call
+from .memory import MEMORY_OPS, memory_op, sys_memory_recall, sys_tool_call
 
 __all__ = ["LINE_CHECKS", "TABLE", "Sys", "check_access", "check_agent_name", "syscall"]
 
@@ -57,7 +57,25 @@ class Sys(enum.Enum):
     PERMISSIONS_CHECK = "permissions_check"
     SCHED_CHECK = "sched_check"
     KERNEL_CTL = "kernel_ctl"
-    MEMORY = "memory"
+    # memory/: one entry per operation of the store, so each is audited by its name
+    MEMORY_LOOKUP = "memory_lookup"
+    MEMORY_GETATTR = "memory_getattr"
+    MEMORY_READDIR = "memory_readdir"
+    MEMORY_CREATE = "memory_create"
+    MEMORY_MKDIR = "memory_mkdir"
+    MEMORY_SYMLINK = "memory_symlink"
+    MEMORY_READLINK = "memory_readlink"
+    MEMORY_LINK = "memory_link"
+    MEMORY_UNLINK = "memory_unlink"
+    MEMORY_RMDIR = "memory_rmdir"
+    MEMORY_RENAME = "memory_rename"
+    MEMORY_SETATTR = "memory_setattr"
+    MEMORY_OPEN = "memory_open"
+    MEMORY_RELEASE = "memory_release"
+    MEMORY_READ = "memory_read"
+    MEMORY_WRITE = "memory_write"
+    MEMORY_FLUSH = "memory_flush"
+    MEMORY_FSYNC = "memory_fsync"
     MEMORY_RECALL = "memory_recall"
     TOOL_CALL = "tool_call"
 
@@ -82,10 +100,11 @@ TABLE: dict[Sys, Handler] = {
     Sys.PERMISSIONS_CHECK: sys_permissions_check,
     Sys.SCHED_CHECK: sys_sched_check,
     Sys.KERNEL_CTL: sys_kernel_ctl,
-    Sys.MEMORY: sys_memory,
     Sys.MEMORY_RECALL: sys_memory_recall,
     Sys.TOOL_CALL: sys_tool_call,
 }
+MEMORY_SYS: dict[str, Sys] = {op: Sys(f"memory_{op}") for op in MEMORY_OPS}  # the store's operation → its syscall
+TABLE.update({number: memory_op(op) for op, number in MEMORY_SYS.items()})
 
 # Changes only an agent's owner (or root) may make, whatever the mode bits say.
 OWNER_ONLY = {

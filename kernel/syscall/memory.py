@@ -4,6 +4,7 @@ query, one tool call."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import params
@@ -18,13 +19,18 @@ MEMORY_OPS = frozenset(
 )
 
 
-async def sys_memory(kernel: Kernel, caller: Caller, op: str, *args: Any, **kwargs: Any) -> Any:
-    """One operation on the memory store (memory/ files); the VFS has checked the mode bits."""
-    if op not in MEMORY_OPS:
-        raise KernelError(errno.ENOSYS, f"no memory operation {op!r}")
-    if op in ("open", "write", "setattr") and caller.uid != 0:  # root keeps the set-id bits when it writes (CAP_FSETID)
-        kwargs["writer"] = caller
-    return await kernel.memory.run(getattr(kernel.memory.store, op), *args, **kwargs)
+def memory_op(op: str) -> Callable[..., Awaitable[Any]]:
+    """The handler of one operation of the memory store (memory/ files): the VFS has
+    checked the mode bits; a write by someone other than root clears set-id bits."""
+    sets_ids = op in ("open", "write", "setattr")
+
+    async def handler(kernel: Kernel, caller: Caller, *args: Any, **kwargs: Any) -> Any:
+        if sets_ids and caller.uid != 0:  # root keeps the set-id bits when it writes (CAP_FSETID)
+            kwargs["writer"] = caller
+        return await kernel.memory.run(getattr(kernel.memory.store, op), *args, **kwargs)
+
+    handler.__name__ = f"sys_memory_{op}"
+    return handler
 
 
 async def sys_memory_recall(kernel: Kernel, caller: Caller, agent: Agent, query: bytes, k: int = params.DEFAULT_MEMORY_TOP_K) -> Any:
