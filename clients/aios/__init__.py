@@ -7,5 +7,6 @@ memory and tools apply as they do to any other agent. docs/aios.md maps every ca
 
     client  --HTTP-->  server.py (ASGI on trio, hypercorn)
                        queries.py (llm, memory, storage, tool → what to do in the mount)
+                       responses.py (the bodies the SDK reads back)
                        ../mountclient.py (the files: agents/NAME/call, memory/, tools/NAME, ...)
 """

@@ -10,8 +10,7 @@
     tool     tools/NAME, acting for the agent
 
 Expected failures come back in the response body (HTTP 200), as the AIOS kernel sends
-them; a query that is malformed is a `BadQuery` (HTTP 422).
-"""
+them; a malformed query is a `BadQuery` (HTTP 422)."""
 
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from typing import Any
 import trio
 
 from ..mountclient import FileError, MountClient, unescape
+from .responses import enveloped, llm_response, memory_response, storage_response, tool_response
 
 log = logging.getLogger(__name__)
 
@@ -38,80 +38,10 @@ MAX_TOKENS = 8192  # the kernel's largest max_tokens
 RECALL_K = 20  # the kernel's largest recall k: hits are filtered here, then cut to the k asked for
 ANNOTATE_CHARS = 4000  # of a note shown to the model to annotate it (add_agentic_memory)
 SUMMARY_CHARS = 2000  # a retrieved document's summary, as the AIOS kernel cuts it
-STATUS = {
-    errno.EINVAL: 400,
-    errno.E2BIG: 400,
-    errno.ENAMETOOLONG: 400,
-    errno.EISDIR: 400,
-    errno.ENOTDIR: 400,
-    errno.ELOOP: 400,
-    errno.EXDEV: 400,
-    errno.EPERM: 403,
-    errno.EACCES: 403,
-    errno.ENOENT: 404,
-    errno.EEXIST: 409,
-    errno.ENOTEMPTY: 409,
-    errno.EFBIG: 413,
-    errno.EAGAIN: 429,
-    errno.EDQUOT: 429,
-    errno.ENOSPC: 507,
-    errno.ETIMEDOUT: 504,
-}
 
 
 class BadQuery(Exception):
     """The query itself is malformed (unknown type, action or operation)."""
-
-
-def status_code(exc: FileError) -> int:
-    return STATUS.get(exc.errno, 500)
-
-
-def enveloped(response: dict[str, Any]) -> dict[str, Any]:
-    """The AIOS kernel's response envelope; its timing lists are empty unless it preempted."""
-    return {"response": response, "start_times": [], "end_times": [], "waiting_times": [], "turnaround_times": []}
-
-
-def llm_response(message: str | None = None, tool_calls: list[dict[str, Any]] | None = None, exc: FileError | None = None) -> dict[str, Any]:
-    return {
-        "response_class": "llm",
-        "response_message": message,
-        "tool_calls": tool_calls,
-        "finished": True,
-        "error": None if exc is None else str(exc),
-        "status_code": 200 if exc is None else status_code(exc),
-    }
-
-
-def tool_response(message: str, exc: FileError | None = None) -> dict[str, Any]:
-    return {
-        "response_class": "tool",
-        "response_message": message,
-        "finished": exc is None,
-        "error": None if exc is None else str(exc),
-        "status_code": 200 if exc is None else status_code(exc),
-    }
-
-
-def memory_response(success: bool = True, error: str | None = None, **fields: Any) -> dict[str, Any]:
-    return (
-        {"response_class": "memory", "memory_id": None, "content": None, "metadata": None, "search_results": None}
-        | fields
-        | {
-            "success": success,
-            "error": error,
-        }
-    )
-
-
-def storage_response(message: str, exc: FileError | None = None) -> dict[str, Any]:
-    return {
-        "response_class": "storage",
-        "response_message": message,
-        "finished": True,
-        "error": None if exc is None else str(exc),
-        "status_code": 200 if exc is None else status_code(exc),
-    }
 
 
 ANNOTATIONS = {
@@ -218,8 +148,7 @@ class Queries:
             raise FileError(errno.EINVAL, "this action needs query_data.tools: a non-empty list of function declarations")
         text = await self._answer(agent, envelope | {"tools": tools, "tool_choice": "required"})
         try:
-            calls = json.loads(text)["tool_calls"]
-            return [{"name": c["name"], "parameters": c["arguments"], "id": c["id"]} for c in calls]
+            return [{"name": c["name"], "parameters": c["arguments"], "id": c["id"]} for c in json.loads(text)["tool_calls"]]
         except (ValueError, TypeError, KeyError):  # a core that applies no grammar may answer anything
             raise FileError(errno.EIO, f"the model's reply is not a tool call: {text[:200]!r}") from None
 
@@ -237,9 +166,9 @@ class Queries:
         async with trio.open_nursery() as nursery:
             for index, call in enumerate(calls):
                 nursery.start_soon(run, index, call)
-        for outcome in outcomes:
-            if isinstance(outcome, FileError):
-                return tool_response(f"Tool calling error: {outcome}", outcome)
+        failed = next((o for o in outcomes if isinstance(o, FileError)), None)
+        if failed is not None:
+            return tool_response(f"Tool calling error: {failed}", failed)
         return tool_response("\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in outcomes))
 
     async def _served(self, name: Any) -> str:
