@@ -215,7 +215,7 @@ def test_a_cancelled_donor_costs_its_followers_nothing(tmp_path, kv_share):
     """a prefills the system prompt that b and c wait for; a is cancelled a few steps
     into it. b then prefills it for itself and c takes it from b: the prompt is still
     prefilled once for the two, and both answer as if a had never been there."""
-    kernel = _kernel(tmp_path, FakeBackend(n_slots=3, n_batch=16, step_delay=0.001), "k", kv_share=kv_share)
+    kernel = _kernel(tmp_path, FakeBackend(n_slots=3, n_batch=16, step_delay=0.005), "k", kv_share=kv_share)  # 25 steps of prefill: time to cancel
 
     async def body():
         async with running(kernel):
