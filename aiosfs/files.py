@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyfuse3
+import trio
 
 from kernel import Agent, Caller, Kernel
 from kernel.errors import KernelError
@@ -63,6 +64,50 @@ class Handle:
     def poll(self) -> tuple[int, Waiter | None]:
         """(ready mask, an awaitable that returns when readiness may have changed)."""
         return select.POLLIN | select.POLLOUT, None
+
+
+class AskHandle(Handle):
+    """The files where writes collect a question and the first read after them answers
+    it (`call`, `recall`, `tools/NAME`): each fd is a private session, and the next
+    write starts the next question. `check` refuses what has been written so far (the
+    question is then dropped); `answer` makes (the answer's bytes, the errno of the
+    read after them or 0) of a question."""
+
+    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int) -> None:
+        super().__init__(kernel, caller, agent, flags)
+        self.pending = bytearray()
+        self.result = b""
+        self.cursor = 0
+        self.failure = 0  # the errno the read after the answer returns (0: EOF)
+        self.lock = trio.Lock()  # a question is answered once, whatever reads arrive meanwhile
+
+    async def check(self, data: bytes) -> None:
+        return None
+
+    async def answer(self, data: bytes) -> tuple[bytes, int]:
+        raise NotImplementedError
+
+    async def write(self, off: int, buf: bytes) -> int:
+        try:
+            await self.check(bytes(self.pending + buf))
+        except KernelError:
+            self.pending.clear()
+            raise
+        self.pending += buf
+        return len(buf)
+
+    async def read(self, off: int, size: int) -> bytes:
+        async with self.lock:
+            if self.pending:
+                data, self.pending = bytes(self.pending), bytearray()
+                self.result, self.failure = await self.answer(data)
+                self.cursor = 0
+            chunk = self.result[self.cursor : self.cursor + size]
+            self.cursor += len(chunk)
+            if not chunk and self.failure:
+                failure, self.failure = self.failure, 0
+                raise pyfuse3.FUSEError(failure)
+            return chunk
 
 
 class SnapshotHandle(Handle):

@@ -19,10 +19,9 @@ import pyfuse3
 import trio
 
 from kernel import Agent, Attr, Caller, Kernel, Passage
-from kernel.errors import KernelError
 from kernel.syscall import MEMORY_SYS, Sys, checks, syscall
 
-from .files import Handle
+from .files import AskHandle, Handle
 
 MEM_BASE = 1 << 48
 
@@ -95,39 +94,16 @@ class MemoryHandle(Handle):
         return await mem(self.kernel, self.caller, op, *args, **kwargs)
 
 
-class RecallHandle(Handle):
+class RecallHandle(AskHandle):
     """recall: write a query, read the ranked passages as JSON Lines
     `{"rank", "path", "line", "score", "text"}`; the next write starts a new query.
     Each fd is a private session, like `call`."""
 
-    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int) -> None:
-        super().__init__(kernel, caller, agent, flags)
-        self.pending = bytearray()
-        self.result = b""
-        self.cursor = 0
-        self.lock = trio.Lock()
+    async def check(self, data: bytes) -> None:
+        checks.request_size(len(data), "the query")
 
-    async def write(self, off: int, buf: bytes) -> int:
-        try:
-            checks.request_size(len(self.pending) + len(buf), "the query")
-        except KernelError:
-            self.pending.clear()
-            raise
-        self.pending += buf
-        return len(buf)
-
-    async def read(self, off: int, size: int) -> bytes:
-        async with self.lock:
-            if self.pending:
-                query, self.pending = bytes(self.pending), bytearray()
-                assert self.agent is not None
-                k = self.agent.config.memory_top_k
-                passages: list[Passage] = await syscall(self.kernel, Sys.MEMORY_RECALL, self.caller, self.agent, query, k)
-                self.result = b"".join(
-                    json.dumps({"rank": i + 1, "path": p.path, "line": p.line, "score": p.score, "text": p.text}).encode() + b"\n"
-                    for i, p in enumerate(passages)
-                )
-                self.cursor = 0
-            chunk = self.result[self.cursor : self.cursor + size]
-            self.cursor += len(chunk)
-            return chunk
+    async def answer(self, data: bytes) -> tuple[bytes, int]:
+        assert self.agent is not None
+        passages: list[Passage] = await syscall(self.kernel, Sys.MEMORY_RECALL, self.caller, self.agent, data, self.agent.config.memory_top_k)
+        lines = (json.dumps({"rank": i + 1, "path": p.path, "line": p.line, "score": p.score, "text": p.text}) for i, p in enumerate(passages))
+        return b"".join(line.encode() + b"\n" for line in lines), 0

@@ -23,7 +23,7 @@ from kernel import Agent, Caller, EventStream, Job, JobState, Kernel, params
 from kernel.errors import KernelError
 from kernel.syscall import Sys, syscall
 
-from .files import Handle, Waiter, copy_reader
+from .files import AskHandle, Handle, Waiter, copy_reader
 
 log = logging.getLogger(__name__)
 
@@ -156,29 +156,21 @@ class GrowingHandle(Handle):
         return stream_poll(self.stream.job or self.agent.latest[self.caller.uid], self.stream.position)
 
 
-class RpcHandle(Handle):
+class RpcHandle(AskHandle):
     """call: a private conversation. Writes collect; the first read after them
     commits one turn and streams its answer to EOF; the next writes start the next
     turn. Closing the file cancels a turn still running."""
 
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, waiting: Waiting) -> None:
         super().__init__(kernel, caller, agent, flags)
-        self.pending = bytearray()
         self.history: list[dict[str, str]] = []
         self.stream = Stream(None)
-        self.cursor = 0
         self.waiting = waiting
         self.parsed: Any = None  # the turn as its last write's check parsed it
 
-    async def write(self, off: int, buf: bytes) -> int:
-        assert self.agent is not None
-        try:  # the turn's bytes so far (a call turn does not queue until it is read)
-            self.parsed = await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=bytes(self.pending + buf), queue=False)
-        except KernelError:
-            self.pending.clear()
-            raise
-        self.pending += buf
-        return len(buf)
+    async def check(self, data: bytes) -> None:
+        """The turn's bytes so far (a call turn does not queue until it is read)."""
+        self.parsed = await syscall(self.kernel, Sys.LLM_ADMIT, self.caller, self.agent, data=data, queue=False)
 
     async def read(self, off: int, size: int) -> bytes:
         async with self.stream.lock:

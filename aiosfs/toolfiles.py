@@ -15,14 +15,13 @@ import json
 from typing import Any
 
 import pyfuse3
-import trio
 
 from kernel import Agent, Caller, Kernel, ToolSpec, params
 from kernel.errors import KernelError, errno_name
 from kernel.syscall import Sys, checks, syscall
 
 from .dirtab import BY_KIND, Entry, Kind, agent_of, inode, kind_of
-from .files import Handle, SnapshotHandle
+from .files import AskHandle, Handle, SnapshotHandle
 
 SCHEMA_SUFFIX = ".schema"
 TOOL_KINDS = (Kind.TOOL, Kind.TOOL_SCHEMA)
@@ -92,7 +91,7 @@ def result_line(result: Any = None, error: KernelError | None = None) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode() + b"\n"
 
 
-class ToolHandle(Handle):
+class ToolHandle(AskHandle):
     """tools/NAME: writes collect; the first read after them runs the call and returns
     one JSON line; after an error line the next read fails with its errno (so `cat`
     exits non-zero); the next write starts the next call. Each fd is its own session."""
@@ -100,33 +99,12 @@ class ToolHandle(Handle):
     def __init__(self, kernel: Kernel, caller: Caller, flags: int, name: str) -> None:
         super().__init__(kernel, caller, None, flags)
         self.name = name
-        self.pending = bytearray()
-        self.result = b""
-        self.cursor = 0
-        self.failure = 0  # the errno the read after the error line returns
-        self.lock = trio.Lock()  # a call runs once, whatever reads arrive meanwhile
 
-    async def write(self, off: int, buf: bytes) -> int:
-        if len(self.pending) + len(buf) > params.TOOL_ARGUMENTS_MAX_BYTES:
-            self.pending.clear()
+    async def check(self, data: bytes) -> None:
+        if len(data) > params.TOOL_ARGUMENTS_MAX_BYTES:
             raise KernelError(errno.EFBIG, f"a tool call is at most {params.TOOL_ARGUMENTS_MAX_BYTES} bytes")
-        self.pending += buf
-        return len(buf)
 
-    async def read(self, off: int, size: int) -> bytes:
-        async with self.lock:
-            if self.pending:
-                data, self.pending = bytes(self.pending), bytearray()
-                self.result, self.failure = await self._call(data)
-                self.cursor = 0
-            chunk = self.result[self.cursor : self.cursor + size]
-            self.cursor += len(chunk)
-            if not chunk and self.failure:
-                failure, self.failure = self.failure, 0
-                raise pyfuse3.FUSEError(failure)
-            return chunk
-
-    async def _call(self, data: bytes) -> tuple[bytes, int]:
+    async def answer(self, data: bytes) -> tuple[bytes, int]:
         """(the result line, the errno to report after it or 0)."""
         try:
             agent, arguments = parse_call(self.kernel, data)
