@@ -37,16 +37,15 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from . import child_env
 from .console import err
 from .mount_client import request
+from .peers.mount import aiosfs_cli, read_stats
 
 VARIANTS = ("resume", "cold", "crash")
 FORK_QUESTION = "And what if the customer insists?"
@@ -112,15 +111,19 @@ class Mount:
         self.root, self.state, self.args = base / "mnt", base / "state", args
 
     def start(self, extra: list[str]) -> None:
-        argv = ["mount", str(self.root), "--state", str(self.state), *self.args, *extra]
-        subprocess.run([sys.executable, "-m", "aiosfs.cli", *argv], check=True, capture_output=True, env=child_env(), timeout=300)
+        self._cli("mount", str(self.root), "--state", str(self.state), *self.args, *extra)
 
     def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "aiosfs.cli", "unmount", str(self.root)], check=True, capture_output=True, env=child_env(), timeout=120)
+        self._cli("unmount", str(self.root), timeout=120)
+
+    @staticmethod
+    def _cli(*args: str, timeout: float = 300) -> None:
+        done = aiosfs_cli(*args, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"aiosfs {args[0]} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
 
     def stats(self) -> dict[str, float]:
-        lines = (line.partition(" ") for line in (self.root / "kernel" / "stats").read_text().splitlines())
-        return {key: float(value) for key, _, value in lines if re.fullmatch(r"-?[\d.]+", value)}
+        return read_stats(self.root / "kernel" / "stats")
 
     def engine_pid(self) -> int | None:
         match = re.search(r"engine=ready pid=(\d+)", (self.root / "kernel" / "status").read_text())
