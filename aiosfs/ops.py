@@ -11,16 +11,19 @@ the mount down.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kernel import Agent, Caller, Kernel, metrics_registry, params
 from kernel.errors import KernelError
@@ -44,8 +47,11 @@ R = TypeVar("R")
 
 
 def _guard(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    name = method.__name__
+
     @functools.wraps(method)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        args[0].requests[name] += 1  # type: ignore[attr-defined]
         try:
             return await method(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -62,6 +68,21 @@ def _guard(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine
 
 
 _caller = caller_of
+
+
+class RequestCollector(Collector):
+    """`aiosfs_fuse_requests_total{op}`: what clients ask of the mount, by operation. A
+    path walk asks for every directory on its way that the VFS does not hold: a sudden
+    rise of lookup and getattr against open says a tool walks paths afresh each time."""
+
+    def __init__(self, requests: collections.Counter[str]) -> None:
+        self.requests = requests
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("aiosfs_fuse_requests", "FUSE requests answered, by operation.", labels=["op"])
+        for op, count in sorted(self.requests.items()):
+            family.add_metric([op], count)
+        yield family
 
 
 def _ownership(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> dict[str, Any]:
@@ -88,7 +109,9 @@ class Operations(pyfuse3.Operations):
         self.waiting = Waiting()
         self.nursery: trio.Nursery | None = None  # set by the mount, for poll notifications
         self.mounted_at = time.time()
+        self.requests: collections.Counter[str] = collections.Counter()  # FUSE requests answered, by operation
         self.metrics = metrics_registry(kernel)  # kernel/metrics, and mount --metrics
+        self.metrics.register(RequestCollector(self.requests))
         self.tree = Tree(kernel, self.waiting, self.metrics, self.mounted_at)
         self.scratch = ScratchFiles()
 

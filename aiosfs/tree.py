@@ -31,6 +31,8 @@ from .streams import EventsHandle, GrowingHandle, RpcHandle, Waiting
 
 log = logging.getLogger(__name__)
 
+FIXED_DIRS = (Kind.KERNEL, Kind.AGENTS, Kind.TOOLS)  # root's children: names that never change
+
 
 def caller_of(ctx: Any) -> Caller:
     """Who asks; root for the filesystem's own lookups (readdir has no request context)."""
@@ -68,8 +70,8 @@ class Tree:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.generation = 0
-        attr.entry_timeout = 0
-        attr.attr_timeout = 0
+        attr.entry_timeout = params.DIR_CACHE_SECONDS if entry.kind in FIXED_DIRS else 0
+        attr.attr_timeout = params.DIR_CACHE_SECONDS if entry.cls is Cls.DIR else 0
         attr.st_blksize = 4096
         attr.st_nlink = 2 if entry.cls is Cls.DIR else 1
         stamp = self.mounted_at

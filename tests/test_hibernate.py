@@ -160,14 +160,14 @@ def test_a_write_is_atomic_no_partial_file_is_ever_visible(tmp_path: Path, monke
     store = _store(tmp_path)
     assert _files(tmp_path, ".tmp") == []  # removed at start, never indexed
     entered, go = threading.Event(), threading.Event()
-    real = os.fsync
+    real = os.replace
 
-    def slow_fsync(fd: int) -> None:
+    def slow_replace(source: Path, target: Path) -> None:  # the bytes are written, the rename not yet done
         entered.set()
         go.wait(5)
-        real(fd)
+        real(source, target)
 
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(os, "replace", slow_replace)
     store.put("1000", "a", TOKENS, 0, b"z" * 50_000)
     assert entered.wait(5)
     # mid-write: the bytes are in a temporary file only; the agent's file does not exist yet
@@ -175,7 +175,7 @@ def test_a_write_is_atomic_no_partial_file_is_ever_visible(tmp_path: Path, monke
     assert store.find("1000", "a") is None and not store.holds("1000", "a", [1])
     go.set()
     assert store.flush(5)
-    monkeypatch.setattr(os, "fsync", real)
+    monkeypatch.setattr(os, "replace", real)
     assert _files(tmp_path) == [file_name("1000", "a")] and _files(tmp_path, ".tmp") == []
     entry = store.find("1000", "a")
     assert entry is not None and store.load(entry) == b"z" * 50_000

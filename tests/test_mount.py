@@ -299,6 +299,45 @@ def test_other_user_owns_its_agent(fs: Mount) -> None:
     assert denied.returncode != 0
 
 
+def fuse_requests(fs: Mount) -> dict[str, float]:
+    """aiosfs_fuse_requests_total by operation, read from kernel/metrics."""
+    found: dict[str, float] = {}
+    for line in (fs.root / "kernel" / "metrics").read_text().splitlines():
+        if line.startswith("aiosfs_fuse_requests_total{"):
+            labels, _, value = line.rpartition(" ")
+            found[labels.split('op="')[1].split('"')[0]] = float(value)
+    return found
+
+
+def test_a_path_walk_asks_only_for_the_agent_and_the_file(fs: Mount) -> None:
+    """The VFS keeps the mount's own directories for a second (params.DIR_CACHE_SECONDS):
+    a walk to agents/NAME/FILE asks for NAME (agents come and go) and FILE, not for
+    the root, agents/ or the agent directory's attributes again."""
+    prompt = fs.agent("walk") / "prompt"
+    os.stat(prompt)
+    base = fuse_requests(fs)
+    idle = fuse_requests(fs)  # what a read of kernel/metrics asks itself
+    walks = 20
+    for _ in range(walks):
+        os.stat(prompt)
+    after = fuse_requests(fs)
+    asked = {op: after.get(op, 0) - idle.get(op, 0) - (idle.get(op, 0) - base.get(op, 0)) for op in ("lookup", "getattr")}
+    # uncached, each walk was 3 lookups and 4 getattrs (root, agents/, walk/ and the file)
+    assert asked["lookup"] <= 2 * walks + 4 and asked["getattr"] <= walks + 4, asked
+
+
+def test_a_chmod_or_chown_of_an_agent_directory_applies_at_once(fs: Mount) -> None:
+    """What the VFS keeps of a directory is what the daemon answered its chmod/chown with."""
+    agent = fs.agent("kept")
+    nobody = "setpriv --reuid 65534 --regid 65534 --clear-groups"
+    assert sh(f"{nobody} cat {agent}/status").returncode == 0  # 755: others may read
+    os.chmod(agent, 0o700)
+    denied = sh(f"{nobody} cat {agent}/status")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    os.chown(agent, 65534, 65534)
+    assert sh(f"{nobody} cat {agent}/status").returncode == 0  # now nobody's own
+
+
 def test_remount_keeps_agents_config_and_context(tmp_path: Path) -> None:
     with mounted(tmp_path, "--backend", "fake") as mount:
         agent = mount.agent("keeper")

@@ -33,6 +33,7 @@ from .wire import (
     CallReply,
     ChatPrompt,
     ChatTokens,
+    ChatTokensMany,
     EngineSpec,
     Error,
     Loaded,
@@ -113,7 +114,25 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
         _crash_here("tokenize")
         return backend.chat_tokens(call.messages)
 
-    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt, ChatTokens: chat_tokens}
+    def chat_tokens_many(call: ChatTokensMany) -> list[list[int] | Error]:
+        _crash_here("tokenize")
+        answers: list[list[int] | Error] = []
+        for messages in call.prompts:
+            try:
+                answers.append(backend.chat_tokens(messages))
+            except KernelError as exc:
+                answers.append(Error(exc.errno, exc.message))
+            except Exception as exc:  # one prompt's failure is its own, not its batch's
+                log.exception("a chat template failed")
+                answers.append(Error(errno.EIO, f"{type(exc).__name__}: {exc}"))
+        return answers
+
+    handlers: dict[type, Callable[[Any], Any]] = {
+        Tokenize: tokenize,
+        ChatPrompt: chat_prompt,
+        ChatTokens: chat_tokens,
+        ChatTokensMany: chat_tokens_many,
+    }
     while True:
         try:
             request: Call = channel.recv()

@@ -39,6 +39,7 @@ from .. import params
 from ..errors import KernelError
 from .backends import BackendInfo
 from .channel import Channel
+from .combine import Combiner
 from .wire import (
     PING,
     STOP,
@@ -46,6 +47,7 @@ from .wire import (
     CallReply,
     ChatPrompt,
     ChatTokens,
+    ChatTokensMany,
     EngineSpec,
     Error,
     Loaded,
@@ -130,6 +132,7 @@ class ProcessCore:
         self._configured = False
         self._relay: threading.Thread | None = None
         self._call_lock = threading.Lock()
+        self._prompts: Combiner[list[dict[str, str]], list[int]] = Combiner(self._chat_tokens_many)
         self._ready = threading.Condition()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self.failure = ""  # why the engine is `failed`, for callers
@@ -376,7 +379,19 @@ class ProcessCore:
         return self._call(ChatPrompt([dict(m) for m in messages]))
 
     def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self._call(ChatTokens([dict(m) for m in messages]))
+        """Prompts that come while one is on the wire go in one round trip (many agents
+        write prompts at once). A caller waits for the batch before its own and its own,
+        two calls of at most two deadlines each."""
+        try:
+            return self._prompts.call([dict(m) for m in messages], 4 * self.deadline() + 1)
+        except TimeoutError:
+            raise KernelError(errno.EIO, f"the engine of model {self.info.name!r} answered no prompt's tokens in time; try again shortly") from None
+
+    def _chat_tokens_many(self, prompts: list[list[dict[str, str]]]) -> list[list[int] | KernelError]:
+        if len(prompts) == 1:  # no list to build on either side
+            return [self._call(ChatTokens(prompts[0]))]
+        answers: list[list[int] | Error] = self._call(ChatTokensMany(prompts))
+        return [KernelError(a.errno, a.message) if isinstance(a, Error) else a for a in answers]
 
     def _call(self, call: Call) -> Any:
         """A call on the call channel: a restarting engine is waited for (one deadline at

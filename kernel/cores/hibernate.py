@@ -11,9 +11,10 @@ that the engine's decode loop never waits for the disk.
 
 The file: a fixed prefix (`PREFIX`: magic, the header's length and CRC-32, the
 payload's length and CRC-32), a JSON header (the key, scope, agent, tiled, tokens),
-then the payload. A file is written to a temporary name in the same directory,
-fsynced, renamed over the agent's file, and the directory fsynced: a reader sees the
-old file or the new one, never a part. At start the index is rebuilt from the
+then the payload. A file is written to a temporary name in the same directory and
+renamed over the agent's file: a reader sees the old file or the new one, never a
+part. It is not fsynced: the files are a cache, and one that a power loss leaves torn
+or empty fails its checks and is discarded like any corrupt file. At start the index is rebuilt from the
 headers alone; a file of another key (kernel/cores/kvkey.py), a truncated file or a
 corrupt header is discarded with a log line, and a payload whose checksum fails is
 discarded when it is read. A restore also checks that the file holds the very
@@ -33,12 +34,13 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import params
+from .prefixes import GRAIN, PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def file_name(scope: str, agent: str) -> str:
 
 
 class KvStore:
-    """The files of one engine. `find`, `of_scope`, `holds`, `put` and `load` are the
+    """The files of one engine. `find`, `of_scope`, `longest`, `holds`, `put` and `load` are the
     engine thread's; the writer thread writes and evicts; `_cond` guards the index,
     the queue and the counters."""
 
@@ -80,13 +82,14 @@ class KvStore:
         self.key = key
         self.budget = budget
         self._cond = threading.Condition()
-        self._entries: dict[str, Entry] = {}  # by file name
+        self._entries: dict[str, Entry] = {}  # by file name, least recently used first
+        self._by_prefix: PrefixIndex[Entry] | None = None  # the entries by prefix, once `longest` is asked
         self._pending: dict[str, tuple[Entry, Any]] = {}  # states to write, oldest first; a newer one replaces its agent's
         self._pending_bytes = 0
         self._writing = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._bytes: int | None = None  # the entries' total size, when known (None: to be summed again)
+        self._bytes = 0  # the entries' total size
         self.counters = {"kv_hibernated": 0, "kv_disk_discarded": 0}
 
     # -- start and stop ---------------------------------------------------------------------
@@ -94,6 +97,7 @@ class KvStore:
         """Index the files from their headers, drop what a dead writer left, and start the writer."""
         self.directory.mkdir(parents=True, exist_ok=True)
         other_key = 0
+        found: list[Entry] = []
         for path in sorted(self.directory.iterdir()):
             if path.name.endswith(".tmp"):  # a writer that died before its rename
                 self._unlink([path])
@@ -110,7 +114,9 @@ class KvStore:
                     else:
                         self._discard(path, str(exc))
                     continue
-                self._entries[entry.name] = entry
+                found.append(entry)
+        for entry in sorted(found, key=lambda e: e.used):
+            self._set(entry)
         if other_key:
             log.warning("discarded %d KV files of %s: made by another model, llama.cpp build or context size", other_key, self.directory)
         self._unlink(self._over_budget(None))
@@ -150,6 +156,16 @@ class KvStore:
     def of_scope(self, scope: str) -> list[Entry]:
         with self._cond:
             return [entry for entry in self._entries.values() if entry.scope == scope]
+
+    def longest(self, scope: str, prompt: list[int], most: int, tile: int, accept: Callable[[Entry], bool]) -> tuple[int, Entry | None]:
+        """The file of `scope` that `accept`s whose tokens share the most whole tiles with
+        `prompt` (at most `most` tokens), and how many: `PrefixIndex.longest`."""
+        with self._cond:
+            if self._by_prefix is None or self._by_prefix.step != (tile or GRAIN):
+                self._by_prefix = PrefixIndex(tile)
+                for entry in self._entries.values():
+                    self._by_prefix.add(entry, entry.scope, entry.tokens, entry.tiled)
+            return self._by_prefix.longest(scope, prompt, most, accept)
 
     def holds(self, scope: str, agent: str, tokens: list[int]) -> bool:
         """Is this agent's file (or the state queued for it) exactly these tokens?"""
@@ -202,7 +218,10 @@ class KvStore:
         except Corrupt as exc:
             self._discard(path, str(exc))
             return None
-        entry.used = time.time()
+        with self._cond:
+            entry.used = time.time()
+            if self._entries.get(entry.name) is entry:
+                self._entries[entry.name] = self._entries.pop(entry.name)  # the most recently used, last
         try:
             os.utime(path)  # the LRU order survives a restart
         except OSError:
@@ -212,8 +231,6 @@ class KvStore:
     def statistics(self) -> dict[str, int]:
         """Read at every engine step: the total is summed again only after a change."""
         with self._cond:
-            if self._bytes is None:
-                self._bytes = sum(entry.size for entry in self._entries.values())
             return {**self.counters, "kv_disk_bytes": self._bytes}
 
     # -- files ---------------------------------------------------------------------------------
@@ -252,30 +269,40 @@ class KvStore:
             log.warning("discarding the KV file %s: %s", path, reason)
         self._unlink([path])
         with self._cond:
-            self._entries.pop(path.name, None)
-            self._bytes = None
+            self._drop(path.name)
             self.counters["kv_disk_discarded"] += 1
 
     def _forget(self, entry: Entry) -> None:
         with self._cond:
             if self._entries.get(entry.name) is entry:
-                del self._entries[entry.name]
-                self._bytes = None
+                self._drop(entry.name)
 
     def _over_budget(self, keep: str | None) -> list[Path]:
         """Take the least recently used entries out of the index until the rest fit the
         budget; their paths, to unlink. Caller holds _cond or is the only thread."""
-        total = sum(entry.size for entry in self._entries.values())
         victims: list[Path] = []
-        for entry in sorted(self._entries.values(), key=lambda e: e.used):
-            if total <= self.budget:
+        for entry in list(self._entries.values()):
+            if self._bytes <= self.budget:
                 break
             if entry.name != keep:
-                del self._entries[entry.name]
-                self._bytes = None
-                total -= entry.size
+                self._drop(entry.name)
                 victims.append(self.directory / entry.name)
         return victims
+
+    def _set(self, entry: Entry) -> None:
+        """Index `entry` as the most recently used (caller holds _cond or is the only thread)."""
+        self._drop(entry.name)
+        self._entries[entry.name] = entry
+        self._bytes += entry.size
+        if self._by_prefix is not None:
+            self._by_prefix.add(entry, entry.scope, entry.tokens, entry.tiled)
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self._bytes -= entry.size
+            if self._by_prefix is not None:
+                self._by_prefix.remove(entry)
 
     @staticmethod
     def _unlink(paths: list[Path]) -> None:
@@ -307,7 +334,9 @@ class KvStore:
                     self._cond.notify_all()
 
     def _write(self, entry: Entry, state: Any) -> None:
-        """Write atomically: a temporary file, fsync, rename, fsync of the directory."""
+        """Write atomically: a temporary file, then a rename. No fsync: this is a cache,
+        and a file that a power loss leaves torn or empty fails its CRCs when read and
+        is discarded (`read`), so a sync would buy nothing but a disk wait per file."""
         header = json.dumps({"key": self.key, "scope": entry.scope, "agent": entry.agent, "tiled": entry.tiled, "tokens": entry.tokens}).encode()
         prefix = PREFIX.pack(MAGIC, len(header), zlib.crc32(header), len(state), zlib.crc32(state))
         path = self.directory / entry.name
@@ -317,22 +346,14 @@ class KvStore:
                 f.write(prefix)
                 f.write(header)
                 f.write(state)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(temporary, path)
-            directory = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
         except OSError as exc:  # a full disk, a read-only one: this sequence stays in RAM only
             log.warning("cannot write the KV file %s: %s", path, exc)
             temporary.unlink(missing_ok=True)
             return
         with self._cond:
             entry.size, entry.used = len(prefix) + len(header) + len(state), time.time()
-            self._entries[entry.name] = entry
-            self._bytes = None
+            self._set(entry)
             self.counters["kv_hibernated"] += 1
             victims = self._over_budget(entry.name)
         self._unlink(victims)

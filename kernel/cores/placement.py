@@ -57,8 +57,9 @@ from .. import params
 from ..errors import KernelError
 from ..llm.jobs import JobState
 from .backends import Backend
+from .cache import Cache
 from .hibernate import Entry, KvStore
-from .sequences import Cached, Slot, common_prefix, tile_end, whole_tiles
+from .sequences import Cached, Slot, common_prefix, prefill_tile, tile_end, whole_tiles
 from .wire import Admit, Output, Plan, RunnerOptions
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,12 @@ class Placement:
         self.store = store  # agents' sequences on disk (None: hibernation off)
         n = backend.info.n_slots
         self.n_seqs = min(options.slots or n, n)
-        # prompt rows computed in tiles by llama.cpp (none where a batch cannot hold a tile; without tiles every cell can be shared)
-        self.tile = params.PREFILL_TILE if backend.info.n_batch >= params.PREFILL_TILE else 0
+        self.tile = prefill_tile(backend.info)
         self._free = list(range(self.n_seqs))
         self.slots: dict[int, Slot] = {}  # by sequence id
         self.keys: dict[int, Slot] = {}  # the same slots, by job key
         self._switched: dict[int, Slot] = {}  # switched-out jobs, by key
-        self._cache: dict[str, Cached] = {}
+        self._cache = Cache(self.tile)
         self.swapped_bytes = 0
         self._clock = itertools.count(1)
         self._states: dict[int, tuple[Any, int, Any]] = {}  # donors' cells read this step: (donor, cells, state)
@@ -132,9 +132,7 @@ class Placement:
             self._drop_cache(old)
         if keep and self.options.kv_reuse:
             unsaved = time.monotonic() if self.store is not None else 0.0
-            self._cache[slot.agent] = Cached(
-                slot.agent, slot.kv, slot.seq, used=next(self._clock), scope=slot.scope, tiled=slot.tiled, unsaved=unsaved
-            )
+            self._cache.put(Cached(slot.agent, slot.kv, slot.seq, used=next(self._clock), scope=slot.scope, tiled=slot.tiled, unsaved=unsaved))
             return
         self.backend.seq_clear(slot.seq)
         self._free_seq(slot.seq)
@@ -151,7 +149,7 @@ class Placement:
             self.release(slot, keep=False)
         for key in list(self._switched):
             self._forget(key)
-        for cached in list(self._cache.values()):
+        for cached in self._cache.values():
             self._drop_cache(cached)
 
     # -- switches, admissions and cached sequences --------------------------------------
@@ -226,7 +224,8 @@ class Placement:
         if cached is not None and cached.seq >= 0:
             return cached.seq
         if not self._free:
-            victim = min((c for c in self._cache.values() if c.seq >= 0), key=lambda c: c.used)
+            victim = self._cache.least_used_resident()
+            assert victim is not None, "no free sequence and none cached: more jobs than slots"
             self._evict(victim)
         seq = self._free.pop(0)
         self.backend.seq_clear(seq)
@@ -241,15 +240,15 @@ class Placement:
         state = self._keep(state) if state is not None else None
         self.backend.seq_clear(cached.seq)
         self._free_seq(cached.seq)
-        cached.seq = -1
         if state is None:
-            del self._cache[cached.agent]
+            self._cache.pop(cached.agent)
+            cached.seq = -1
         else:
-            cached.state = state
+            self._cache.save(cached, state)
 
     def _reuse_prefix(self, slot: Slot) -> None:
         """Keep the longest common prefix of the agent's cached sequence."""
-        cached = self._cache.pop(slot.agent, None) or self._restore_own(slot)
+        cached = self._cache.pop(slot.agent) or self._restore_own(slot)
         if cached is None:
             return
         if cached.unsaved and self._grown(cached):  # its last chance to reach the disk as it is
@@ -292,17 +291,20 @@ class Placement:
             rank = (n, min(n, other.tiled), 1)
             if rank > best_rank:
                 best, best_rank = other, rank
-        for cached in self._cache.values():
-            if cached.scope == slot.scope and (cached.seq >= 0 or cached.state is not None):
+        for cached in self._cache.residents():
+            if cached.scope == slot.scope:
                 n = whole_tiles(min(common_prefix(prompt, cached.kv), limit, cached.tiled), self.tile)
-                rank = (n, n, 2 if cached.seq >= 0 else 0)
-                if rank > best_rank:
-                    best, best_rank = cached, rank
-        for entry in self.store.of_scope(slot.scope) if self.store is not None else ():
-            if entry.agent != slot.agent:  # its own file was looked at first (_reuse_prefix)
-                n = whole_tiles(min(common_prefix(prompt, entry.tokens), limit, entry.tiled), self.tile)
-                if (n, n, -1) > best_rank:  # on disk: the last choice among equals
-                    best, best_rank = entry, (n, n, -1)
+                if (n, n, 2) > best_rank:
+                    best, best_rank = cached, (n, n, 2)
+        # saved in RAM, then on disk: the last choices among equals, found by prefix
+        n, saved = self._cache.saved.longest(slot.scope, prompt, limit)
+        if saved is not None and (n, n, 0) > best_rank:
+            best, best_rank = saved, (n, n, 0)
+        if self.store is not None:
+            agent = slot.agent  # its own file was looked at first (_reuse_prefix)
+            n, entry = self.store.longest(slot.scope, prompt, limit, self.tile, lambda e: e.agent != agent)
+            if entry is not None and (n, n, -1) > best_rank:
+                best, best_rank = entry, (n, n, -1)
         if best is None:
             return
         n = best_rank[0]
@@ -362,10 +364,9 @@ class Placement:
     def hibernate(self, idle: bool) -> bool:
         """Write the cached sequence that waits longest for the disk: when the engine is
         idle, or once it has waited `KV_WRITE_DELAY_SECONDS`. Whether one was written."""
-        waiting = [cached for cached in self._cache.values() if cached.unsaved]
-        if not waiting:
+        cached = self._cache.waiting_longest()
+        if cached is None:
             return False
-        cached = min(waiting, key=lambda c: c.unsaved)
         if not idle and time.monotonic() - cached.unsaved < params.KV_WRITE_DELAY_SECONDS:
             return False
         return self._to_disk(cached, cached.state if cached.seq < 0 else None)
@@ -377,9 +378,8 @@ class Placement:
             entry = self.store.find(slot.scope, slot.agent)
             if slot.kv and (entry is None or entry.tokens[: len(slot.kv)] != slot.kv):
                 self._to_disk(slot, None)
-        for cached in self._cache.values():
-            if cached.unsaved:
-                self._to_disk(cached, cached.state if cached.seq < 0 else None)
+        for cached in self._cache.unsaved():
+            self._to_disk(cached, cached.state if cached.seq < 0 else None)
 
     def _to_disk(self, owner: Slot | Cached, state: Any) -> bool:
         """Queue a sequence's state (read now when not given) for its agent's file, unless
@@ -392,7 +392,7 @@ class Placement:
             written = self.store.put(owner.scope, owner.agent, owner.kv, owner.tiled, state)
             self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
         if isinstance(owner, Cached):
-            owner.unsaved = 0.0 if written else time.monotonic()
+            self._cache.set_unsaved(owner, 0.0 if written else time.monotonic())
         return written
 
     def _grown(self, cached: Cached) -> bool:
@@ -451,7 +451,7 @@ class Placement:
         """Move a running job's cells to sequence `hole`, and what holds `hole` to the job's old one."""
         started = time.perf_counter()
         old = slot.seq
-        other: Slot | Cached | None = self.slots.get(hole) or next((c for c in self._cache.values() if c.seq == hole), None)
+        other: Slot | Cached | None = self.slots.get(hole) or self._cache.at(hole)
         mine = self.backend.state_get(old) if slot.kv else None
         theirs = self.backend.state_get(hole) if other is not None and other.kv else None
         self.backend.seq_clear(old)
@@ -468,7 +468,7 @@ class Placement:
             other.seq = old
             self.slots[old] = other
         else:
-            other.seq = old
+            self._cache.move(other, old)
         self.stats["seq_moves"] += 1
         self.stats["swap_ms"] += (time.perf_counter() - started) * 1000
 
@@ -477,7 +477,7 @@ class Placement:
         self._free.sort()
 
     def _drop_cache(self, cached: Cached) -> None:
-        self._cache.pop(cached.agent, None)
+        self._cache.pop(cached.agent)
         if cached.seq >= 0:
             self.backend.seq_clear(cached.seq)
             self._free_seq(cached.seq)

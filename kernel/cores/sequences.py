@@ -9,7 +9,9 @@ import codecs
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import params
 from ..agents.config import AgentConfig
+from .backends import BackendInfo
 
 
 def utf8_decoder() -> codecs.IncrementalDecoder:
@@ -52,6 +54,12 @@ class Cached:
     scope: str = ""
     tiled: int = 0
     unsaved: float = 0.0  # since when its cells wait to be written to disk (0: on disk, or nowhere to write)
+
+
+def prefill_tile(info: BackendInfo) -> int:
+    """The prompt rows llama.cpp computes in tiles: none where a batch cannot hold a tile
+    (without tiles every cell can be shared)."""
+    return params.PREFILL_TILE if info.n_batch >= params.PREFILL_TILE else 0
 
 
 def whole_tiles(n: int, tile: int) -> int:

@@ -227,5 +227,15 @@ class ChatTokens:
     messages: list[dict[str, str]]
 
 
-Call = Tokenize | ChatPrompt | ChatTokens
+@dataclass(frozen=True)
+class ChatTokensMany:
+    """`ChatTokens` of several prompts in one round trip: the answer is a list with, for
+    each, its tokens or the `Error` that it alone failed with."""
+
+    name: ClassVar[str] = "chat_tokens"
+
+    prompts: list[list[dict[str, str]]]
+
+
+Call = Tokenize | ChatPrompt | ChatTokens | ChatTokensMany
 CallReply = Ok | Error
