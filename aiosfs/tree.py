@@ -32,6 +32,9 @@ from .streams import EventsHandle, GrowingHandle, RpcHandle, Waiting
 log = logging.getLogger(__name__)
 
 FIXED_DIRS = (Kind.KERNEL, Kind.AGENTS, Kind.TOOLS)  # root's children: names that never change
+# The root's own attributes are never kept: every walk then asks the daemon once, so a
+# mount whose daemon died says ENOTCONN at once (to a stat of the mountpoint, as tools
+# and `aiosfs mount` test it), not a second later.
 
 
 def caller_of(ctx: Any) -> Caller:
@@ -71,7 +74,7 @@ class Tree:
         attr.st_ino = ino
         attr.generation = 0
         attr.entry_timeout = params.DIR_CACHE_SECONDS if entry.kind in FIXED_DIRS else 0
-        attr.attr_timeout = params.DIR_CACHE_SECONDS if entry.cls is Cls.DIR else 0
+        attr.attr_timeout = params.DIR_CACHE_SECONDS if entry.cls is Cls.DIR and entry.kind is not Kind.ROOT else 0
         attr.st_blksize = 4096
         attr.st_nlink = 2 if entry.cls is Cls.DIR else 1
         stamp = self.mounted_at

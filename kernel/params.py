@@ -11,8 +11,8 @@ MAX_QUEUED_TOTAL = 1024  # jobs waiting in the whole kernel; beyond → EAGAIN
 MAX_BLOCKED_READERS_PER_UID = 64  # reads parked in the daemon per uid; beyond → EAGAIN
 MAX_JOB_RESTARTS = 3  # requeues of one job after restarts: a job that crashes the daemon must not crash it forever
 FUSE_MAX_TASKS = 4096  # concurrent FUSE requests; pyfuse3's default of 99 freezes the mount
-# How long the VFS may keep the attributes of the mount's own directories (root, kernel/,
-# agents/, agents/NAME/, tools/) and the names of root's fixed children. Each path walk
+# How long the VFS may keep the attributes of the mount's own directories (kernel/,
+# agents/, agents/NAME/, tools/; not the root's) and the names of root's fixed children. Each path walk
 # otherwise asks the daemon for every directory on the way, twice (a lookup, then a
 # getattr for the permission check): most of a short job's FUSE requests. A directory's
 # owner and mode change only by chmod/chown through the mount, whose answer the VFS keeps;
