@@ -20,7 +20,7 @@ import trio
 
 from kernel import Agent, Caller, Kernel
 from kernel.errors import KernelError
-from kernel.syscall import LINE_CHECKS, Sys, syscall
+from kernel.syscall import LINE_CHECKS, Sys, Syscall, syscall
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,9 @@ class StoredHandle(Handle):
     refused commit does the same.
     """
 
-    def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, current: Callable[[], str], commit: Sys, limit: int) -> None:
+    def __init__(
+        self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, current: Callable[[], str], commit: Syscall[..., Any], limit: int
+    ) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.current = current
         self.commit_call = commit
@@ -230,6 +232,8 @@ class StoredHandle(Handle):
 class SubmitHandle(Handle):
     """prompt: writes collect in the handle; each flush with data pending is one job.
     It reads empty, so that tools that copy an agent's files can read it."""
+
+    agent: Agent
 
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int) -> None:
         super().__init__(kernel, caller, agent, flags)

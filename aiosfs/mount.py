@@ -22,7 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kernel import EngineDied, EngineSpec, Kernel, MemoryStore, ProcessCore, Storage, end_leftover_engines, load_api_key, params
+from kernel import EngineDied, EngineProcess, EngineSpec, Kernel, MemoryStore, Storage, end_leftover_engines, load_api_key, params
 from services.manifests import ManifestManager
 from setup.model import data_dir
 
@@ -213,14 +213,14 @@ def kv_disk_bytes(options: MountOptions) -> int:
     return min(int(free * params.KV_DISK_SHARE), params.KV_DISK_MAX_BYTES)
 
 
-def start_engine(spec: EngineSpec, options: MountOptions, progress: Callable[[float], None] | None = None) -> ProcessCore:
+def start_engine(spec: EngineSpec, options: MountOptions, progress: Callable[[float], None] | None = None) -> EngineProcess:
     """An engine process that has loaded its model and decoded once; EngineDied otherwise.
     Its agents' KV sequences hibernate in STATE/kv/NAME (kernel/cores/hibernate.py)."""
     engines = options.state / "engines"  # each engine's pid, for the next daemon if this one dies
     engines.mkdir(exist_ok=True)
     name = slug(Path(spec.name or "default"))
     spec = dataclasses.replace(spec, kv_dir=str(options.state / "kv" / name), kv_disk=kv_disk_bytes(options))
-    core = ProcessCore(spec, options.engine_deadline, engines / f"{name}.pid")
+    core = EngineProcess(spec, options.engine_deadline, engines / f"{name}.pid")
     try:
         core.start(progress)
     except BaseException:
@@ -229,7 +229,7 @@ def start_engine(spec: EngineSpec, options: MountOptions, progress: Callable[[fl
     return core
 
 
-def load_engine(options: MountOptions, out: Any) -> ProcessCore:
+def load_engine(options: MountOptions, out: Any) -> EngineProcess:
     """The mount's default core, ready: `mount` reports ready only once the model has run."""
     spec = EngineSpec(
         kind="fake" if options.backend == "fake" else "llama",
@@ -265,7 +265,7 @@ def _engine_advice(reason: str, options: MountOptions) -> str:
     return f"What to do: check the model file ({options.model}) or pass another --model; the engine's output is in {options.state / 'aiosfs.log'}."
 
 
-def load_local(options: MountOptions, model: LocalModel) -> ProcessCore:
+def load_local(options: MountOptions, model: LocalModel) -> EngineProcess:
     """A local model of the mount configuration in an engine process of its own, with the
     mount's values where it gives none."""
     log.info("loading model %s from %s", model.name, model.path)

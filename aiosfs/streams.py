@@ -161,6 +161,8 @@ class RpcHandle(AskHandle):
     commits one turn and streams its answer to EOF; the next writes start the next
     turn. Closing the file cancels a turn still running."""
 
+    agent: Agent
+
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent, flags: int, waiting: Waiting) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.history: list[dict[str, str]] = []
@@ -176,8 +178,8 @@ class RpcHandle(AskHandle):
         async with self.stream.lock:
             if self.pending:
                 data, self.pending, parsed, self.parsed = bytes(self.pending), bytearray(), self.parsed, None
-                job = await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data, self.history, parsed=parsed)
-                self.stream = Stream(job, lock=self.stream.lock)
+                submitted = await syscall(self.kernel, Sys.LLM_SUBMIT, self.caller, self.agent, data, self.history, parsed=parsed)
+                self.stream = Stream(submitted, lock=self.stream.lock)
                 self.cursor = 0
             chunk = await read_stream(self.stream, self.cursor, size, self.caller, self.flags, self.waiting)
             self.cursor += len(chunk)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from kernel import Agent, Caller, Kernel, params, render_context
 from kernel.errors import KernelError
-from kernel.syscall import Sys, syscall
+from kernel.syscall import Sys, Syscall, syscall
 
 from . import render, toolfiles
 from .dirtab import BY_KIND, Cls, Entry, Kind, agent_of, kind_of
@@ -120,7 +120,7 @@ class Tree:
         return render_context(agent.messages)
 
     @staticmethod
-    def stored_call(kind: Kind) -> tuple[Sys, int]:
+    def stored_call(kind: Kind) -> tuple[Syscall[..., Any], int]:
         if kind is Kind.CONFIG:
             return Sys.CONFIG_WRITE, params.MAX_CONFIG_BYTES
         if kind is Kind.CONTEXT:

@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from kernel import Caller, EngineSpec, Job, Kernel, ProcessCore, Storage
+from kernel import Caller, EngineProcess, EngineSpec, Job, Kernel, Storage
 from kernel.syscall import Sys, syscall
 
 from . import child_env
@@ -142,7 +142,7 @@ async def finished(job: Job) -> None:
 # -- in-process -------------------------------------------------------------------------------
 def run_inproc(agents: int, request: str, slots: int, delay: float) -> Result:
     base = Path(tempfile.mkdtemp(prefix="aiosfs-hostceiling-"))
-    core = ProcessCore(EngineSpec("fake", n_slots=slots, n_ctx_seq=4096, fake_delay=delay))
+    core = EngineProcess(EngineSpec("fake", n_slots=slots, n_ctx_seq=4096, fake_delay=delay))
     core.start()
     kernel = Kernel(Storage(base / "aiosfs.db"), core)
     caller = Caller(uid=os.getuid(), gid=os.getgid(), pid=os.getpid())

@@ -9,40 +9,10 @@ engine process (`python -m kernel.cores.enginehost`) imports only what it runs.
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-# name → the module that defines it
-EXPORTS = {
-    "Kernel": "kernel.kernel",
-    "ROUTES": "kernel.cores.coreset",
-    "Agent": "kernel.types",
-    "Caller": "kernel.types",
-    "KernelError": "kernel.errors",
-    "errno_name": "kernel.errors",
-    "Job": "kernel.llm.jobs",
-    "JobState": "kernel.llm.jobs",
-    "EventStream": "kernel.llm.events",
-    "Storage": "kernel.storage.database",
-    "MemoryStore": "kernel.memory.store",
-    "Attr": "kernel.memory.store",
-    "Passage": "kernel.memory.store",
-    "ToolSpec": "kernel.tools.spec",
-    "McpServerConfig": "kernel.tools.mcpconfig",
-    "EngineDied": "kernel.cores.enginehost",
-    "EngineSpec": "kernel.cores.wire",
-    "ProcessCore": "kernel.cores.enginehost",
-    "end_leftover_engines": "kernel.cores.enginehost",
-    "RemoteConfig": "kernel.cores.remote",
-    "load_api_key": "kernel.cores.remote",
-    "render_context": "kernel.agents.context",
-    "parse_config": "kernel.agents.config",
-    "escape": "kernel.agents.config",
-    "VALIDATORS": "kernel.agents.config",
-    "parse_policy": "kernel.access.policy",
-    "make_scheduler": "kernel.cores.scheduler",
-    "metrics_registry": "kernel.metrics",
-}
 
 if TYPE_CHECKING:
     from kernel.access.policy import parse_policy as parse_policy
@@ -52,8 +22,8 @@ if TYPE_CHECKING:
     from kernel.agents.context import render_context as render_context
     from kernel.cores.coreset import ROUTES as ROUTES
     from kernel.cores.enginehost import EngineDied as EngineDied
-    from kernel.cores.enginehost import ProcessCore as ProcessCore
-    from kernel.cores.enginehost import end_leftover_engines as end_leftover_engines
+    from kernel.cores.enginehost import EngineProcess as EngineProcess
+    from kernel.cores.pidfiles import end_leftover_engines as end_leftover_engines
     from kernel.cores.remote import RemoteConfig as RemoteConfig
     from kernel.cores.remote import load_api_key as load_api_key
     from kernel.cores.scheduler import make_scheduler as make_scheduler
@@ -74,6 +44,16 @@ if TYPE_CHECKING:
     from kernel.types import Agent as Agent
     from kernel.types import Caller as Caller
 
+
+def _exports() -> dict[str, str]:
+    """name → the module that defines it: the imports above, read from this file, so
+    that the exports are listed once, for the type checker and for `__getattr__`."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    return {alias.asname or alias.name: str(node.module) for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+
+
+EXPORTS = _exports()
 __all__ = sorted(EXPORTS)
 
 

@@ -25,9 +25,8 @@ import trio
 from . import params
 from .access.audit import AuditLog
 from .agents.table import AgentTable
-from .cores.backends import Backend
+from .cores.client import Runtime
 from .cores.coreset import ROUTES, CoreSet, Loader
-from .cores.enginehost import ProcessCore
 from .cores.remote import RemoteConfig
 from .llm.recovery import recover_jobs
 from .llm.requests import Requests
@@ -47,7 +46,7 @@ class Kernel:
     def __init__(
         self,
         storage: Storage,
-        backend: Backend | ProcessCore,
+        runtime: Runtime,
         scheduler: str | None = None,
         memory: MemoryStore | None = None,
         tools_dir: Path | None = None,
@@ -57,7 +56,8 @@ class Kernel:
         mcp_servers: Sequence[McpServerConfig] = (),
         **engine_options: Any,
     ) -> None:
-        """`backend`, `remotes`, `route`, `loaders` and `engine_options` make the cores
+        """`runtime` (what runs the mount's model: a backend, or an engine process),
+        `remotes`, `route`, `loaders` and `engine_options` make the cores
         (`CoreSet`); `scheduler` overrides the policy kept in `storage`; `memory` is the
         memory/ store (beside the database by default); `tools_dir` holds external tools;
         `mcp_servers` are the MCP servers whose tools are served as SERVER.TOOL."""
@@ -67,9 +67,9 @@ class Kernel:
         self.log_event = self.audit.write
         self.memory = MemoryManager(memory or MemoryStore(Path(storage.path).with_name("memory.db")))
         policy = scheduler or storage.setting("scheduler", params.DEFAULT_SCHEDULER)
-        self.cores = CoreSet(backend, policy, self.log_event, remotes=remotes, route=route, loaders=loaders, **engine_options)
+        self.cores = CoreSet(runtime, policy, self.log_event, remotes=remotes, route=route, loaders=loaders, **engine_options)
         self.engine = self.cores.default  # the local core of the mount's model
-        self.backend = backend
+        self.runtime = runtime
         self.agents = AgentTable(storage, self.writer, self.memory, self.log_event)
         self.tools = ToolManager(self.log_event, self.agents, self.memory, tools_dir)  # built-in tools, and those of the tools directory
         self.mcp = McpServers(mcp_servers, self.tools, self.log_event)  # MCP servers, whose tools come once they have started
@@ -111,7 +111,7 @@ class Kernel:
 
     # -- what kernel/status and kernel/stats show ------------------------------------------
     def status_line(self) -> str:
-        info = self.backend.info
+        info = self.runtime.info
         line = (
             f"running={self.cores.running()} queued={self.requests.queued_count()} "
             f"sched={self.engine.scheduler.describe().replace(' ', ',')} "

@@ -105,7 +105,7 @@ def _engines(engines: Mapping[str, Engine]) -> Iterator[Metric]:
         "aiosfs_engine_state", "1 for the state an engine is in (loading, ready, hung, restarting, failed).", labels=["model", "state"]
     )
     for name, engine in engines.items():
-        state.add_metric([name, engine.core.state], 1)
+        state.add_metric([name, engine.client.state], 1)
     yield state
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kernel.cores.combine import Combiner
-from kernel.cores.enginehost import ProcessCore
+from kernel.cores.enginehost import EngineProcess
 from kernel.cores.wire import EngineSpec
 from kernel.errors import KernelError
 
@@ -90,7 +90,7 @@ def test_prompts_written_at_once_get_their_tokens_in_few_round_trips() -> None:
     """Through a real engine process (the fake model): every answer is the one a call
     of its own gets, a prompt that cannot be encoded fails alone, and the 64 that come
     while one is on the wire go in one round trip."""
-    core = ProcessCore(EngineSpec("fake", n_slots=2))
+    core = EngineProcess(EngineSpec("fake", n_slots=2))
     core.start()
     try:
         prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(64)]

@@ -19,7 +19,7 @@ from mounting import gone
 
 from kernel import params
 from kernel.cores.enginechild import CRASH_ENV
-from kernel.cores.enginehost import EngineDied, ProcessCore, StepTimes
+from kernel.cores.enginehost import EngineDied, EngineProcess, StepTimes
 from kernel.cores.wire import EngineSpec
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
@@ -30,8 +30,8 @@ from kernel.syscall import Sys, syscall
 SLOW = 0.02  # seconds per fake decode step: long answers keep their jobs in the engine a while
 
 
-def started(spec: EngineSpec) -> ProcessCore:
-    core = ProcessCore(spec)
+def started(spec: EngineSpec) -> EngineProcess:
+    core = EngineProcess(spec)
     core.start()
     return core
 
@@ -48,7 +48,7 @@ def process_kernel(tmp_path: Path):
 
     yield make
     for kernel in kernels:
-        kernel.engine.core.close()
+        kernel.engine.client.close()
         kernel.storage.close()
         kernel.memory.store.close()
 
@@ -60,8 +60,8 @@ def engine_log(kernel: Kernel) -> list[dict]:
 
 def test_the_engine_runs_in_another_process_and_answers(process_kernel) -> None:
     kernel = process_kernel()
-    assert kernel.engine.core.pid != os.getpid()
-    assert kernel.engine.core.state == "ready"
+    assert kernel.engine.client.pid != os.getpid()
+    assert kernel.engine.client.state == "ready"
 
     async def body() -> None:
         async with running(kernel):
@@ -76,7 +76,7 @@ def test_the_engine_runs_in_another_process_and_answers(process_kernel) -> None:
 
 def test_a_crash_fails_the_jobs_in_the_engine_keeps_the_queue_and_restarts(process_kernel) -> None:
     kernel = process_kernel(n_slots=2)
-    first_pid = kernel.engine.core.pid
+    first_pid = kernel.engine.client.pid
     assert first_pid is not None
 
     async def body() -> None:
@@ -96,7 +96,7 @@ def test_a_crash_fails_the_jobs_in_the_engine_keeps_the_queue_and_restarts(proce
                 assert job.data, "the partial answer is kept"
             await finished(queued)
             assert bytes(queued.data).decode() == answer("after the crash") + "\n"
-            assert kernel.engine.restarts == 1 and kernel.engine.core.pid not in (None, first_pid)
+            assert kernel.engine.restarts == 1 and kernel.engine.client.pid not in (None, first_pid)
             status = kernel.status_line()
             assert "engine=ready" in status and "restarts=1" in status and "SIGSEGV" in status
 
@@ -119,21 +119,21 @@ def test_a_crash_loop_marks_the_core_failed_until_retry(process_kernel, tmp_path
             await producing(busy)
             waiting = await submit(kernel, agent, "waits in the queue")
             flag.write_text("")
-            assert kernel.engine.core.pid is not None
-            os.kill(kernel.engine.core.pid, signal.SIGKILL)
+            assert kernel.engine.client.pid is not None
+            os.kill(kernel.engine.client.pid, signal.SIGKILL)
             await finished(busy)
             assert busy.errno == errno.EIO and "SIGKILL" in busy.message
             await finished(waiting)  # the core failed: the queue gets EIO with the reason
             assert waiting.errno == errno.EIO and "failed" in waiting.message and "retry" in waiting.message
-            assert kernel.engine.core.state == "failed"
+            assert kernel.engine.client.state == "failed"
             error = await refused(errno.EIO, submit(kernel, agent, "while failed"))
             assert "crashed" in error.message and "SIGSEGV" in error.message
             assert "engine=failed" in kernel.status_line()
             flag.unlink()  # the cause is gone
-            await syscall(kernel, Sys.KERNEL_CTL, ROOT, f"retry {kernel.backend.info.name}\n".encode())
+            await syscall(kernel, Sys.KERNEL_CTL, ROOT, f"retry {kernel.runtime.info.name}\n".encode())
             again = await finished(await submit(kernel, agent, "back"))
             assert again.state is JobState.DONE and bytes(again.data).decode().endswith("BACK\n")
-            assert kernel.engine.core.state == "ready"
+            assert kernel.engine.client.state == "ready"
 
     run(body, timeout=60)
     whats = [e["what"] for e in engine_log(kernel)]
@@ -151,8 +151,8 @@ def test_crashes_apart_with_a_stable_engine_between_are_no_loop(process_kernel, 
             for crash in range(params.ENGINE_CRASH_LOOP + 1):  # one more than a loop
                 job = await producing(await submit(kernel, agent, '{"prompt": "x", "max_tokens": 2000, "ignore_eos": true}'))
                 await trio.sleep(0.4)  # the engine serves long enough to count as stable
-                assert kernel.engine.core.pid is not None
-                os.kill(kernel.engine.core.pid, signal.SIGKILL)
+                assert kernel.engine.client.pid is not None
+                os.kill(kernel.engine.client.pid, signal.SIGKILL)
                 await finished(job)
                 assert job.errno == errno.EIO, job.message
                 served = await finished(await submit(kernel, agent, f"after {crash}"))
@@ -168,7 +168,7 @@ def test_retry_is_refused_for_a_core_that_serves(process_kernel) -> None:
 
     async def body() -> None:
         async with running(kernel):
-            await refused(errno.EINVAL, syscall(kernel, Sys.KERNEL_CTL, ROOT, f"retry {kernel.backend.info.name}\n".encode()))
+            await refused(errno.EINVAL, syscall(kernel, Sys.KERNEL_CTL, ROOT, f"retry {kernel.runtime.info.name}\n".encode()))
             await refused(errno.ENOENT, syscall(kernel, Sys.KERNEL_CTL, ROOT, b"retry nosuchmodel\n"))
 
     run(body)
@@ -193,7 +193,7 @@ def test_a_crash_while_warming_up_is_reported_with_the_signal(monkeypatch: pytes
 
 def test_tokenize_waits_for_a_restarting_engine(process_kernel) -> None:
     kernel = process_kernel()
-    core = kernel.engine.core
+    core = kernel.engine.client
 
     async def body() -> None:
         async with running(kernel):
@@ -215,7 +215,7 @@ def test_the_deadline_follows_the_slowest_recent_step() -> None:
     for _ in range(8):  # two more windows of 0.1: the slow one is no longer recent
         times.add(0.1)
     assert times.slowest() == 0.1
-    core = ProcessCore(EngineSpec("fake"), deadline=2.0)
+    core = EngineProcess(EngineSpec("fake"), deadline=2.0)
     assert core.deadline() == 2.0  # the floor, before any step
     for _ in range(3):
         core._times.add(0.1)
@@ -227,7 +227,7 @@ def test_the_deadline_follows_the_slowest_recent_step() -> None:
 def test_a_stopped_engine_is_declared_hung_killed_and_replaced(process_kernel) -> None:
     """An in-process kernel on a real engine process, stopped with SIGSTOP while a job generates."""
     kernel = process_kernel(n_slots=2)
-    core = kernel.engine.core
+    core = kernel.engine.client
     core.floor = 1.0  # the watchdog's deadline, short for the test
 
     async def body() -> None:
@@ -250,7 +250,7 @@ def test_a_stopped_engine_is_declared_hung_killed_and_replaced(process_kernel) -
 
 
 def test_a_call_too_large_for_the_socket_to_a_stopped_engine_is_a_hang_in_bounded_time() -> None:
-    core = ProcessCore(EngineSpec("fake", n_slots=1), deadline=1.0)
+    core = EngineProcess(EngineSpec("fake", n_slots=1), deadline=1.0)
     core.start()
     try:
         assert core.pid is not None
@@ -265,7 +265,7 @@ def test_a_call_too_large_for_the_socket_to_a_stopped_engine_is_a_hang_in_bounde
 
 
 def test_a_stopped_engine_is_found_at_the_floor_even_when_slow_steps_raised_the_deadline() -> None:
-    core = ProcessCore(EngineSpec("fake", n_slots=1), deadline=1.0)
+    core = EngineProcess(EngineSpec("fake", n_slots=1), deadline=1.0)
     core.start()
     try:
         core._times.add(10.0)  # a slow step, as on a busy machine: the deadline is at its cap

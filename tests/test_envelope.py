@@ -146,7 +146,7 @@ def test_a_response_format_job_runs_under_its_grammar_and_must_end_in_json(kerne
 
     good, cut = run(body)
     assert good.state is JobState.DONE and json.loads(good.answer) == {"answer": "X"}
-    assert kernel.cores.default.backend.grammars[-2] == response_grammar(SCHEMA)  # type: ignore[attr-defined]
+    assert kernel.cores.default.runtime.grammars[-2] == response_grammar(SCHEMA)  # type: ignore[attr-defined]
     assert cut.state is JobState.ERROR and cut.errno == errno.EIO and "JSON was complete" in cut.message
 
 
@@ -164,7 +164,7 @@ def test_declared_tools_return_the_call_and_run_nothing(kernel):
     reply = json.loads(called.answer)
     assert reply == {"content": None, "tool_calls": [{"id": f"call_{called.id}_1", "name": "demo_author/weather", "arguments": {"city": "Oslo"}}]}
     assert json.loads(answered.answer) == {"content": "JUST TALK", "tool_calls": []}
-    assert '"\\"answer\\""' not in kernel.cores.default.backend.grammars[0]  # type: ignore[attr-defined]  # required: a call, never an answer
+    assert '"\\"answer\\""' not in kernel.cores.default.runtime.grammars[0]  # type: ignore[attr-defined]  # required: a call, never an answer
 
 
 def test_a_refused_envelope_queues_nothing(kernel):

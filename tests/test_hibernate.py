@@ -25,7 +25,7 @@ from kernel.agents.config import AgentConfig
 from kernel.cores import kvkey
 from kernel.cores.backends import BackendInfo
 from kernel.cores.backends.fake import FakeBackend
-from kernel.cores.enginehost import ProcessCore
+from kernel.cores.enginehost import EngineProcess
 from kernel.cores.hibernate import PREFIX, KvStore, file_name
 from kernel.cores.runner import Runner
 from kernel.cores.wire import Admit, EngineSpec, Plan
@@ -327,8 +327,8 @@ def test_at_close_cached_sequences_and_running_jobs_cells_go_to_disk(tmp_path: P
 # -- engine processes: an unmount, a crash --------------------------------------------------------
 
 
-def _engine(tmp_path: Path, kv_disk: int = 1 << 30) -> tuple[Kernel, ProcessCore]:
-    core = ProcessCore(EngineSpec("fake", n_slots=2, n_ctx_seq=2048, kv_dir=str(tmp_path / "kv"), kv_disk=kv_disk))
+def _engine(tmp_path: Path, kv_disk: int = 1 << 30) -> tuple[Kernel, EngineProcess]:
+    core = EngineProcess(EngineSpec("fake", n_slots=2, n_ctx_seq=2048, kv_dir=str(tmp_path / "kv"), kv_disk=kv_disk))
     core.start()
     return Kernel(Storage(tmp_path / "aiosfs.db"), core), core
 
@@ -354,7 +354,7 @@ def _turns(kernel: Kernel, first: bool, questions: list[str], between: Callable[
     return run(body, timeout=60)
 
 
-def _close(kernel: Kernel, core: ProcessCore) -> None:
+def _close(kernel: Kernel, core: EngineProcess) -> None:
     core.close()
     kernel.close()
     kernel.memory.store.close()

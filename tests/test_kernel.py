@@ -217,7 +217,7 @@ def test_two_agents_concurrently_get_their_own_answers(make_kernel):
 
 def test_jobs_are_decoded_in_one_batch(make_kernel):
     kernel = make_kernel(n_slots=4)
-    backend = kernel.backend
+    backend = kernel.runtime
 
     async def body():
         names = ["a", "b", "c"]
@@ -240,7 +240,7 @@ def test_jobs_are_decoded_in_one_batch(make_kernel):
 
 def test_a_new_job_joins_a_running_batch(make_kernel):
     kernel = make_kernel(n_slots=2, step_delay=0.002)
-    backend = kernel.backend
+    backend = kernel.runtime
 
     async def body():
         async with running(kernel):
@@ -261,7 +261,7 @@ def test_a_new_job_joins_a_running_batch(make_kernel):
 
 def test_long_prompts_are_prefilled_in_chunks(make_kernel):
     kernel = make_kernel(n_batch=8)
-    backend = kernel.backend
+    backend = kernel.runtime
 
     async def body():
         async with running(kernel):
@@ -276,7 +276,7 @@ def test_long_prompts_are_prefilled_in_chunks(make_kernel):
 
 def test_fifo_admission_with_one_slot(make_kernel):
     kernel = make_kernel(n_slots=1)
-    backend = kernel.backend
+    backend = kernel.runtime
 
     async def body():
         agents = [await mkdir(kernel, name) for name in ("c", "a", "b")]

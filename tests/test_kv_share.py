@@ -297,11 +297,11 @@ def test_shared_prefixes_give_token_identical_answers_on_the_real_model(tmp_path
 def test_shared_prefixes_are_token_identical_through_the_engine_process(tmp_path, model):
     """The engine process runs two plans in flight (docs/engine.md): followers are admitted
     a step later than in lock-step, and what they share must still be exact."""
-    from kernel.cores.enginehost import ProcessCore
+    from kernel.cores.enginehost import EngineProcess
     from kernel.cores.wire import EngineSpec
 
     def through_a_process(name: str, **options: Any) -> tuple[list[str], dict[str, Any]]:
-        core = ProcessCore(EngineSpec("llama", model=str(model), threads=2, n_slots=4, n_ctx_seq=1024))
+        core = EngineProcess(EngineSpec("llama", model=str(model), threads=2, n_slots=4, n_ctx_seq=1024))
         core.start()
         kernel = _kernel(tmp_path, core, name, **options)
         try:

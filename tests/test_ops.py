@@ -189,9 +189,12 @@ def test_global_names_and_attributes(fs):
 
         root = await ops.getattr(pyfuse3.ROOT_INODE, ALICE)
         assert stat.S_ISDIR(root.st_mode)
-        for attr in (readme, kdir, status, agents, root, await ops.getattr(status.st_ino, ALICE)):
-            assert attr.entry_timeout == 0
+        for attr in (readme, status, root, await ops.getattr(status.st_ino, ALICE)):  # files, and the root (a dead daemon shows at once)
             assert attr.attr_timeout == 0
+        for attr in (readme, status):  # names that may change
+            assert attr.entry_timeout == 0
+        for attr in (kdir, agents):  # the mount's own directories: kept a second (params.DIR_CACHE_SECONDS)
+            assert attr.entry_timeout == attr.attr_timeout == params.DIR_CACHE_SECONDS
 
         for parent, name in [(pyfuse3.ROOT_INODE, b"nope"), (kdir.st_ino, b"README"), (agents.st_ino, b"ghost"), (kdir.st_ino, b"\xff")]:
             with fails(errno.ENOENT):
@@ -313,7 +316,7 @@ def test_mkdir_creates_an_agent_owned_by_the_caller(fs):
         assert stat.S_ISDIR(attr.st_mode)
         assert stat.S_IMODE(attr.st_mode) == 0o750
         assert (attr.st_uid, attr.st_gid) == (1002, 2002)
-        assert (attr.entry_timeout, attr.attr_timeout) == (0, 0)
+        assert (attr.entry_timeout, attr.attr_timeout) == (0, params.DIR_CACHE_SECONDS)  # agents come and go; its modes change by chmod
         row = ops.kernel.agents["helper"].row
         assert (row.uid, row.gid, row.mode) == (1002, 2002, 0o750)
         assert [(r.name, r.uid, r.mode) for r in ops.kernel.storage.agents()] == [("helper", 1002, 0o750)]

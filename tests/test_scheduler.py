@@ -11,7 +11,7 @@ from kernel_helpers import OWNER, ROOT, answer, ask, ctl, finished, mkdir, produ
 from kernel import params
 from kernel.agents.config import AgentConfig
 from kernel.cores.backends.fake import FakeBackend
-from kernel.cores.enginehost import ProcessCore
+from kernel.cores.enginehost import EngineProcess
 from kernel.cores.scheduler import PriorityScheduler, RoundRobinScheduler, Running, Scheduler, make_scheduler
 from kernel.cores.wire import EngineSpec
 from kernel.kernel import Kernel
@@ -25,7 +25,7 @@ def _kernels(tmp_path, mode: str):
 
     def make(scheduler: str = "fifo", *, n_slots: int = 1, step_delay: float = 0.002, **options) -> Kernel:
         if mode == "process":
-            core = ProcessCore(EngineSpec("fake", n_slots=n_slots, fake_delay=step_delay))
+            core = EngineProcess(EngineSpec("fake", n_slots=n_slots, fake_delay=step_delay))
             core.start()
             kernel = Kernel(Storage(tmp_path / "db"), core, scheduler, **options)
         else:
@@ -43,7 +43,7 @@ def make_kernel(tmp_path, request):
     make, made = _kernels(tmp_path, request.param)
     yield make
     for kernel in made:
-        kernel.engine.core.close()
+        kernel.engine.client.close()
         kernel.storage.close()
 
 
@@ -262,7 +262,7 @@ def test_priority_holds_lower_jobs_out_of_the_steps_while_urgent_work_runs(make_
     slow, urgent = run(body)
     assert slow.answer == answer(_long("slow ") * 2) and urgent.answer == answer(_long("urgent "))
     # Which sequences each decode step fed: the low job's alone at first, then the urgent one's.
-    steps = [{entry.seq for entry in call} for call in kernel.backend.decode_calls]
+    steps = [{entry.seq for entry in call} for call in kernel.runtime.decode_calls]
     slow_seq = next(iter(steps[0]))
     urgent_steps = [i for i, seqs in enumerate(steps) if seqs - {slow_seq}]
     assert len(urgent_steps) > len(urgent.data)  # its prompt's steps, then one per token
@@ -414,7 +414,7 @@ def test_cancel_frees_the_slot_for_the_next_job(make_inline_kernel):
     doomed, waiting = run(body)
     assert doomed.errno == errno.ECANCELED and waiting.answer == answer("next")
     assert kernel.engine.statistics()["running"] == 0
-    assert kernel.backend._seqs == {}  # the fake's KV: every sequence cleared
+    assert kernel.runtime._seqs == {}  # the fake's KV: every sequence cleared
 
 
 def test_scheduler_switch_at_run_time_is_root_only_and_kept(make_kernel):
@@ -437,7 +437,7 @@ def test_scheduler_switch_at_run_time_is_root_only_and_kept(make_kernel):
 
 def test_a_bug_in_a_step_fails_those_jobs_and_the_engine_goes_on(make_inline_kernel, monkeypatch):
     kernel = make_inline_kernel("fifo", n_slots=2)
-    real_decode = kernel.backend.decode
+    real_decode = kernel.runtime.decode
     calls = {"n": 0}
 
     def flaky(entries):
@@ -446,7 +446,7 @@ def test_a_bug_in_a_step_fails_those_jobs_and_the_engine_goes_on(make_inline_ker
             raise RuntimeError("a bug")
         return real_decode(entries)
 
-    monkeypatch.setattr(kernel.backend, "decode", flaky)
+    monkeypatch.setattr(kernel.runtime, "decode", flaky)
 
     async def body():
         async with running(kernel):

@@ -75,7 +75,7 @@ def test_the_model_calls_a_tool_and_answers_with_its_result(kernel):
     roles = [m["role"] for m in agent.messages]
     assert roles == ["user", "assistant", "tool", "assistant"]  # the turn keeps its tool step
     assert "calculator" in job.messages[0]["content"] and "Arguments:" in job.messages[0]["content"]
-    grammars = [g for g in kernel.backend.grammars if g]
+    grammars = [g for g in kernel.runtime.grammars if g]
     assert len(grammars) == 2 and "answer" in grammars[1]
     assert any(json.loads(line)["event"] == "tool" for line in kernel.audit)
 
@@ -102,7 +102,7 @@ def test_the_last_step_may_only_answer(kernel, monkeypatch):
             return await ask(kernel, agent, "call clock {}")
 
     run(body)
-    grammar = [g for g in kernel.backend.grammars if g][0]
+    grammar = [g for g in kernel.runtime.grammars if g][0]
     assert "clock" not in grammar and "answer" in grammar
 
 
@@ -118,7 +118,7 @@ def test_tool_choice_none_and_unknown_tools(kernel):
             return plain
 
     assert run(body).answer == "turn 1: HELLO"
-    assert all(g is None for g in kernel.backend.grammars)
+    assert all(g is None for g in kernel.runtime.grammars)
 
 
 def test_the_policy_decides_which_tools_a_request_may_offer(kernel):
@@ -172,7 +172,7 @@ def test_a_reply_may_make_several_calls_unless_parallel_calls_are_off(kernel):
     assert "parallel_tool_calls=off" in agent.config.render()
     assert "with one call" in job.messages[0]["content"]
     assert job.state.value == "error" and job.errno == errno.EIO and "at most 1" in job.message  # the fake ignores grammars; the kernel does not
-    assert step_grammar(specs, "auto", most=1) in kernel.backend.grammars
+    assert step_grammar(specs, "auto", most=1) in kernel.runtime.grammars
 
 
 def test_the_calls_of_one_reply_run_at_once_and_their_results_keep_the_order_of_the_calls(kernel):
@@ -242,6 +242,6 @@ def test_a_reply_that_repeats_the_calls_before_it_is_not_run_again(kernel):
     agent, job = run(body)
     assert job.state.value == "done"
     assert len(events_of(agent, "tool_call")) == 1  # the repeated reply ran nothing
-    grammars = [g for g in kernel.backend.grammars if g]
+    grammars = [g for g in kernel.runtime.grammars if g]
     assert len(grammars) == 3 and "calculator" not in grammars[2]  # then a step that may only answer
     assert [m["role"] for m in agent.messages] == ["user", "assistant", "tool", "assistant"]

@@ -1,8 +1,8 @@
 """The engine client: one interface to a local engine, in this process or in a process
 of its own, chosen once (`engine_client`).
 
-`ProcessCore` (kernel/cores/enginehost.py) runs llama.cpp in a supervised child and
-keeps two plans in flight; `InlineCore` runs the same runner on the caller's thread,
+`EngineProcess` (kernel/cores/enginehost.py) runs llama.cpp in a supervised child and
+keeps two plans in flight; `InlineEngine` runs the same runner on the caller's thread,
 one plan at a time, for tests and in-process benchmarks. The engine loop
 (kernel/cores/engine.py) talks to either through the same methods: `start`,
 `configure`, `submit` and `collect`, `ping`, `interrupt`, `close`, and
@@ -16,12 +16,12 @@ import os
 from collections.abc import Callable
 
 from .backends import Backend
-from .enginehost import ProcessCore
+from .enginehost import EngineProcess
 from .runner import Runner
 from .wire import Plan, RunnerOptions, StepResult
 
 
-class InlineCore:
+class InlineEngine:
     """The runner in this process, on the engine thread (tests, in-process benchmarks).
     Nothing watches it: a hang in this process could not be killed anyway."""
 
@@ -83,10 +83,13 @@ class InlineCore:
         self.backend.close()
 
 
-Core = InlineCore | ProcessCore
+EngineClient = InlineEngine | EngineProcess
+# What runs a model: a backend, which an engine runs in this process, or an engine
+# process, which runs one of its own.
+Runtime = Backend | EngineProcess
 
 
-def engine_client(backend: Backend | ProcessCore) -> Core:
+def engine_client(runtime: Runtime) -> EngineClient:
     """The one place where the kind of engine is chosen: an engine process as it is, a
     backend to run in this process behind the same interface."""
-    return backend if isinstance(backend, ProcessCore) else InlineCore(backend)
+    return runtime if isinstance(runtime, EngineProcess) else InlineEngine(runtime)

@@ -20,21 +20,22 @@ from ..agents.config import AgentConfig
 from ..errors import KernelError
 from ..llm.jobs import Job
 from ..types import AuditSink, Core, Delivery
-from .backends import Backend, Vocabulary
+from .backends import Vocabulary
+from .client import Runtime
 from .engine import Engine
-from .enginehost import EngineDied, ProcessCore
+from .enginehost import EngineDied
 from .remote import RemoteConfig, RemoteEngine
 from .scheduler import make_scheduler
 
 log = logging.getLogger(__name__)
 ROUTES = ("default", "least-loaded")
-Loader = tuple[Callable[[], Backend | ProcessCore], bool]  # (load the backend, load it at start)
+Loader = tuple[Callable[[], Runtime], bool]  # (load the model, load it at start)
 
 
 class CoreSet(Mapping[str, Core]):
     def __init__(
         self,
-        backend: Backend | ProcessCore,
+        runtime: Runtime,
         scheduler: str,
         audit: AuditSink,
         *,
@@ -43,11 +44,11 @@ class CoreSet(Mapping[str, Core]):
         loaders: Mapping[str, Loader] | None = None,
         **engine_options: Any,
     ) -> None:
-        """`backend` is the local core (its model is the default); each of `remotes` is a
+        """`runtime` runs the local core's model (the default); each of `remotes` is a
         remote OpenAI-compatible core; `route` picks a core for requests that name no
         model: `default` (the local one) or `least-loaded`. `loaders` are more local models
         by name, loaded and unloaded at run time."""
-        self.backend = backend
+        self.runtime = runtime
         self._audit = audit
         # threads that wait on an engine's vocabulary (tokenize, chat template): a hung
         # engine holds them up to its deadline, and must not hold trio's shared threads
@@ -56,9 +57,9 @@ class CoreSet(Mapping[str, Core]):
         # the way back: every core's results, in the order they came, for the one task that
         # hands them to their jobs (Requests); unbounded, so a core never waits to send
         self._results, self.results = trio.open_memory_channel[list[Delivery]](math.inf)
-        self.default = self._engine(backend, scheduler, **engine_options)
-        self._cores: dict[str, Core] = {backend.info.name: self.default}
-        self._local: dict[str, Engine] = {backend.info.name: self.default}  # the local engines among them
+        self.default = self._engine(runtime, scheduler, **engine_options)
+        self._cores: dict[str, Core] = {runtime.info.name: self.default}
+        self._local: dict[str, Engine] = {runtime.info.name: self.default}  # the local engines among them
         for remote in remotes:
             if remote.name in self._cores:
                 raise ValueError(f"model name {remote.name!r} is used twice")
@@ -74,8 +75,8 @@ class CoreSet(Mapping[str, Core]):
         self.route = route
         self._nursery: trio.Nursery | None = None
 
-    def _engine(self, backend: Backend | ProcessCore, scheduler: str, **engine_options: Any) -> Engine:
-        engine = Engine(backend, make_scheduler(scheduler), **engine_options)
+    def _engine(self, runtime: Runtime, scheduler: str, **engine_options: Any) -> Engine:
+        engine = Engine(runtime, make_scheduler(scheduler), **engine_options)
         engine.on_update = self._update
         engine.on_event = lambda fields: self._audit("engine", **fields)
         return engine
@@ -145,7 +146,7 @@ class CoreSet(Mapping[str, Core]):
         if name in self._cores:
             raise KernelError(errno.EEXIST, f"model {name!r} is loaded already")
         try:
-            backend = await trio.to_thread.run_sync(self._loaders[name][0])
+            runtime = await trio.to_thread.run_sync(self._loaders[name][0])
         except EngineDied as exc:  # a bad GGUF, or a crash while loading: this core only
             log.error("loading model %s failed: %s", name, exc.reason)
             self._audit("engine", model=name, what="load_failed", reason=exc.reason, uid=uid)
@@ -153,7 +154,7 @@ class CoreSet(Mapping[str, Core]):
         except Exception as exc:
             log.exception("loading model %s failed", name)
             raise KernelError(errno.EIO, f"loading model {name!r} failed: {exc}") from None
-        engine = self._engine(backend, self.default.scheduler.describe())
+        engine = self._engine(runtime, self.default.scheduler.describe())
         assert self._nursery is not None, "models load while the cores run"
         await self._nursery.start(self._serve, engine)
         self._cores[name] = self._local[name] = engine
@@ -164,7 +165,7 @@ class CoreSet(Mapping[str, Core]):
         try:
             await engine.run(task_status=task_status)
         finally:
-            await trio.to_thread.run_sync(engine.core.close)  # the engine thread has ended
+            await trio.to_thread.run_sync(engine.client.close)  # the engine thread has ended
 
     def unload(self, uid: int, name: str) -> None:
         """Stop a loaded local model from the configuration and free it (EBUSY while it works)."""
@@ -185,8 +186,8 @@ class CoreSet(Mapping[str, Core]):
         engine = self.local(name)
         if engine is None:
             raise KernelError(errno.ENOENT, f"no loaded local model {name!r} (kernel/models lists them)")
-        if engine.core.state != "failed":
-            raise KernelError(errno.EINVAL, f"the engine of model {name!r} is {engine.core.state}, not failed: nothing to retry")
+        if engine.client.state != "failed":
+            raise KernelError(errno.EINVAL, f"the engine of model {name!r} is {engine.client.state}, not failed: nothing to retry")
         engine.retry()
         self._audit("engine", model=name, what="retry", uid=uid)
 
@@ -200,7 +201,7 @@ class CoreSet(Mapping[str, Core]):
         """Whose tokens and chat template a request's prompt is built with: its local core's;
         a remote core's prompt is sized with the default model's (the server tokenizes it)."""
         engine = self.local(config.model or self.route_name())
-        return engine.backend if engine is not None else self.backend
+        return engine.runtime if engine is not None else self.runtime
 
     def submit(self, job: Job) -> None:
         """Hand a job to its model's core; one that names no model gets the route's
@@ -219,7 +220,7 @@ class CoreSet(Mapping[str, Core]):
     def route_name(self) -> str:
         if self.route == "least-loaded":
             return min(self._cores, key=lambda name: len(self._cores[name].queued()) + self._cores[name].running())
-        return self.backend.info.name
+        return self.runtime.info.name
 
     # -- visibility ------------------------------------------------------------------
     def queued(self) -> int:

@@ -2,8 +2,15 @@
 
 One thread (the engine loop) plans each step under the scheduling policy (which jobs
 are cancelled, paused, held back, switched out or admitted), sends that `Plan` to the
-core (kernel/cores/runner.py, in the engine process of kernel/cores/enginehost.py) and
-hands the step's text to the trio thread through `TrioToken.run_sync_soon`.
+runner (kernel/cores/runner.py, in the engine process of kernel/cores/enginehost.py)
+through the engine client (kernel/cores/client.py) and sends the step's text to the
+way back (the core set's results channel) through `TrioToken.run_sync_soon`.
+
+Words: a *core* is what serves one model's queue (this class, or a remote server:
+`kernel.types.Core`); the *engine* is this scheduling side with the process it drives;
+a *backend* is what runs the model inside that process (llama.cpp, or the fake model);
+the *runtime* handed to this class is either a backend, run in this process, or an
+engine process.
 
 When the engine process dies, whatever the cause (a bug in this loop counts as one),
 the jobs in it (running, or switched out with their state inside it) end with EIO
@@ -12,7 +19,7 @@ backoff. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`, with 
 engine between them that served `ENGINE_STABLE_SECONDS`, mark the core `failed`
 (EIO naming the reason) until `retry()` (kernel/ctl `retry MODEL`).
 
-Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the core's state changes; `_slots` belongs to the engine thread.
+Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the engine process's state changes; `_slots` belongs to the engine thread.
 """
 
 from __future__ import annotations
@@ -32,9 +39,8 @@ import trio
 from .. import params
 from ..llm.jobs import Job, JobState
 from ..types import Delivery
-from .backends import Backend
-from .client import Core, engine_client
-from .enginehost import EngineDied, ProcessCore
+from .client import EngineClient, Runtime, engine_client
+from .enginehost import EngineDied
 from .scheduler import Running, Scheduler, park
 from .stepmetrics import StepMetrics
 from .wire import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Seat:
-    """A job that holds one of the core's sequences."""
+    """A job that holds one of the engine's sequences."""
 
     key: int
     job: Job
@@ -55,7 +61,7 @@ class Seat:
 class Engine:
     def __init__(
         self,
-        backend: Backend | ProcessCore,
+        runtime: Runtime,
         scheduler: Scheduler,
         *,
         swap_budget: int = params.SWAP_RAM_BYTES,
@@ -63,14 +69,14 @@ class Engine:
         kv_share: bool = True,
         slots: int | None = None,
     ) -> None:
-        """`backend`: an engine process (`ProcessCore`), or a backend to run in this
+        """`runtime`: an engine process (`EngineProcess`), or a backend to run in this
         process. `slots` uses fewer of the backend's sequences than it has; `kv_reuse` and
         `kv_share` keep an agent's cells for its next job and share prefixes within a
         user's jobs (kernel/cores/placement.py)."""
-        self.backend = backend
-        self.core: Core = engine_client(backend)
-        self.core.configure(RunnerOptions(swap_budget, kv_reuse, slots, kv_share))
-        self.core.on_exit = self._core_exited
+        self.runtime = runtime  # its vocabulary: a prompt's tokens (coreset.py)
+        self.client: EngineClient = engine_client(runtime)
+        self.client.configure(RunnerOptions(swap_budget, kv_reuse, slots, kv_share))
+        self.client.on_exit = self._process_exited
         self.scheduler = scheduler
         self._slot_limit = slots
         self._cond = threading.Condition()
@@ -89,18 +95,18 @@ class Engine:
         self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
         self.on_event: Callable[[dict[str, Any]], None] = lambda fields: None  # crashes, restarts: to the audit log
         self.stats: dict[str, float] = dict.fromkeys(["step_s", "preemptions", "held_seq_steps", "engine_crashes", "engine_hangs"], 0)
-        self._core_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # the running core's counters
-        self._dead_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # those of cores that died
+        self._process_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # the running engine process's counters
+        self._dead_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # those of engine processes that died
         self._last: StepResult | None = None
         self.step_metrics = StepMetrics()  # each step's histograms, for kernel/metrics
 
     @property
     def info(self) -> Any:
-        return self.core.info
+        return self.client.info
 
     @property
     def n_seqs(self) -> int:
-        """Sequences jobs may hold: the core's (known once it has loaded), or fewer."""
+        """Sequences jobs may hold: the engine's (known once it has loaded), or fewer."""
         return min(self._slot_limit or self.info.n_slots, self.info.n_slots)
 
     # -- trio side ----------------------------------------------------------
@@ -114,11 +120,11 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self.core.interrupt()
+        self.client.interrupt()
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self.core.state == "failed":
+            if self.client.state == "failed":
                 self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, self.failure()))])
                 return
             self.scheduler.push(job)
@@ -140,7 +146,7 @@ class Engine:
                 self._parked.remove(job)
                 waiting = True
             if waiting:
-                if job.saved is not None:  # its state is in the core: drop it at the next step
+                if job.saved is not None:  # its state is in the engine: drop it at the next step
                     self._forget.append(job.saved)
                     self._away.pop(job.saved, None)
                     job.saved = None
@@ -160,13 +166,13 @@ class Engine:
     def retry(self) -> None:
         """Start a `failed` core again (kernel/ctl `retry MODEL`)."""
         with self._cond:
-            if self.core.state != "failed":
+            if self.client.state != "failed":
                 return
             self._crashes.clear()
             self._set_state("restarting")
             self._cond.notify()
 
-    def _core_exited(self) -> None:
+    def _process_exited(self) -> None:
         with self._cond:
             self._poke()
 
@@ -184,30 +190,30 @@ class Engine:
 
     def failure(self) -> str:
         """Why requests to this core fail now ('' while it serves or restarts)."""
-        return self.core.failure if self.core.state == "failed" else ""
+        return self.client.failure if self.client.state == "failed" else ""
 
     def describe(self) -> str:
         """`engine=STATE pid=N restarts=N hangs=N deadline=S` for kernel/status and kernel/models."""
-        pid = self.core.pid if self.core.state in ("ready", "loading") else None
-        deadline = self.core.deadline()
+        pid = self.client.pid if self.client.state in ("ready", "loading") else None
+        deadline = self.client.deadline()
         return (
-            f"engine={self.core.state} pid={pid or '-'} restarts={self.restarts} hangs={self.core.hangs} "
+            f"engine={self.client.state} pid={pid or '-'} restarts={self.restarts} hangs={self.client.hangs} "
             f"deadline={'-' if deadline is None else f'{deadline:.1f}s'}"
         )
 
     def statistics(self) -> dict[str, Any]:
-        core = self._core_stats
-        s = {k: core[k] + self._dead_stats[k] + self.stats.get(k, 0) for k in STAT_KEYS}
-        s["max_seqs"] = max(core["max_seqs"], self._dead_stats["max_seqs"])
-        s["prefill_chunk"] = core["prefill_chunk"]  # gauges: the running core's current values
-        s["kv_disk_bytes"] = core["kv_disk_bytes"]
+        now = self._process_stats
+        s = {k: now[k] + self._dead_stats[k] + self.stats.get(k, 0) for k in STAT_KEYS}
+        s["max_seqs"] = max(now["max_seqs"], self._dead_stats["max_seqs"])
+        s["prefill_chunk"] = now["prefill_chunk"]  # gauges: the running engine process's current values
+        s["kv_disk_bytes"] = now["kv_disk_bytes"]
         steps = s["steps"] or 1
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
         out["mean_batch"] = round(s["batch_tokens"] / steps, 2)
         out["mean_seqs"] = round(s["batch_seqs"] / steps, 2)  # sequences decoded together per step
         out["tokens_per_s"] = round(s["generated"] / s["decode_s"], 1) if s["decode_s"] else 0.0
         out["python_overhead"] = round(1 - s["decode_s"] / s["step_s"], 3) if s["step_s"] else 0.0  # the process boundary included
-        # where a step's time goes: llama_decode, sampling, the core's Python, and the
+        # where a step's time goes: llama_decode, sampling, the runner's Python, and the
         # engine thread's planning plus the process boundary (docs/protocol.md §6)
         out["runner_python_s"] = round(max(s["runner_s"] - s["decode_s"] - s["sample_s"], 0.0), 3)
         out["plan_ipc_s"] = round(max(s["step_s"] - s["runner_s"], 0.0), 3)
@@ -222,7 +228,7 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------
     def _loop(self) -> None:
-        """Plan, submit, collect, apply. The core takes `depth` plans at a time: an engine
+        """Plan, submit, collect, apply. The client takes `depth` plans at a time: an engine
         process gets the next step's plan while it carries out this one, so it never
         waits for the daemon between steps while there is work."""
         inflight = 0  # plans submitted whose results have not come
@@ -231,13 +237,13 @@ class Engine:
                 work = self._wait_for_work()
                 if work is None:
                     return
-                if self.core.hung or not self.core.alive():  # died while idle, or a call found it hung
+                if self.client.hung or not self.client.alive():  # died while idle, or a call found it hung
                     if not self._stopping:
-                        self._crashed(self.core.death_reason(), self.core.hung)
+                        self._crashed(self.client.death_reason(), self.client.hung)
                     continue
                 if not work:  # idle a while: is it still there? (a hang shows in kernel/status before anyone waits on it)
                     try:
-                        self.core.ping()
+                        self.client.ping()
                     except EngineDied as exc:
                         if not self._stopping:
                             self._crashed(exc.reason, exc.hung)
@@ -246,15 +252,15 @@ class Engine:
                     continue
             started = time.perf_counter()
             try:
-                while inflight < self.core.depth and (not inflight or self._more_work()):
+                while inflight < self.client.depth and (not inflight or self._more_work()):
                     plan, early = self._plan()
                     if early:  # cancels and admissions now: a job is `running` while its prompt is prefilled
                         self._hand_over(early)
-                    self.core.submit(plan)
+                    self.client.submit(plan)
                     inflight += 1
-                result = self.core.collect()
+                result = self.client.collect()
                 inflight -= 1
-                before = self._core_stats
+                before = self._process_stats
                 self._apply(result)
             except EngineDied as exc:
                 inflight = 0
@@ -280,26 +286,26 @@ class Engine:
                 self._crashes.clear()
 
     def _ensure_started(self) -> bool:
-        """Start (or restart, after a backoff) the core; False once stopping."""
+        """Start (or restart, after a backoff) the engine process; False once stopping."""
         while True:
             with self._cond:
-                while self.core.state == "failed" and not self._stopping:
+                while self.client.state == "failed" and not self._stopping:
                     self._fail_waiting(self.failure())
                     self._cond.wait()
                 if self._stopping:
                     return False
-                if self.core.state == "ready":
+                if self.client.state == "ready":
                     return True
                 if self._crashes:
                     delay = min(params.ENGINE_BACKOFF_SECONDS * 2 ** (len(self._crashes) - 1), params.ENGINE_BACKOFF_MAX_SECONDS)
                     self._cond.wait_for(lambda: self._stopping, timeout=delay)
                     if self._stopping:
                         return False
-                restart = self.core.state in ("restarting", "hung")
+                restart = self.client.state in ("restarting", "hung")
                 if restart:
                     self._set_state("restarting")  # a hung engine shows `hung` until its successor starts
             try:
-                self.core.start()
+                self.client.start()
             except EngineDied as exc:
                 if self._stopping:
                     return False
@@ -308,12 +314,12 @@ class Engine:
             self._started_at = time.monotonic()
             if restart:
                 self.restarts += 1
-                log.warning("engine of %s restarted (pid %s, restart %d)", self.info.name, self.core.pid, self.restarts)
-                self._event(what="restarted", pid=self.core.pid, restarts=self.restarts)
+                log.warning("engine of %s restarted (pid %s, restart %d)", self.info.name, self.client.pid, self.restarts)
+                self._event(what="restarted", pid=self.client.pid, restarts=self.restarts)
             return True
 
     def _crashed(self, reason: str, hung: bool = False) -> None:
-        """The core died, or the watchdog killed it (`hung`): fail what was in it, count
+        """The engine process died, or the watchdog killed it (`hung`): fail what was in it, count
         it, and restart or give up."""
         with self._cond:
             self.stats["engine_hangs" if hung else "engine_crashes"] += 1
@@ -329,10 +335,10 @@ class Engine:
                     lost.append(job)
             self._forget.clear()
             self._away.clear()
-            for key in self._core_stats:
-                self._dead_stats[key] += self._core_stats[key] if key not in ("max_seqs", "prefill_chunk", "kv_disk_bytes") else 0
-            self._dead_stats["max_seqs"] = max(self._dead_stats["max_seqs"], self._core_stats["max_seqs"])
-            self._core_stats = dict.fromkeys(STAT_KEYS, 0)
+            for key in self._process_stats:
+                self._dead_stats[key] += self._process_stats[key] if key not in ("max_seqs", "prefill_chunk", "kv_disk_bytes") else 0
+            self._dead_stats["max_seqs"] = max(self._dead_stats["max_seqs"], self._process_stats["max_seqs"])
+            self._process_stats = dict.fromkeys(STAT_KEYS, 0)
             self._last = None
             failed = len(self._crashes) >= params.ENGINE_CRASH_LOOP
         self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, message)) for job in lost])
@@ -355,7 +361,7 @@ class Engine:
                 f"the engine of model {self.info.name!r} failed: it crashed {len(self._crashes)} times within "
                 f"{params.ENGINE_CRASH_WINDOW_SECONDS:.0f} s (last: {self.last_crash}); root can start it again: echo retry {self.info.name} > kernel/ctl"
             )
-        self.core.set_state(state, failure)
+        self.client.set_state(state, failure)
 
     def _fail_waiting(self, message: str) -> None:
         """A failed core: every queued job ends with EIO. Caller holds _cond."""
@@ -375,10 +381,10 @@ class Engine:
 
     def _wait_for_work(self) -> bool | None:
         """True: there is work (or news); False: idle for a ping interval; None: stopping."""
-        deadline = self.core.deadline()
+        deadline = self.client.deadline()
         interval = None if deadline is None else deadline * params.ENGINE_PING_FRACTION
         with self._cond:
-            while not (self._stopping or self._wake or self._has_work() or self.core.state != "ready"):
+            while not (self._stopping or self._wake or self._has_work() or self.client.state != "ready"):
                 if not self._cond.wait(interval):
                     return None if self._stopping else False
             self._wake = False
@@ -470,7 +476,7 @@ class Engine:
             if end is not None:
                 del self._slots[key]
             deliveries.append((seat.job, chunk, n_tokens, end))
-        self._core_stats = result.stats
+        self._process_stats = result.stats
         self._last = result
         if deliveries:
             self._hand_over(deliveries)

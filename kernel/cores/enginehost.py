@@ -12,7 +12,7 @@ channel the spec, then progress, `Loaded` and `Ready`; then plans and their resu
 pings, and `Stop`; on the call channel, served by a thread of its own, the
 vocabulary's calls. The KV cache, saved states and samplers never leave the child.
 
-`ProcessCore` is the daemon's side: it starts the child, relays its stderr to the
+`EngineProcess` is the daemon's side: it starts the child, relays its stderr to the
 log (keeping the last lines for the crash report), keeps two plans in flight, turns
 a dead child into `EngineDied` with the signal or exit status, and is the watchdog:
 no wait on the child is without a deadline (docs/engine.md).
@@ -40,6 +40,7 @@ from ..errors import KernelError
 from .backends import BackendInfo
 from .channel import Channel
 from .combine import Combiner
+from .pidfiles import record_pid, stopped
 from .wire import (
     PING,
     STOP,
@@ -99,7 +100,7 @@ class StepTimes:
         return max(self._current, *self._maxima) if self._maxima else self._current
 
 
-class ProcessCore:
+class EngineProcess:
     """A supervised engine process. `start` (re)spawns it and returns once it is warm;
     `step` and `ping` are called by one thread, the engine loop; `tokenize` and
     `chat_prompt` by any.
@@ -171,7 +172,8 @@ class ProcessCore:
         step_child.close()
         call_child.close()
         self.pid = self._proc.pid
-        self._record_pid()
+        if self.pid_file is not None:
+            record_pid(self.pid_file, self.pid)
         self._steps, self._calls = Channel(step_parent), Channel(call_parent)
         self._relay = threading.Thread(target=self._relay_stderr, args=(self._proc,), name=f"engine-{self.pid}-stderr", daemon=True)
         self._relay.start()
@@ -285,7 +287,7 @@ class ProcessCore:
             if self._abort_at is not None and now >= self._abort_at:
                 self._kill()
                 raise EngineDied("stopped with the mount: it did not finish its step in time")
-            if now - since >= self.floor and self.pid is not None and _stopped(self.pid, traced=False):
+            if now - since >= self.floor and self.pid is not None and stopped(self.pid, traced=False):
                 self.declare_hung(what, now - since, "its process is stopped")
                 raise EngineDied(self._hung, hung=True)
 
@@ -326,7 +328,7 @@ class ProcessCore:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None and self._steps is not None and not _stopped(proc.pid):
+        if proc.poll() is None and self._steps is not None and not stopped(proc.pid):
             try:
                 self._steps.send(STOP, time.monotonic() + params.ENGINE_STOP_SECONDS)
                 proc.wait(timeout=params.ENGINE_STOP_SECONDS)
@@ -336,16 +338,6 @@ class ProcessCore:
         if self.pid_file is not None and not self._left_behind:
             self.pid_file.unlink(missing_ok=True)
         self.set_state("stopped")
-
-    def _record_pid(self) -> None:
-        if self.pid_file is None:
-            return
-        try:
-            temporary = self.pid_file.with_suffix(".tmp")
-            temporary.write_text(f"{self.pid}\n")
-            temporary.replace(self.pid_file)
-        except OSError as exc:
-            log.warning("cannot record the engine's pid in %s: %s", self.pid_file, exc)
 
     def _reap(self) -> None:
         for channel in (self._steps, self._calls):
@@ -473,32 +465,6 @@ class ProcessCore:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         tail = " | ".join([line for line in self.stderr_tail if not _STACK_LINE.match(line)][-3:])
         return how + (f"; its last words: {tail}" if tail else "")
-
-
-def end_leftover_engines(directory: Path) -> list[int]:
-    """Kill the engines recorded in `directory` (`*.pid`) that still run: a daemon that
-    died left them (a stopped engine never sees its daemon go). Returns their pids."""
-    ended = []
-    for record in directory.glob("*.pid"):
-        try:
-            pid = int(record.read_text())
-            if b"kernel.cores.enginehost" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-                ended.append(pid)
-        except (OSError, ValueError):
-            pass
-        record.unlink(missing_ok=True)
-    return ended
-
-
-def _stopped(pid: int, traced: bool = True) -> bool:
-    """Is the process stopped by a signal (or, with `traced`, by a debugger)? It would
-    never read a request to stop."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] in (("T", "t") if traced else ("T",))
 
 
 def main(argv: list[str] | None = None) -> int:

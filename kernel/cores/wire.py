@@ -1,7 +1,7 @@
 """The wire between the daemon and its engine process: every message that crosses it.
 
 Two socket pairs join the daemon (kernel/cores/engine.py, kernel/cores/enginehost.py's
-`ProcessCore`) to the engine process (`python -m kernel.cores.enginehost`); each
+`EngineProcess`) to the engine process (`python -m kernel.cores.enginehost`); each
 carries length-prefixed pickles of the types below, and a message's type is its
 kind. Both ends are this code base, so nothing else is on the wire.
 

@@ -5,31 +5,36 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .. import params
 from ..errors import KernelError
 from ..kernel import Kernel
+from ..memory.store import MemoryStore
 from ..text import loads
 from ..types import Agent, Caller
 from . import checks
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MEMORY_OPS = frozenset(
     "lookup getattr readdir create mkdir symlink readlink link unlink rmdir rename setattr open release read write flush fsync".split()
 )
 
 
-def memory_op(op: str) -> Callable[..., Awaitable[Any]]:
-    """The handler of one operation of the memory store (memory/ files): the VFS has
-    checked the mode bits; a write by someone other than root clears set-id bits."""
-    sets_ids = op in ("open", "write", "setattr")
+def memory_op(method: Callable[Concatenate[MemoryStore, P], R]) -> Callable[Concatenate[Kernel, Caller, P], Awaitable[R]]:
+    """The handler of one operation of the memory store (memory/ files), with the
+    operation's own signature: the VFS has checked the mode bits; a write by someone
+    other than root clears set-id bits."""
+    sets_ids = method.__name__ in ("open", "write", "setattr")
 
-    async def handler(kernel: Kernel, caller: Caller, *args: Any, **kwargs: Any) -> Any:
+    async def handler(kernel: Kernel, caller: Caller, *args: P.args, **kwargs: P.kwargs) -> R:
         if sets_ids and caller.uid != 0:  # root keeps the set-id bits when it writes (CAP_FSETID)
             kwargs["writer"] = caller
-        return await kernel.memory.run(getattr(kernel.memory.store, op), *args, **kwargs)
+        return await kernel.memory.run(method, kernel.memory.store, *args, **kwargs)
 
-    handler.__name__ = f"sys_memory_{op}"
+    handler.__name__ = f"sys_memory_{method.__name__}"
     return handler
 
 

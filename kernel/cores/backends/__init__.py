@@ -1,4 +1,5 @@
-"""LLM cores. A backend owns one model and one context with `n_slots` sequences.
+"""Backends: what runs a model in the engine. A backend owns one model and one context
+with `n_slots` sequences: llama.cpp (llama.py) or the fake model of the tests (fake.py).
 
 Contract: every method except `tokenize`, `chat_prompt` and `info` is called only
 from the engine thread. `tokenize` and `chat_prompt` read the vocabulary and the
@@ -36,7 +37,8 @@ class BatchEntry:
 
 
 class Vocabulary(Protocol):
-    """What the kernel itself asks of a core: its shape, its tokens and its chat template."""
+    """What the kernel itself asks of a model: its shape, its tokens and its chat template
+    (a backend, or an engine process, which asks its own)."""
 
     info: BackendInfo
 

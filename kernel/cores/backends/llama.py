@@ -1,4 +1,4 @@
-"""The local LLM core: llama.cpp through llama-cpp-python's low-level API.
+"""The llama.cpp backend: llama.cpp through llama-cpp-python's low-level API.
 
 One model, one context holding `n_slots` sequences of `n_ctx_seq` tokens each
 (`kv_unified=false`, so every sequence owns its cells), and one llama_sampler
