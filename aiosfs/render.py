@@ -96,7 +96,7 @@ def kernel_models(kernel: Kernel) -> str:
         )
         lines.append(
             f"{name} {info.backend} {info.path} {info.n_ctx_seq} {info.device} loaded{default} "
-            f"running={core.running()} queued={len(core.queued())} gpu_layers={info.gpu_layers}{engine}\n"
+            f"running={core.running()} queued={len(core.queue.queued())} gpu_layers={info.gpu_layers}{engine}\n"
         )
     for name in kernel.cores.unloaded():
         lines.append(f"{name} llama.cpp - 0 - unloaded running=0 queued=0 gpu_layers=0\n")

@@ -68,7 +68,7 @@ class KernelCollector(Collector):
         yield from _merged([({"model": name}, engine.step_metrics.collect()) for name, engine in engines.items()])
         yield from _merged([({}, k.requests.results.metrics.collect())])  # labelled with their model already
         queued = GaugeMetricFamily("aiosfs_queued_jobs", "Jobs in a core's queue, switched-out and suspended ones included.", labels=["model"])
-        yield _by_model(queued, {name: len(core.queued()) for name, core in k.cores.items()})
+        yield _by_model(queued, {name: len(core.queue.queued()) for name, core in k.cores.items()})
         running = GaugeMetricFamily("aiosfs_running_jobs", "Sequences a core is decoding (suspended ones not counted).", labels=["model"])
         yield _by_model(running, {name: core.running() for name, core in k.cores.items()})
         yield from self._kernel_wide()

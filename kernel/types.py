@@ -20,7 +20,7 @@ from . import params
 from .access.policy import Policy
 from .agents.config import AgentConfig
 from .cores.backends import BackendInfo
-from .cores.scheduler import Scheduler
+from .cores.scheduler import Queue
 from .errors import KernelError
 from .llm.events import EventStream
 from .llm.jobs import Job, JobState
@@ -81,21 +81,34 @@ class AgentLookup(Protocol):
         ...
 
 
-class Core(Protocol):
-    """An LLM core: the local engine or a remote server. Each has its own queue under
-    the kernel's scheduling policy and hands results back through `on_update`."""
+class Sender(Protocol):
+    """Where a core sends its deliveries: the core set's results channel (a trio
+    `MemorySendChannel`, unbounded, so a core never waits), which one task reads
+    (kernel/llm/results.py). A local engine's thread sends through the trio token."""
 
-    on_update: Callable[[list[Delivery]], None]
+    def send_nowait(self, value: list[Delivery]) -> None: ...
+
+
+class Discard:
+    """A `Sender` for a core that no kernel reads (tests of a core's own answers)."""
+
+    def send_nowait(self, value: list[Delivery]) -> None:
+        pass
+
+
+class Core(Protocol):
+    """An LLM core: the local engine or a remote server. Jobs come in through its
+    `queue`, under the kernel's scheduling policy; their results go out on `results`."""
+
+    queue: Queue
+    results: Sender
 
     @property
     def info(self) -> BackendInfo: ...
 
-    def submit(self, job: Job) -> None: ...
     def cancel(self, job: Job) -> bool: ...
     def pause(self, job: Job, paused: bool) -> None: ...
-    def queued(self) -> list[Job]: ...
     def running(self) -> int: ...
     def statistics(self) -> dict[str, Any]: ...
-    def set_scheduler(self, scheduler: Scheduler) -> None: ...
     async def run(self, task_status: trio.TaskStatus[None] = ...) -> None: ...
     def stop(self) -> None: ...

@@ -450,13 +450,14 @@ def test_stop_strings_cut_the_output(make_kernel):
 def test_utf8_output_is_published_in_whole_characters(make_kernel):
     kernel = make_kernel()
     chunks: list[bytes] = []
-    deliver = kernel.engine.on_update
+    channel = kernel.engine.results
 
-    def spy(deliveries):
-        chunks.extend(chunk for _, chunk, _, _ in deliveries)
-        deliver(deliveries)
+    class Spy:
+        def send_nowait(self, deliveries):
+            chunks.extend(chunk for _, chunk, _, _ in deliveries)
+            channel.send_nowait(deliveries)
 
-    kernel.engine.on_update = spy
+    kernel.engine.results = Spy()
     message = "héllo wörld ✓"
 
     async def body():

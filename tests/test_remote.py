@@ -40,12 +40,12 @@ SERVER_EXTRAS = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "py
 
 
 class Recorder:
-    """An `on_update` that applies deliveries as the kernel does and keeps them, timed."""
+    """The results channel of a core: applies deliveries as the kernel does and keeps them, timed."""
 
     def __init__(self) -> None:
         self.log: list[tuple[float, Job, bytes, int, tuple[JobState, int, str] | None]] = []
 
-    def __call__(self, deliveries: list[Delivery]) -> None:
+    def send_nowait(self, deliveries: list[Delivery]) -> None:
         for job, chunk, n_tokens, end in deliveries:
             self.log.append((time.monotonic(), job, chunk, n_tokens, end))
             if chunk or n_tokens:
@@ -65,9 +65,8 @@ class Recorder:
 
 def make_engine(base_url: str, **options: Any) -> tuple[RemoteEngine, Recorder]:
     options.setdefault("retries", 0)
-    engine = RemoteEngine(RemoteConfig(options.pop("name", "remote"), base_url, options.pop("model", "smollm2"), **options), Scheduler())
     recorder = Recorder()
-    engine.on_update = recorder
+    engine = RemoteEngine(RemoteConfig(options.pop("name", "remote"), base_url, options.pop("model", "smollm2"), **options), Scheduler(), recorder)
     return engine, recorder
 
 
@@ -95,7 +94,7 @@ def drive(engine: RemoteEngine, body: Callable[[], Awaitable[Any]], timeout: flo
 
 
 async def ask(engine: RemoteEngine, job: Job) -> Job:
-    engine.submit(job)
+    engine.queue.push(job)
     return await finished(job)
 
 
@@ -361,10 +360,10 @@ def test_max_in_flight_one_runs_jobs_one_after_the_other(server: LlamaServer) ->
     first, second = make_job(1, "Name three colors.", max_tokens=24), make_job(2, "Name three animals.", max_tokens=24)
 
     async def body() -> None:
-        engine.submit(first)
-        engine.submit(second)
+        engine.queue.push(first)
+        engine.queue.push(second)
         await producing(first)
-        assert engine.queued() == [second] and engine.running() == 1
+        assert engine.queue.queued() == [second] and engine.running() == 1
         assert second.state is JobState.QUEUED and engine.statistics()["in_flight"] == 1
         await finished(first)
         await finished(second)
@@ -383,10 +382,10 @@ def test_cancel_of_a_running_job_ends_it_and_the_next_one_runs(server: LlamaServ
 
     async def body() -> None:
         for job in (long, nxt, dropped):
-            engine.submit(job)
+            engine.queue.push(job)
         await producing(long)
         assert engine.cancel(dropped) is True  # waiting: finished at once
-        assert engine.cancel(long) is False  # running: ends through on_update
+        assert engine.cancel(long) is False  # running: ends through its delivery
         await finished(long)
         await finished(nxt)
 
@@ -554,12 +553,12 @@ def test_pause_holds_a_running_jobs_output_and_parks_a_waiting_one() -> None:
     first, second = make_job(1, "count"), make_job(2, "count")
 
     async def body(engine: RemoteEngine) -> None:
-        engine.submit(first)
-        engine.submit(second)
+        engine.queue.push(first)
+        engine.queue.push(second)
         engine.pause(second, True)  # waiting: leaves the queue
         await producing(first)
         engine.pause(first, True)
-        assert engine.running() == 0 and engine.queued() == [second]
+        assert engine.running() == 0 and engine.queue.queued() == [second]
         shown = len(first.data)
         await sent.wait()  # the server has sent the whole answer,
         await trio.testing.wait_all_tasks_blocked(0.05)  # and the engine has read all it could: none of it is shown
@@ -581,7 +580,7 @@ def test_stop_drops_running_requests_without_delivering_an_end() -> None:
     job = make_job(1, "hello")
 
     async def body(engine: RemoteEngine) -> None:
-        engine.submit(job)
+        engine.queue.push(job)
         await producing(job)
         engine.stop()
 

@@ -63,8 +63,7 @@ class CoreSet(Mapping[str, Core]):
         for remote in remotes:
             if remote.name in self._cores:
                 raise ValueError(f"model name {remote.name!r} is used twice")
-            core = RemoteEngine(remote, make_scheduler(scheduler))
-            core.on_update = self._update
+            core = RemoteEngine(remote, make_scheduler(scheduler), self._results)
             self._cores[remote.name] = core
         self._loaders = dict(loaders or {})
         for name in self._loaders:
@@ -76,14 +75,9 @@ class CoreSet(Mapping[str, Core]):
         self._nursery: trio.Nursery | None = None
 
     def _engine(self, runtime: Runtime, scheduler: str, **engine_options: Any) -> Engine:
-        engine = Engine(runtime, make_scheduler(scheduler), **engine_options)
-        engine.on_update = self._update
+        engine = Engine(runtime, make_scheduler(scheduler), results=self._results, **engine_options)
         engine.on_event = lambda fields: self._audit("engine", **fields)
         return engine
-
-    def _update(self, deliveries: list[Delivery]) -> None:
-        """On the trio thread (a local engine's thread sends through its trio token)."""
-        self._results.send_nowait(deliveries)
 
     # -- Mapping ---------------------------------------------------------------------
     def __getitem__(self, name: str) -> Core:
@@ -174,7 +168,7 @@ class CoreSet(Mapping[str, Core]):
         core = self._cores.get(name)
         if core is None:
             raise KernelError(errno.ENOENT, f"model {name!r} is not loaded")
-        if core.queued() or core.running():
+        if core.queue.queued() or core.running():
             raise KernelError(errno.EBUSY, f"model {name!r} has queued or running jobs; cancel them or wait")
         del self._cores[name]
         self._local.pop(name, None)
@@ -194,7 +188,7 @@ class CoreSet(Mapping[str, Core]):
     def set_scheduler(self, spec: str) -> None:
         """One policy for every core, each with its own queue."""
         for core in self._cores.values():
-            core.set_scheduler(make_scheduler(spec))
+            core.queue.set_policy(make_scheduler(spec))
 
     # -- routing ---------------------------------------------------------------------
     def vocabulary(self, config: AgentConfig) -> Vocabulary:
@@ -207,7 +201,7 @@ class CoreSet(Mapping[str, Core]):
         """Hand a job to its model's core; one that names no model gets the route's
         choice, kept in its config so that its cancels and pauses find the same core."""
         job.config = self.routed(job.config)
-        self._cores[job.config.model].submit(job)
+        self._cores[job.config.model].queue.push(job)
 
     def of(self, job: Job) -> Core:
         """The core that serves a job: its model's (before it is submitted, the one the route would choose)."""
@@ -219,12 +213,12 @@ class CoreSet(Mapping[str, Core]):
 
     def route_name(self) -> str:
         if self.route == "least-loaded":
-            return min(self._cores, key=lambda name: len(self._cores[name].queued()) + self._cores[name].running())
+            return min(self._cores, key=lambda name: len(self._cores[name].queue.queued()) + self._cores[name].running())
         return self.runtime.info.name
 
     # -- visibility ------------------------------------------------------------------
     def queued(self) -> int:
-        return sum(len(core.queued()) for core in self._cores.values())
+        return sum(len(core.queue.queued()) for core in self._cores.values())
 
     def running(self) -> int:
         return sum(core.running() for core in self._cores.values())

@@ -19,7 +19,8 @@ backoff. `ENGINE_CRASH_LOOP` crashes within `ENGINE_CRASH_WINDOW_SECONDS`, with 
 engine between them that served `ENGINE_STABLE_SECONDS`, mark the core `failed`
 (EIO naming the reason) until `retry()` (kernel/ctl `retry MODEL`).
 
-Locking: `_cond` guards the scheduler, `_parked`, `_forget`, `_stopping` and the engine process's state changes; `_slots` belongs to the engine thread.
+Locking: `_cond` guards the queue (its scheduler and parked jobs), `_forget`, `_stopping` and the engine
+process's state changes; `_slots` belongs to the engine thread.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ import trio
 
 from .. import params
 from ..llm.jobs import Job, JobState
-from ..types import Delivery
+from ..types import Delivery, Discard, Sender
 from .client import EngineClient, Runtime, engine_client
 from .enginehost import EngineDied
-from .scheduler import Running, Scheduler, park
+from .scheduler import Queue, Running, Scheduler
 from .stepmetrics import StepMetrics
 from .wire import STAT_KEYS, Admit, Plan, RunnerOptions, StepResult
 
@@ -64,6 +65,7 @@ class Engine:
         runtime: Runtime,
         scheduler: Scheduler,
         *,
+        results: Sender | None = None,
         swap_budget: int = params.SWAP_RAM_BYTES,
         kv_reuse: bool = True,
         kv_share: bool = True,
@@ -77,12 +79,11 @@ class Engine:
         self.client: EngineClient = engine_client(runtime)
         self.client.configure(RunnerOptions(swap_budget, kv_reuse, slots, kv_share))
         self.client.on_exit = self._process_exited
-        self.scheduler = scheduler
         self._slot_limit = slots
         self._cond = threading.Condition()
+        self.queue = Queue(scheduler, self._cond, self._poke, self._refuse)  # the way in, under _cond
         self._slots: dict[int, Seat] = {}  # by key
         self._keys = itertools.count(1)
-        self._parked: list[Job] = []  # paused and switched out: back to the queue on resume
         self._away: dict[int, Job] = {}  # switched-out jobs by key (the engine thread's, under _cond)
         self._forget: list[int] = []  # keys of switched-out jobs cancelled since the last step
         self._stopping = False
@@ -92,7 +93,7 @@ class Engine:
         self._started_at = time.monotonic()  # when the running engine became ready
         self.restarts = 0
         self.last_crash = ""
-        self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
+        self.results: Sender = results or Discard()  # the way back: the core set's results channel
         self.on_event: Callable[[dict[str, Any]], None] = lambda fields: None  # crashes, restarts: to the audit log
         self.stats: dict[str, float] = dict.fromkeys(["step_s", "preemptions", "held_seq_steps", "engine_crashes", "engine_hangs"], 0)
         self._process_stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)  # the running engine process's counters
@@ -122,30 +123,25 @@ class Engine:
             self._cond.notify()
         self.client.interrupt()
 
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self.client.state == "failed":
-                self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, self.failure()))])
-                return
-            self.scheduler.push(job)
-            self._cond.notify()
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.queue.scheduler
 
-    def set_scheduler(self, scheduler: Scheduler) -> None:
-        """Switch policy at run time; queued jobs move over in their order."""
-        with self._cond:
-            for job in self.scheduler.queued():
-                scheduler.push(job)
-            self.scheduler = scheduler
-            self._cond.notify()
+    def pause(self, job: Job, paused: bool) -> None:
+        """Leave a job out of the batches, or out of the queue (or take it back)."""
+        self.queue.park(job, paused)
+
+    def _refuse(self, job: Job) -> bool:
+        """A job for a crash-looped engine ends at once (caller holds _cond)."""
+        if self.client.state != "failed":
+            return False
+        self._hand_over([(job, b"", 0, (JobState.ERROR, errno.EIO, self.failure()))])
+        return True
 
     def cancel(self, job: Job) -> bool:
         """Cancel a job; True when it was waiting and is now finished."""
         with self._cond:
-            waiting = self.scheduler.remove(job)
-            if not waiting and job in self._parked:
-                self._parked.remove(job)
-                waiting = True
-            if waiting:
+            if self.queue.take(job):
                 if job.saved is not None:  # its state is in the engine: drop it at the next step
                     self._forget.append(job.saved)
                     self._away.pop(job.saved, None)
@@ -156,12 +152,6 @@ class Engine:
             job.cancel_requested = True
             self._poke()
         return False
-
-    def pause(self, job: Job, paused: bool) -> None:
-        """Leave a job out of the batches, or out of the queue (or take it back)."""
-        with self._cond:
-            park(self.scheduler, self._parked, job, paused)
-            self._poke()
 
     def retry(self) -> None:
         """Start a `failed` core again (kernel/ctl `retry MODEL`)."""
@@ -180,10 +170,6 @@ class Engine:
         """Caller holds _cond."""
         self._wake = True
         self._cond.notify()
-
-    def queued(self) -> list[Job]:
-        with self._cond:
-            return self.scheduler.queued() + list(self._parked)
 
     def running(self) -> int:
         return sum(1 for s in list(self._slots.values()) if not s.paused)
@@ -219,7 +205,7 @@ class Engine:
         out["plan_ipc_s"] = round(max(s["step_s"] - s["runner_s"], 0.0), 3)
         out["swap_ms"] = round(s["swap_ms"], 2)
         out["running"] = self.running()
-        out["queued"] = len(self.scheduler)
+        out["queued"] = len(self.queue.scheduler)
         out["cached_sequences"] = self._last.cached_sequences if self._last else 0
         out["swapped_bytes"] = self._last.swapped_bytes if self._last else 0
         out["engine_restarts"] = self.restarts
@@ -329,7 +315,7 @@ class Engine:
             message = reason if hung else f"the engine crashed ({reason})"
             lost = [seat.job for seat in self._slots.values()]
             self._slots.clear()
-            for job in self.scheduler.queued() + self._parked:
+            for job in self.queue.scheduler.queued() + self.queue.parked:
                 if job.saved is not None:  # switched out: its state was in the dead process
                     self._unqueue(job)
                     lost.append(job)
@@ -365,7 +351,7 @@ class Engine:
 
     def _fail_waiting(self, message: str) -> None:
         """A failed core: every queued job ends with EIO. Caller holds _cond."""
-        jobs = self.scheduler.queued() + self._parked
+        jobs = self.queue.scheduler.queued() + self.queue.parked
         for job in jobs:
             self._unqueue(job)
         if jobs:
@@ -373,8 +359,7 @@ class Engine:
 
     def _unqueue(self, job: Job) -> None:
         """Caller holds _cond."""
-        if not self.scheduler.remove(job) and job in self._parked:
-            self._parked.remove(job)
+        self.queue.take(job)
         if job.saved is not None:
             self._away.pop(job.saved, None)
         job.saved = None
@@ -399,7 +384,7 @@ class Engine:
         """Caller holds _cond."""
         if any(not s.job.pause_requested for s in self._slots.values()):
             return True
-        return bool(len(self.scheduler)) and (self._available() > 0 or bool(self._slots))
+        return bool(len(self.queue.scheduler)) and (self._available() > 0 or bool(self._slots))
 
     def _available(self) -> int:
         """Sequences a waiting job could get without preempting anyone (idle cached ones count)."""
@@ -417,21 +402,22 @@ class Engine:
                 del self._slots[seat.key]
             for seat in self._slots.values():
                 seat.paused = seat.job.pause_requested
-            waiting = len(self.scheduler)
+            scheduler = self.queue.scheduler
+            waiting = len(scheduler)
             if waiting:
                 for seat in [s for s in self._slots.values() if s.paused]:
                     if waiting <= self._available():
                         break
                     self._switch_out(seat, plan)
-                    self._parked.append(seat.job)
+                    self.queue.parked.append(seat.job)
                 running = [Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused]
-                for job in self.scheduler.preempt(running, self._available()):
+                for job in scheduler.preempt(running, self._available()):
                     self.stats["preemptions"] += 1
                     self._switch_out(next(s for s in self._slots.values() if s.job is job), plan)
-                    self.scheduler.push(job)
-            for job in self.scheduler.pick(self._available()):
+                    scheduler.push(job)
+            for job in scheduler.pick(self._available()):
                 early += self._seat(job, plan)
-            held = self.scheduler.hold([Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused])
+            held = scheduler.hold([Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused])
         held_ids = {id(job) for job in held}
         plan.paused = {s.key for s in self._slots.values() if s.paused}
         plan.held = {s.key for s in self._slots.values() if id(s.job) in held_ids}
@@ -490,7 +476,7 @@ class Engine:
                 self._unqueue(job)
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:
-        self._to_trio(self.on_update, deliveries)
+        self._to_trio(self.results.send_nowait, deliveries)
 
     def _event(self, **fields: Any) -> None:
         """An engine event (crash, restart) for the audit log, on the trio thread."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,11 +33,11 @@ import trio
 
 from .. import params
 from ..llm.jobs import Job, JobState
-from ..types import Delivery
+from ..types import Delivery, Discard, Sender
 from .backends import BackendInfo
 from .remote_config import RemoteConfig as RemoteConfig
 from .remote_config import load_api_key as load_api_key
-from .scheduler import Scheduler, park
+from .scheduler import Queue, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +104,14 @@ class _Request:
 class RemoteEngine:
     """An LLM core on a remote server, with `Engine`'s interface (see the module doc)."""
 
-    def __init__(self, config: RemoteConfig, scheduler: Scheduler) -> None:
+    def __init__(self, config: RemoteConfig, scheduler: Scheduler, results: Sender | None = None) -> None:
         """Raises ValueError when the API key the config names cannot be had."""
         self.config = config
-        self.scheduler = scheduler
-        self.on_update: Callable[[list[Delivery]], None] = lambda deliveries: None
+        self.queue = Queue(scheduler, wake=self._dispatch)  # the way in, on the trio thread
+        self.results: Sender = results or Discard()  # the way back: the core set's results channel
         self._key = load_api_key(config)
         if self._key is not None and urlsplit(config.base_url).scheme == "http" and not _is_loopback(config.base_url):
             log.warning("remote core %s: the API key goes to %s in clear text (http)", config.name, config.base_url)
-        self._parked: list[Job] = []  # paused while waiting: back to the queue on resume
         self._running: dict[Job, _Request] = {}
         self._resumed = trio.Event()  # replaced at every pause change: held jobs look again
         self._nursery: trio.Nursery | None = None
@@ -156,25 +154,14 @@ class RemoteEngine:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def submit(self, job: Job) -> None:
-        self.scheduler.push(job)
-        self._dispatch()
-
-    def set_scheduler(self, scheduler: Scheduler) -> None:
-        """Switch policy at run time; queued jobs move over in their order."""
-        for job in self.scheduler.queued():
-            scheduler.push(job)
-        self.scheduler = scheduler
-        self._dispatch()
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.queue.scheduler
 
     def cancel(self, job: Job) -> bool:
         """Cancel a job; True when it was waiting and is now finished. A running one
-        ends through `on_update` once its request is cancelled."""
-        waiting = self.scheduler.remove(job)
-        if not waiting and job in self._parked:
-            self._parked.remove(job)
-            waiting = True
-        if waiting:
+        ends through its delivery once its request is cancelled."""
+        if self.queue.take(job):
             job.finish(JobState.CANCELLED, errno.ECANCELED, "cancelled while queued")
             return True
         job.cancel_requested = True
@@ -186,16 +173,12 @@ class RemoteEngine:
     def pause(self, job: Job, paused: bool) -> None:
         """Take a waiting job out of the queue (or put it back). A running one keeps its
         request (a server cannot switch it out) and its output is held until resumed."""
-        park(self.scheduler, self._parked, job, paused)
+        self.queue.park(job, paused)
         request = self._running.get(job)
         if request is not None and not paused:
             self._release_held(request)
         self._resumed.set()
         self._resumed = trio.Event()
-        self._dispatch()
-
-    def queued(self) -> list[Job]:
-        return self.scheduler.queued() + list(self._parked)
 
     def running(self) -> int:
         return sum(1 for request in self._running.values() if not request.job.pause_requested)
@@ -208,7 +191,7 @@ class RemoteEngine:
         out["mean_ttfb_ms"] = round(1000 * s["ttfb_s"] / s["ttfb_count"], 1) if s["ttfb_count"] else 0.0
         out["in_flight"] = len(self._running)
         out["running"] = self.running()
-        out["queued"] = len(self.scheduler) + len(self._parked)
+        out["queued"] = len(self.queue.scheduler) + len(self.queue.parked)
         return out
 
     # -- admission -------------------------------------------------------------------------
@@ -217,9 +200,9 @@ class RemoteEngine:
         if self._nursery is None or self._stopping:
             return
         free = self.config.max_in_flight - len(self._running)
-        if free <= 0 or not len(self.scheduler):
+        if free <= 0 or not len(self.queue.scheduler):
             return
-        for job in self.scheduler.pick(free):
+        for job in self.queue.scheduler.pick(free):
             request = _Request(job, trio.current_time())
             self._running[job] = request
             self._nursery.start_soon(self._serve, request)
@@ -253,9 +236,9 @@ class RemoteEngine:
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:
         try:
-            self.on_update(deliveries)
-        except Exception:  # the receiver's bug must not take every other request down
-            log.exception("remote core %s: on_update failed", self.config.name)
+            self.results.send_nowait(deliveries)
+        except Exception:  # a closed channel (the kernel stops) must not take every other request down
+            log.exception("remote core %s: its results could not be sent", self.config.name)
 
     # -- one request, with its retries -------------------------------------------------------
     async def _generate(self, request: _Request) -> tuple[bytes, int, tuple[JobState, int, str]]:

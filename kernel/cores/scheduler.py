@@ -18,14 +18,19 @@ jobs to switch out so that waiting ones get a slot:
 Fairness between agents: under `rr` and `priority` one agent's flood of jobs
 cannot starve the others, because ties go to the agent served least recently.
 
-Policies hold no locks: the engine calls them under its own lock.
+Policies hold no locks: the engine calls them under its own lock (`Queue`, the way
+into a core, holds it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .. import params
 from ..llm.jobs import Job
@@ -150,15 +155,65 @@ class PriorityScheduler(Scheduler):
         return [r.job for r in running if self.effective(r.job, now) < top]
 
 
-def park(scheduler: Scheduler, parked: list[Job], job: Job, paused: bool) -> None:
-    """Pause or resume a job on the queue side: a waiting job leaves the queue for
-    `parked` (or returns, in its old place); the flag tells whoever runs it."""
-    if not paused and job in parked:
-        parked.remove(job)
-        scheduler.push(job)
-    elif paused and scheduler.remove(job):
-        parked.append(job)
-    job.pause_requested = paused
+class Queue:
+    """A core's way in: the policy's queue of waiting jobs and, beside it, the paused
+    ones (`parked`). Both kinds of core have one, and the core set hands jobs to it
+    directly. A local engine's is guarded by the engine's lock, since its loop takes
+    jobs from it on another thread; a remote core's lives on the trio thread (no lock).
+    `wake` tells the core that its queue changed (called with the lock held); `refuse`
+    ends a job the core cannot take now (a crash-looped engine) and says so."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        lock: threading.Condition | None = None,
+        wake: Callable[[], None] = lambda: None,
+        refuse: Callable[[Job], bool] = lambda job: False,
+    ) -> None:
+        self.scheduler = scheduler
+        self.parked: list[Job] = []  # paused while waiting (or switched out): back to the queue on resume
+        self.lock: contextlib.AbstractContextManager[Any] = lock if lock is not None else contextlib.nullcontext()
+        self._wake = wake
+        self._refuse = refuse
+
+    def push(self, job: Job) -> None:
+        with self.lock:
+            if not self._refuse(job):
+                self.scheduler.push(job)
+                self._wake()
+
+    def set_policy(self, scheduler: Scheduler) -> None:
+        """Switch policy at run time; queued jobs move over in their order."""
+        with self.lock:
+            for job in self.scheduler.queued():
+                scheduler.push(job)
+            self.scheduler = scheduler
+            self._wake()
+
+    def take(self, job: Job) -> bool:
+        """Take a waiting job (queued or parked) out; whether it was waiting. Caller holds the lock."""
+        if self.scheduler.remove(job):
+            return True
+        if job in self.parked:
+            self.parked.remove(job)
+            return True
+        return False
+
+    def park(self, job: Job, paused: bool) -> None:
+        """Pause or resume a job on the queue side: a waiting job leaves the queue for
+        `parked` (or returns, in its old place); the flag tells whoever runs it."""
+        with self.lock:
+            if not paused and job in self.parked:
+                self.parked.remove(job)
+                self.scheduler.push(job)
+            elif paused and self.scheduler.remove(job):
+                self.parked.append(job)
+            job.pause_requested = paused
+            self._wake()
+
+    def queued(self) -> list[Job]:
+        with self.lock:
+            return self.scheduler.queued() + list(self.parked)
 
 
 POLICIES = "fifo | rr [quantum=N] | priority"

@@ -70,8 +70,7 @@ class Requests:
                 self.nursery = self.results.nursery = nursery
                 nursery.start_soon(self._free_turns)
                 task_status.started()
-                async for deliveries in self.cores.results:  # the way back, one way: the cores only send
-                    self.results.deliver(deliveries)
+                await self.results.serve(self.cores.results)  # the way back, one way: the cores only send
         finally:
             self.nursery = self.results.nursery = None
             self.results.fail_unfinished("the kernel stopped before this job finished")

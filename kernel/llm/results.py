@@ -71,6 +71,12 @@ class Results:
         return job
 
     # -- from the cores (trio thread) ---------------------------------------------------
+    async def serve(self, results: trio.MemoryReceiveChannel[list[Delivery]]) -> None:
+        """The one reader of the cores' results channel: each batch of deliveries, in
+        the order the cores sent them, until the channel closes or the task is cancelled."""
+        async for deliveries in results:
+            self.deliver(deliveries)
+
     def deliver(self, deliveries: list[Delivery]) -> None:
         """A step's results, on the trio thread: an error here must cost one job, never the daemon."""
         started = time.perf_counter()
