@@ -37,6 +37,8 @@ def copy_reader(flags: int) -> bool:
 class Handle:
     """Base: what every open file knows."""
 
+    nonseekable = False  # a stream (`call`, the events files): lseek(2) fails with ESPIPE
+
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int) -> None:
         self.kernel = kernel
         self.caller = caller
@@ -72,6 +74,8 @@ class AskHandle(Handle):
     write starts the next question. `check` refuses what has been written so far (the
     question is then dropped); `answer` makes (the answer's bytes, the errno of the
     read after them or 0) of a question."""
+
+    nonseekable = True
 
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int) -> None:
         super().__init__(kernel, caller, agent, flags)

@@ -22,6 +22,7 @@ from kernel import Agent, Attr, Caller, Kernel, Passage
 from kernel.syscall import MEMORY_SYS, Sys, checks, syscall
 
 from .files import AskHandle, Handle
+from .spaces import Space, caller_of, ownership
 
 MEM_BASE = 1 << 48
 
@@ -57,6 +58,85 @@ def entry_attrs(attr: Attr) -> pyfuse3.EntryAttributes:
 
 async def mem(kernel: Kernel, caller: Caller, op: str, *args: object, **kwargs: object) -> Any:
     return await syscall(kernel, MEMORY_SYS[op], caller, *args, **kwargs)
+
+
+class MemorySpace(Space):
+    """memory/: every operation goes to the memory store, as the caller, through the
+    syscall of its name (the store checks what the VFS does not)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    async def _call(self, ctx: Any, op: str, *args: object, **kwargs: object) -> Any:
+        return await mem(self.kernel, caller_of(ctx), op, *args, **kwargs)
+
+    async def lookup(self, parent: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await self._call(ctx, "lookup", store_ino(parent), name))
+
+    async def getattr(self, ino: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await self._call(ctx, "getattr", store_ino(ino)))
+
+    async def setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, handle: Handle | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        values = ownership(attr, fields)
+        if not any(getattr(fields, "update_" + f) for f in ("mode", "uid", "gid", "size", "atime", "mtime")):
+            values["chown"] = True  # what chown(-1, -1) sends (utimensat with both UTIME_OMIT sends nothing)
+        if fields.update_atime:
+            values["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            values["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            values["size"] = attr.st_size
+            values["commit"] = not isinstance(handle, MemoryHandle)
+        return entry_attrs(await self._call(ctx, "setattr", store_ino(ino), **values))
+
+    async def opendir(self, ino: int, ctx: Any) -> None:
+        if not (await self._call(ctx, "getattr", store_ino(ino))).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def readdir(self, ino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for next_id, name, attr in await self._call(None, "readdir", store_ino(ino), start_id):
+            if not pyfuse3.readdir_reply(token, name, entry_attrs(attr), next_id):
+                break
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await self._call(ctx, "mkdir", store_ino(parent), name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
+        await self._call(ctx, "rmdir", store_ino(parent), name)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[Handle, pyfuse3.EntryAttributes]:
+        attr = entry_attrs(await self._call(ctx, "create", store_ino(parent), name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+        return await self.open(attr.st_ino, flags & ~os.O_TRUNC, ctx), attr
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await self._call(ctx, "create", store_ino(parent), name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev))
+
+    async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
+        await self._call(ctx, "unlink", store_ino(parent), name)
+
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int, ctx: Any) -> None:
+        await self._call(ctx, "rename", store_ino(parent_old), name_old, store_ino(parent_new), name_new, flags)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await self._call(ctx, "symlink", store_ino(parent), name, target, ctx.uid, ctx.gid))
+
+    async def readlink(self, ino: int, ctx: Any) -> bytes:
+        result: bytes = await self._call(ctx, "readlink", store_ino(ino))
+        return result
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry_attrs(await self._call(ctx, "link", store_ino(ino), store_ino(new_parent), new_name))
+
+    async def open(self, ino: int, flags: int, ctx: Any) -> Handle:
+        if (await self._call(ctx, "getattr", store_ino(ino))).is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self._call(ctx, "open", store_ino(ino), bool(flags & os.O_TRUNC))
+        # direct I/O (ops.py opens every file so): each write() reaches the store whole
+        # (up to max_write), so a quota refusal writes nothing; through the page cache a
+        # write is split at page edges.
+        return MemoryHandle(self.kernel, caller_of(ctx), None, flags, store_ino(ino))
 
 
 class MemoryHandle(Handle):

@@ -17,12 +17,14 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 
 from kernel import Caller, Kernel, params
 
 from .files import Handle
+from .spaces import Space, caller_of
 
 SCRATCH_BASE = 1 << 47  # inode numbers: above every synthetic one, below memory/'s (1 << 48)
 SCRATCH_LIMIT = 1 << 48
@@ -207,3 +209,34 @@ class ScratchHandle(Handle):
 
     async def release(self) -> None:
         self.scratch.released(self.file)
+
+
+class ScratchSpace(Space):
+    """The scratch files' inodes: their attributes and their opens. Their names are in
+    agent directories, whose space (tree.py) creates, renames and unlinks them here."""
+
+    def __init__(self, kernel: Kernel, files: ScratchFiles) -> None:
+        self.kernel = kernel
+        self.files = files
+
+    async def lookup(self, parent: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.ENOTDIR)  # a scratch file where a directory was expected
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def getattr(self, ino: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self.files.get(ino).attrs()
+
+    async def setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, handle: Handle | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        found = self.files.get(ino)
+        self.files.setattr(found, attr, fields)
+        return found.attrs()
+
+    async def open(self, ino: int, flags: int, ctx: Any) -> Handle:
+        return ScratchHandle(self.kernel, caller_of(ctx), flags, self.files.get(ino), self.files)

@@ -209,6 +209,8 @@ class EventsHandle(Handle):
     """events: JSON Lines of the events after open(); blocks for more, like a pipe.
     A copy reader (`copy_reader`) gets EOF: nothing happened since its open()."""
 
+    nonseekable = True
+
     def __init__(self, kernel: Kernel, caller: Caller, agent: Agent | None, flags: int, stream: EventStream, waiting: Waiting) -> None:
         super().__init__(kernel, caller, agent, flags)
         self.stream = stream

@@ -27,6 +27,7 @@ from . import render, toolfiles
 from .dirtab import BY_KIND, Cls, Entry, Kind, agent_of, kind_of
 from .files import CtlHandle, Handle, SnapshotHandle, StoredHandle, SubmitHandle
 from .memfiles import RecallHandle, is_mem
+from .spaces import caller_of
 from .streams import EventsHandle, GrowingHandle, RpcHandle, Waiting
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,6 @@ FIXED_DIRS = (Kind.KERNEL, Kind.AGENTS, Kind.TOOLS)  # root's children: names th
 # The root's own attributes are never kept: every walk then asks the daemon once, so a
 # mount whose daemon died says ENOTCONN at once (to a stat of the mountpoint, as tools
 # and `aiosfs mount` test it), not a second later.
-
-
-def caller_of(ctx: Any) -> Caller:
-    """Who asks; root for the filesystem's own lookups (readdir has no request context)."""
-    return Caller(0, 0, 0) if ctx is None else Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
 class Tree:
