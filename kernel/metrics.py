@@ -31,6 +31,7 @@ ENGINE_COUNTERS = [
     ("generated", "aiosfs_generated_tokens", "Tokens sampled and delivered.", 1.0),
     ("prompt_tokens", "aiosfs_prompt_tokens", "Prompt tokens prefilled, recomputed ones included.", 1.0),
     ("preemptions", "aiosfs_engine_preemptions", "Running jobs switched out by the scheduling policy.", 1.0),
+    ("free_steps", "aiosfs_engine_free_steps", "Steps the engine process took on its own while the daemon's next plan was late.", 1.0),
     ("swaps_out", "aiosfs_engine_swaps_out", "Job sequences saved to RAM.", 1.0),
     ("swaps_in", "aiosfs_engine_swaps_in", "Job sequences restored from RAM.", 1.0),
     ("swap_bytes", "aiosfs_kv_swap_bytes", "Bytes of KV state saved to RAM.", 1.0),

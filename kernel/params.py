@@ -67,6 +67,7 @@ ENGINE_STOP_SECONDS = 5.0  # an engine asked to stop is killed after this long (
 ENGINE_STOP_GRACE_SECONDS = 2.0  # at unmount, a step still running after this long is ended by killing the engine
 ENGINE_KILL_WAIT_SECONDS = 5.0  # an engine that outlives SIGKILL this long (stuck in a driver) is left behind, logged
 # the watchdog: an engine that answers no step, call or ping within its deadline is hung: killed and restarted
+ENGINE_FREE_STEPS = 4  # steps an engine process may take on its own when the daemon's next plan is late (docs/engine.md)
 ENGINE_DEADLINE_SECONDS = 15.0  # the deadline's floor (aiosfs mount --engine-deadline)
 ENGINE_DEADLINE_FACTOR = 50  # ... or this many times the slowest recent step, when that is longer
 ENGINE_DEADLINE_CAP_FACTOR = 4  # ... but at most this many floors: one step slowed by a busy machine must not make a stop go unseen for minutes

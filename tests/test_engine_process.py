@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from mounting import gone
 from kernel import params
 from kernel.cores.enginechild import CRASH_ENV
 from kernel.cores.enginehost import EngineDied, EngineProcess, StepTimes
+from kernel.cores.pidfiles import stopped
 from kernel.cores.wire import EngineSpec
 from kernel.errors import KernelError
 from kernel.kernel import Kernel
@@ -28,6 +30,16 @@ from kernel.storage.database import Storage
 from kernel.syscall import Sys, syscall
 
 SLOW = 0.02  # seconds per fake decode step: long answers keep their jobs in the engine a while
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP, and wait until the process is stopped: the signal takes effect when the
+    process is next scheduled, and a call sent before that is still answered."""
+    os.kill(pid, signal.SIGSTOP)
+    until = time.monotonic() + 10
+    while not stopped(pid, traced=False):
+        assert time.monotonic() < until, f"process {pid} did not stop"
+        time.sleep(0.001)
 
 
 def started(spec: EngineSpec) -> EngineProcess:
@@ -234,15 +246,15 @@ def test_a_stopped_engine_is_declared_hung_killed_and_replaced(process_kernel) -
         async with running(kernel):
             agent = await mkdir(kernel, "a")
             job = await producing(await submit(kernel, agent, '{"prompt": "x", "max_tokens": 2000, "ignore_eos": true}'))
-            stopped = core.pid
-            assert stopped is not None
-            os.kill(stopped, signal.SIGSTOP)
+            frozen = core.pid
+            assert frozen is not None
+            stop(frozen)
             await finished(job)
             assert job.state is JobState.ERROR and job.errno == errno.EIO
             assert job.message.startswith("the engine hung: no progress for 1 s (a step)"), job.message
             again = await finished(await submit(kernel, agent, "again"))
             assert bytes(again.data).decode() == answer("again") + "\n"  # a failed turn does not extend the context
-            assert core.pid != stopped and core.hangs == 1
+            assert core.pid != frozen and core.hangs == 1
             assert kernel.engine.statistics()["engine_hangs"] == 1
             assert [e["what"] for e in engine_log(kernel)] == ["hung", "restarted"]
 
@@ -254,7 +266,7 @@ def test_a_call_too_large_for_the_socket_to_a_stopped_engine_is_a_hang_in_bounde
     core.start()
     try:
         assert core.pid is not None
-        os.kill(core.pid, signal.SIGSTOP)
+        stop(core.pid)
         with pytest.raises(KernelError) as info:
             core.tokenize("x" * 4_000_000)  # more than the socket buffers: the send itself blocks
         assert info.value.errno == errno.EIO and "the engine hung: no progress for 1 s (a tokenize call)" in info.value.message
@@ -271,7 +283,7 @@ def test_a_stopped_engine_is_found_at_the_floor_even_when_slow_steps_raised_the_
         core._times.add(10.0)  # a slow step, as on a busy machine: the deadline is at its cap
         assert core.deadline() == params.ENGINE_DEADLINE_CAP_FACTOR * 1.0
         assert core.pid is not None
-        os.kill(core.pid, signal.SIGSTOP)
+        stop(core.pid)
         started = time.monotonic()
         with pytest.raises(KernelError) as info:
             core.tokenize("hello")
@@ -322,6 +334,77 @@ def test_a_result_goes_back_while_the_next_step_is_on_the_device() -> None:
     assert sent[-1] is False and serving.held is None
     near.close()
     far.close()
+
+
+def test_the_engine_goes_on_by_itself_while_the_next_plan_is_late() -> None:
+    """The engine's side: after a plan that allows `free_steps`, an engine that finds no
+    plan waiting takes that many steps on its own with the same jobs, each result marked
+    `free`; a job left out (paused) is not stepped; a plan that allows none gets none."""
+    import threading
+    from socket import socketpair
+
+    from kernel.agents.config import AgentConfig
+    from kernel.cores.backends.fake import FakeBackend
+    from kernel.cores.channel import Channel
+    from kernel.cores.enginechild import _Serving
+    from kernel.cores.wire import STOP, Admit, Plan
+
+    near, far = socketpair()
+    engine, daemon = Channel(near), Channel(far)
+    serving = _Serving(FakeBackend(n_slots=2), engine)
+    thread = threading.Thread(target=serving.serve, daemon=True)
+    thread.start()
+
+    def results(n: int) -> list:
+        return [daemon.recv(until=time.monotonic() + 10) for _ in range(n)]
+
+    def nothing_more() -> bool:
+        return not select.select([far], [], [], 0.3)[0]
+
+    try:
+        config = AgentConfig(max_tokens=200, temperature=0)
+        daemon.send(Plan(start=[Admit(1, "a", list(b"<|user|>\nhello<|end|>\n<|assistant|>\n"), config, 0)], free_steps=3))
+        got = results(4)
+        assert [r.free for r in got] == [False, True, True, True]
+        assert all(r.outputs and r.outputs[0][0] == 1 for r in got)  # each step gave the job a token
+        assert got[-1].stats["free_steps"] == 3
+        assert nothing_more()  # the three are spent: the engine waits for the daemon
+        daemon.send(Plan(paused={1}, free_steps=3))  # left out: nothing to go on with
+        assert results(1)[0].free is False and nothing_more()
+        daemon.send(Plan(free_steps=0))
+        assert results(1)[0].outputs and nothing_more()
+        daemon.send(STOP)
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        near.close()
+        far.close()
+
+
+def test_steps_the_engine_took_on_its_own_reach_the_jobs(process_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that plans slowly: the engine goes on by itself, the daemon applies those
+    results as they come, and every token reaches the reader in order."""
+    kernel = process_kernel(n_slots=2, delay=0.001)
+    engine = kernel.engine
+    plan = engine._plan
+
+    def slow_plan():  # a trio thread busy with readers holds the GIL this long
+        time.sleep(0.02)
+        return plan()
+
+    monkeypatch.setattr(engine, "_plan", slow_plan)
+
+    async def body() -> None:
+        async with running(kernel):
+            agents = [await mkdir(kernel, name) for name in ("a", "b")]
+            jobs = [await submit(kernel, agent, "say something long " * 3) for agent in agents]
+            for job in jobs:
+                await finished(job)
+            for job in jobs:
+                assert bytes(job.data).decode() == answer("say something long " * 3) + "\n"
+
+    run(body, timeout=60)
+    assert kernel.statistics()["free_steps"] > 0
 
 
 @pytest.mark.parametrize("where", ["process", "inline"])

@@ -245,7 +245,8 @@ class Engine:
                     self.client.submit(plan)
                     inflight += 1
                 result = self.client.collect()
-                inflight -= 1
+                if not result.free:  # a step the engine took on its own answers no plan
+                    inflight -= 1
                 before = self._process_stats
                 self._apply(result)
             except EngineDied as exc:
@@ -418,6 +419,8 @@ class Engine:
             for job in scheduler.pick(self._available()):
                 early += self._seat(job, plan)
             held = scheduler.hold([Running(s.job, s.quantum_used) for s in self._slots.values() if not s.paused])
+            # nobody waits for a slot: the engine may go on by itself while the next plan is late
+            plan.free_steps = 0 if len(scheduler) else params.ENGINE_FREE_STEPS
         held_ids = {id(job) for job in held}
         plan.paused = {s.key for s in self._slots.values() if s.paused}
         plan.held = {s.key for s in self._slots.values() if id(s.job) in held_ids}

@@ -161,6 +161,12 @@ class _Serving:
     plans two steps ahead, never waits for one the engine sits on; and never when a
     job ended in it, so a crash in the next step loses no finished job.
 
+    When a step ends and no plan has come, the engine goes on by itself, up to the
+    plan's `free_steps` steps, with the same jobs left out: the daemon allows that only
+    while nobody waits for a slot, so no decision of the policy is late because of it,
+    and a daemon slowed down (a trio thread busy with readers) costs the device nothing.
+    Such a step's result says `free`; the daemon applies it like any other.
+
     With a store, finished sequences go to disk between steps, after the step's result
     has gone: all of them while no plan waits, an overdue one a step while busy."""
 
@@ -170,11 +176,16 @@ class _Serving:
         self.store = store
         self.runner: Runner | None = None
         self.held: StepResult | None = None
+        self.free = 0  # steps the last plan lets this engine take on its own (Plan.free_steps)
+        self.left_out: tuple[set[int], set[int]] = (set(), set())  # its paused and held jobs
         self.handlers: dict[type, Callable[[Any], None]] = {RunnerOptions: self.configure, Plan: self.step, Ping: self.ping}
 
     def serve(self) -> int:
         """Until the daemon says `Stop` or goes; the exit status."""
         while True:
+            while self.free and self.runner is not None and self.runner.busy() and not self.steps.waiting():
+                self.free -= 1  # the daemon's next plan is late: go on with the same jobs
+                self.step(Plan(paused=set(self.left_out[0]), held=set(self.left_out[1])), free=True)
             while self.runner is not None and not self.steps.waiting() and self.runner.hibernate(idle=True):
                 pass
             try:
@@ -190,17 +201,23 @@ class _Serving:
                 handler(message)
 
     def configure(self, options: RunnerOptions) -> None:
+        self.free = 0
         if self.runner is not None:
             self.runner.close()
         self.runner = Runner(self.backend, options, self.store)
 
-    def step(self, plan: Plan) -> None:
+    def step(self, plan: Plan, free: bool = False) -> None:
         _crash_here("step")
         if self.runner is None:
             self.runner = Runner(self.backend, store=self.store)
+        if free:
+            self.runner.stats["free_steps"] += 1
+        else:
+            self.free, self.left_out = plan.free_steps, (plan.paused, plan.held)
         self.runner.launch(plan)
         self.send_held()  # while the device works
         result = self.runner.finish()
+        result.free = free
         if self.backend.queues_decodes and self.steps.waiting() and not any(end is not None for *_, end in result.outputs):
             self.held = result
         else:

@@ -244,14 +244,17 @@ class EngineProcess:
         self._submitted.append(now)
 
     def collect(self) -> StepResult:
-        """The result of the oldest step in flight. Its deadline runs from when the engine
-        could start it: its submission, or the end of the step before it."""
+        """The next step's result: the oldest step in flight, or one the engine took on its
+        own before it (`free`). Its deadline runs from when the engine could start it: the
+        oldest submission, or the end of the step before it."""
         assert self._steps is not None
-        since = max(self._submitted.popleft(), self._collected)
+        since = max(self._submitted[0], self._collected)
         try:
             result: StepResult = self._wait(self._steps, self.deadline(), "a step", since)
         except (EOFError, OSError):
             raise EngineDied(self._death_reason(), hung=self.hung) from None
+        if not result.free:  # one the engine took on its own (Plan.free_steps) answers no plan
+            self._submitted.popleft()
         self._collected = time.monotonic()
         self._times.add(self._collected - since)
         return result

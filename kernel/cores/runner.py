@@ -66,6 +66,10 @@ class Runner:
         self.launch(plan)
         return self.finish()
 
+    def busy(self) -> bool:
+        """Is there a job that a step would decode (running, not left out)?"""
+        return any(not slot.idle for slot in self.placement.slots.values())
+
     def launch(self, plan: Plan) -> None:
         """Apply the plan and queue the step's decodes. On a device that decodes
         asynchronously this returns while the last batch runs: the engine sends the step

@@ -78,6 +78,7 @@ STAT_KEYS = [
     "kv_hibernated",
     "kv_disk_bytes",
     "kv_disk_discarded",
+    "free_steps",
 ]
 
 
@@ -160,6 +161,9 @@ class Plan:
     start: list[Admit | int] = field(default_factory=list)  # new jobs, or keys of switched-out jobs to resume
     paused: set[int] = field(default_factory=set)  # jobs that keep their slot but are left out of batches
     held: set[int] = field(default_factory=set)  # the same, by the priority policy for this step
+    # steps the engine may take on its own after this one, the same jobs left out, while no
+    # plan has come: nobody waits for a slot, so going on changes no decision of the policy
+    free_steps: int = 0
 
 
 @dataclass
@@ -170,6 +174,7 @@ class StepResult:
     stats: dict[str, float]  # the runner's counters since it started (STAT_KEYS)
     cached_sequences: int
     swapped_bytes: int
+    free: bool = False  # a step the engine took on its own (Plan.free_steps), not one the daemon sent
 
 
 @dataclass(frozen=True)
