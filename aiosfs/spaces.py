@@ -21,10 +21,6 @@ from kernel import Caller
 from .files import Handle
 
 
-def refuse(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
-
-
 def caller_of(ctx: Any) -> Caller:
     """Who asks; root for the filesystem's own lookups (readdir has no request context)."""
     return Caller(0, 0, 0) if ctx is None else Caller(ctx.uid, ctx.gid, ctx.pid)
@@ -47,49 +43,49 @@ class Space:
 
     # -- names (the directory's space) ----------------------------------------------
     async def lookup(self, parent: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[Handle, pyfuse3.EntryAttributes]:
-        raise refuse(errno.EPERM)  # the synthetic tree is fixed: files are made in memory/
+        raise pyfuse3.FUSEError(errno.EPERM)  # the synthetic tree is fixed: files are made in memory/
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int, ctx: Any) -> None:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     # -- inodes (the inode's space) -------------------------------------------------
     async def getattr(self, ino: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def setattr(
         self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, handle: Handle | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        raise refuse(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def readlink(self, ino: int, ctx: Any) -> bytes:
-        raise refuse(errno.EINVAL)
+        raise pyfuse3.FUSEError(errno.EINVAL)
 
     async def opendir(self, ino: int, ctx: Any) -> None:
-        raise refuse(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     async def readdir(self, ino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        raise refuse(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     async def open(self, ino: int, flags: int, ctx: Any) -> Handle:
-        raise refuse(errno.EISDIR)
+        raise pyfuse3.FUSEError(errno.EISDIR)

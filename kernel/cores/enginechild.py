@@ -33,7 +33,6 @@ from .wire import (
     CallReply,
     ChatPrompt,
     ChatTokens,
-    ChatTokensMany,
     EngineSpec,
     Error,
     Loaded,
@@ -110,11 +109,7 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
     def chat_prompt(call: ChatPrompt) -> str:
         return backend.chat_prompt(call.messages)
 
-    def chat_tokens(call: ChatTokens) -> list[int]:
-        _crash_here("tokenize")
-        return backend.chat_tokens(call.messages)
-
-    def chat_tokens_many(call: ChatTokensMany) -> list[list[int] | Error]:
+    def chat_tokens(call: ChatTokens) -> list[list[int] | Error]:
         _crash_here("tokenize")
         answers: list[list[int] | Error] = []
         for messages in call.prompts:
@@ -127,12 +122,7 @@ def _serve_calls(channel: Channel, backend: Backend) -> None:
                 answers.append(Error(errno.EIO, f"{type(exc).__name__}: {exc}"))
         return answers
 
-    handlers: dict[type, Callable[[Any], Any]] = {
-        Tokenize: tokenize,
-        ChatPrompt: chat_prompt,
-        ChatTokens: chat_tokens,
-        ChatTokensMany: chat_tokens_many,
-    }
+    handlers: dict[type, Callable[[Any], Any]] = {Tokenize: tokenize, ChatPrompt: chat_prompt, ChatTokens: chat_tokens}
     while True:
         try:
             request: Call = channel.recv()

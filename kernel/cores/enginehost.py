@@ -48,7 +48,6 @@ from .wire import (
     CallReply,
     ChatPrompt,
     ChatTokens,
-    ChatTokensMany,
     EngineSpec,
     Error,
     Loaded,
@@ -383,9 +382,7 @@ class EngineProcess:
             raise KernelError(errno.EIO, f"the engine of model {self.info.name!r} answered no prompt's tokens in time; try again shortly") from None
 
     def _chat_tokens_many(self, prompts: list[list[dict[str, str]]]) -> list[list[int] | KernelError]:
-        if len(prompts) == 1:  # no list to build on either side
-            return [self._call(ChatTokens(prompts[0]))]
-        answers: list[list[int] | Error] = self._call(ChatTokensMany(prompts))
+        answers: list[list[int] | Error] = self._call(ChatTokens(prompts))
         return [KernelError(a.errno, a.message) if isinstance(a, Error) else a for a in answers]
 
     def _call(self, call: Call) -> Any:

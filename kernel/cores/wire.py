@@ -16,7 +16,7 @@ The step channel, strictly one request one answer:
 | `Stop` | nothing: the child exits |
 
 The call channel, served by a second thread in the engine so that it never waits
-for a step: `Tokenize` or `ChatPrompt` → `Ok` or `Error`.
+for a step: `Tokenize`, `ChatPrompt` or `ChatTokens` → `Ok` or `Error`.
 
 Jobs are named by keys; the KV cache, saved states and samplers never leave the
 engine. The per-job records of a step (`Output`, `End`) stay plain tuples: a step
@@ -225,22 +225,14 @@ class Ok:
 
 @dataclass(frozen=True)
 class ChatTokens:
-    """The tokens of the chat template applied to `messages`: a prompt in one round trip."""
-
-    name: ClassVar[str] = "chat_tokens"
-
-    messages: list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class ChatTokensMany:
-    """`ChatTokens` of several prompts in one round trip: the answer is a list with, for
-    each, its tokens or the `Error` that it alone failed with."""
+    """The tokens of the chat template applied to each of `prompts` (its messages), the
+    prompts that came together in one round trip: the answer is a list with, for each,
+    its tokens or the `Error` that it alone failed with."""
 
     name: ClassVar[str] = "chat_tokens"
 
     prompts: list[list[dict[str, str]]]
 
 
-Call = Tokenize | ChatPrompt | ChatTokens | ChatTokensMany
+Call = Tokenize | ChatPrompt | ChatTokens
 CallReply = Ok | Error
